@@ -1,0 +1,5 @@
+"""`python -m job ...` is `tunejob ...`."""
+
+from job.cli import entry
+
+entry()

@@ -1,0 +1,358 @@
+"""The job schema: one pydantic model per TOML table, strict, torch-free.
+
+Every key has a type, a default (or is required) and a one-line description; the
+description and the established name users know it by (`json_schema_extra`) feed
+docs/config.md and the JSON Schema (see job/schema_docs.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+def setting(default: Any, doc: str, established: str | None = None, **constraints: Any) -> Any:
+    """A schema field with its one-line description and established name."""
+    extra = {"established": established} if established else None
+    return Field(default, description=doc, json_schema_extra=extra, **constraints)
+
+
+class Table(BaseModel):
+    """Base of every table: unknown keys and loose types are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, validate_default=False)
+
+
+class JobTable(Table):
+    """[job]: who this job is and where it writes."""
+
+    name: str = setting(..., "Job name; outputs go to <output_dir>/<name>/.", "tracker_run_name",
+                        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    output_dir: str = setting("/data/output", "Parent folder of the job's output folder.", "output_dir")
+    device: Literal["auto", "cpu", "cuda"] = setting(
+        "auto", "auto: the GPU when one is present, else the CPU.")
+    preemption_grace_s: float = setting(
+        20.0, "Seconds between SIGTERM and the kill; the job stops and saves inside it.", gt=0)
+    i_know_what_i_am_doing: bool = setting(
+        False, "Turns some refusals of risky settings into warnings.", "i_know_what_i_am_doing")
+
+
+class ModelTable(Table):
+    """[model]: which family, which weights, what is trained."""
+
+    family: str = setting(..., "Model family (see docs/config.md for the list).", "model_family")
+    flavour: str | None = setting(
+        None, "Family flavour; picks the default weights. None: the family's default.",
+        "model_flavour")
+    pretrained_model_name_or_path: str | None = setting(
+        None, "Hub id or local folder of the weights; wins over the flavour's default.",
+        "pretrained_model_name_or_path")
+    revision: str | None = setting(None, "Hub revision (branch, tag or commit).", "revision")
+    model_type: Literal["lora", "full"] = setting(
+        "lora", "lora: train a LoRA adapter; full: fine-tune every weight.", "model_type")
+    prediction_type: Literal["auto", "epsilon", "v_prediction"] = setting(
+        "auto", "Training target; auto: the scheduler config's prediction_type.", "prediction_type")
+    hub_cache_dir: str = setting("/data/models", "Hub cache folder (HF_HOME).", "HF_HOME")
+
+
+class LoraTable(Table):
+    """[lora]: the adapter, when model.model_type = "lora"."""
+
+    rank: int = setting(16, "LoRA rank.", "lora_rank", gt=0)
+    alpha: float | None = setting(None, "LoRA alpha; None: equal to the rank.", "lora_alpha", gt=0)
+    dropout: float = setting(0.0, "Dropout on the LoRA path.", "lora_dropout", ge=0, lt=1)
+    target_modules: list[str] = setting(
+        ["to_q", "to_k", "to_v", "to_out.0"], "Module names that receive adapters.",
+        "lora_target_modules", min_length=1)
+    lora_type: Literal["standard"] = setting("standard", "Adapter kind.", "lora_type")
+
+
+class TrainTable(Table):
+    """[train]: the loop."""
+
+    batch_size: int = setting(1, "Samples per step on each GPU.", "train_batch_size", gt=0)
+    max_train_steps: int | None = setting(
+        None, "Optimizer steps to run; wins over num_train_epochs.", "max_train_steps", gt=0)
+    num_train_epochs: int | None = setting(
+        None, "Passes over the data when max_train_steps is not set.", "num_train_epochs", gt=0)
+    gradient_accumulation_steps: int = setting(
+        1, "Micro-batches per optimizer step.", "gradient_accumulation_steps", gt=0)
+    max_grad_norm: float | None = setting(
+        1.0, "Gradient clipping norm; None: no clipping.", "max_grad_norm", gt=0)
+    gradient_checkpointing: bool = setting(
+        False, "Recompute activations in the backward pass to save memory.",
+        "gradient_checkpointing")
+    mixed_precision: Literal["no", "bf16", "fp16"] = setting(
+        "bf16", "Autocast precision; trainable weights stay fp32 unless the optimizer says.",
+        "mixed_precision")
+    seed: int = setting(42, "Seed of noise, timesteps, crops and data order.", "seed")
+    snr_gamma: float | None = setting(
+        None, "Min-SNR loss weighting gamma (5.0 is usual); None: unweighted.", "snr_gamma", gt=0)
+    caption_dropout_probability: float = setting(
+        0.0, "Chance a sample trains with the empty prompt.", "caption_dropout_probability",
+        ge=0, le=1)
+    use_ema: bool = setting(False, "Keep an exponential moving average of the trained weights.",
+                            "use_ema")
+    ema_decay: float = setting(0.9999, "EMA decay per update.", "ema_decay", gt=0, lt=1)
+    ema_update_interval: int = setting(1, "Optimizer steps between EMA updates.",
+                                       "ema_update_interval", gt=0)
+    max_nonfinite_steps: int = setting(
+        10, "Skipped steps with NaN/inf loss or gradients allowed before exit 4.", ge=0)
+    log_every: int = setting(10, "Steps between metrics.jsonl rows.", "logging_steps", gt=0)
+
+
+class OptimizerTable(Table):
+    """[optimizer]: optimizer and learning-rate schedule."""
+
+    name: Literal["adamw", "adamw_bf16", "optimi-lion"] = setting(
+        "adamw", "adamw: fused torch AdamW; adamw_bf16: bf16 weights with Kahan-compensated "
+        "updates; optimi-lion: Lion.", "optimizer")
+    learning_rate: float = setting(1e-4, "Peak learning rate.", "learning_rate", gt=0)
+    beta1: float = setting(0.9, "First moment decay.", "adam_beta1", ge=0, lt=1)
+    beta2: float = setting(0.999, "Second moment decay.", "adam_beta2", ge=0, lt=1)
+    weight_decay: float = setting(1e-2, "Decoupled weight decay.", "adam_weight_decay", ge=0)
+    epsilon: float = setting(1e-8, "Adam epsilon.", "adam_epsilon", gt=0)
+    lr_scheduler: Literal["constant", "constant_with_warmup", "cosine", "linear", "polynomial"] = \
+        setting("constant", "Learning-rate schedule.", "lr_scheduler")
+    lr_warmup_steps: int = setting(0, "Linear warmup steps.", "lr_warmup_steps", ge=0)
+    lr_num_cycles: int = setting(1, "Cosine cycles.", "lr_num_cycles", gt=0)
+    lr_power: float = setting(1.0, "Polynomial schedule power.", "lr_power", gt=0)
+
+
+class DatasetTable(Table):
+    """[[datasets]]: one local image folder."""
+
+    id: str = setting(..., "Dataset name, unique in the job.", "id")
+    type: Literal["local"] = setting("local", "Where the images live.", "type")
+    instance_data_dir: str = setting(..., "Folder of images (searched recursively).",
+                                     "instance_data_dir")
+    repeats: int = setting(0, "Extra passes over this dataset per epoch (0: seen once).",
+                           "repeats", ge=0)
+    disabled: bool = setting(False, "Skip this dataset.", "disabled")
+    caption_strategy: Literal["filename", "textfile", "instanceprompt"] = setting(
+        "filename", "filename: the file name; textfile: the .txt beside the image; "
+        "instanceprompt: instance_prompt for every image.", "caption_strategy")
+    instance_prompt: str | None = setting(None, "The instance prompt.", "instance_prompt")
+    prepend_instance_prompt: bool = setting(
+        False, "Put instance_prompt before every caption.", "prepend_instance_prompt")
+    resolution: float | int | str = setting(
+        1024, "Training size: pixels of the short edge (pixel), megapixels (area) or pixels "
+        "turned into an area (pixel_area); 'WxH' means the pixel area of W*H.", "resolution")
+    resolution_type: Literal["pixel", "area", "pixel_area"] = setting(
+        "pixel", "Unit of resolution and of the image size limits.", "resolution_type")
+    minimum_image_size: float | None = setting(
+        None, "Skip smaller images (pixels of the short edge for pixel, megapixels otherwise).",
+        "minimum_image_size", ge=0)
+    maximum_image_size: float | None = setting(
+        None, "Images larger than this are first downsampled to target_downsample_size.",
+        "maximum_image_size", gt=0)
+    target_downsample_size: float | None = setting(
+        None, "Size oversized images are downsampled to before cropping.",
+        "target_downsample_size", gt=0)
+    crop: bool = setting(False, "Crop to the bucket size (else resize to fit and crop the "
+                         "alignment remainder only).", "crop")
+    crop_style: Literal["center", "random"] = setting("center", "Where the crop sits.",
+                                                      "crop_style")
+    crop_aspect: Literal["square", "preserve", "closest"] = setting(
+        "square", "square: 1:1 buckets; preserve: the image's own aspect; closest: the nearest "
+        "of bucket_resolutions.", "crop_aspect")
+    aspect_bucket_alignment: int | None = setting(
+        None, "Bucket sides are multiples of this (pixels); None: 64, or the family's "
+        "alignment if larger.", "aspect_bucket_alignment", gt=0)
+    aspect_bucket_rounding: int = setting(
+        2, "Decimal places aspect ratios are rounded to when grouping into buckets.",
+        "aspect_bucket_rounding", ge=1, le=9)
+    bucket_resolutions: list[str] | None = setting(
+        None, "Explicit buckets as 'WxH'; every image goes to the nearest aspect.",
+        "bucket_resolutions")
+    cache_dir_vae: str | None = setting(
+        None, "Latent cache folder for this dataset; None: under [cache] dir.", "cache_dir_vae")
+    synthetic_images: int = setting(
+        0, "When the folder is missing or empty, first write this many generated images with "
+        "captions (for smoke tests; 0: never).", ge=0)
+
+
+class CacheTable(Table):
+    """[cache]: the text-embedding and latent caches."""
+
+    dir: str = setting("/data/cache", "Cache root; entries are keyed by a fingerprint.",
+                       "cache_dir")
+    vae_batch_size: int = setting(4, "Images per VAE encode call.", "vae_batch_size", gt=0)
+    text_batch_size: int = setting(16, "Prompts per text-encoder call.", gt=0)
+    write_batch_size: int = setting(128, "Entries per cache shard file.", "write_batch_size",
+                                    gt=0)
+
+
+class ValidationTable(Table):
+    """[validation]: sample images and the eval loss."""
+
+    enabled: bool = setting(True, "Run validation (every step_interval and at the end).")
+    step_interval: int | None = setting(
+        None, "Steps between validations; None: only at the end.", "validation_step_interval",
+        gt=0)
+    prompt: str | None = setting(None, "The validation prompt.", "validation_prompt")
+    negative_prompt: str = setting("", "Negative prompt for every validation image.",
+                                   "validation_negative_prompt")
+    prompt_library: dict[str, str] | str | None = setting(
+        None, "Name -> prompt, as a table or the path of a JSON file.",
+        "validation_prompt_library")
+    resolution: list[str] | str | int = setting(
+        "1024x1024", "Sizes to sample, 'WxH' or a list ('1024x1024,1280x768' is accepted).",
+        "validation_resolution")
+    guidance: float = setting(7.0, "Classifier-free guidance scale.", "validation_guidance", ge=0)
+    num_inference_steps: int = setting(30, "Sampling steps.", "validation_num_inference_steps",
+                                       gt=0)
+    seed: int = setting(42, "Seed of every validation image.", "validation_seed")
+    use_ema: bool = setting(True, "Sample with the EMA weights when train.use_ema is on.",
+                            "ema_validation")
+    eval_dataset: str | None = setting(
+        None, "Dataset id held out for the eval loss (not trained on).", "eval_dataset_id")
+    eval_split: float = setting(
+        0.0, "Fraction of the training images held out for the eval loss when no eval_dataset.",
+        ge=0, lt=1)
+    eval_timesteps: list[int] = setting(
+        [100, 300, 500, 700, 900], "Fixed timesteps the eval loss is scored at.")
+    eval_seed: int = setting(1234, "Seed of the fixed eval noise.")
+
+
+class CheckpointTable(Table):
+    """[checkpoint]: when to save and what to resume from."""
+
+    step_interval: int | None = setting(500, "Steps between checkpoints; None: only at the end.",
+                                        "checkpoint_step_interval", gt=0)
+    total_limit: int | None = setting(None, "Keep at most this many checkpoints.",
+                                      "checkpoints_total_limit", gt=0)
+    resume_from: str = setting(
+        "latest", "latest: the newest complete checkpoint if any; none: start fresh; or a path.",
+        "resume_from_checkpoint")
+
+
+class SpeedupsTable(Table):
+    """[speedups]: optimizations applied after the model is built."""
+
+    allow_tf32: bool = setting(True, "TF32 matmuls on Ampere and newer GPUs.", "allow_tf32")
+
+
+class JobConfig(Table):
+    """The whole job file."""
+
+    job: JobTable
+    model: ModelTable
+    lora: LoraTable = Field(default_factory=LoraTable, description="The LoRA adapter.")
+    train: TrainTable = Field(default_factory=TrainTable, description="The training loop.")
+    optimizer: OptimizerTable = Field(default_factory=OptimizerTable,
+                                      description="Optimizer and schedule.")
+    datasets: list[DatasetTable] = Field(..., description="Image folders.", min_length=1)
+    cache: CacheTable = Field(default_factory=CacheTable, description="Caches.")
+    validation: ValidationTable = Field(default_factory=ValidationTable,
+                                        description="Validation.")
+    checkpoint: CheckpointTable = Field(default_factory=CheckpointTable,
+                                        description="Checkpoints.")
+    speedups: SpeedupsTable = Field(default_factory=SpeedupsTable, description="Speedups.")
+
+    def output_path(self) -> str:
+        """The job's own output folder."""
+        return f"{self.job.output_dir.rstrip('/')}/{self.job.name}"
+
+    def enabled_datasets(self) -> list[DatasetTable]:
+        """Datasets not marked disabled."""
+        return [d for d in self.datasets if not d.disabled]
+
+
+def parse_size(text: str, where: str) -> tuple[int, int]:
+    """'1024x768' -> (1024, 768); ConfigError naming the key otherwise."""
+    from job.errors import ConfigError
+
+    parts = text.lower().strip().split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+        raise ConfigError(f"{where} = {text!r} is not a size", "write sizes as 'WIDTHxHEIGHT', "
+                          "e.g. '1024x1024'")
+    return int(parts[0]), int(parts[1])
+
+
+def validation_sizes(cfg: JobConfig) -> list[tuple[int, int]]:
+    """The validation sizes as (width, height), from a list, 'A,B' text or an int."""
+    value = cfg.validation.resolution
+    if isinstance(value, int):
+        return [(value, value)]
+    items = value if isinstance(value, list) else value.split(",")
+    return [parse_size(item, "validation.resolution") for item in items if item.strip()]
+
+
+def check_rules(cfg: JobConfig) -> list[str]:
+    """Cross-field rules: raise ConfigError on a contradiction, return warnings to log."""
+    from job.errors import ConfigError
+    from job.models.registry import family_names, spec_for
+
+    if cfg.model.family not in family_names():
+        close = [n for n in family_names() if n.startswith(cfg.model.family[:3])]
+        raise ConfigError(
+            f"model.family = {cfg.model.family!r} is not a known family",
+            f"use one of {', '.join(family_names())}"
+            + (f" (did you mean {close[0]!r}?)" if close else ""))
+    spec = spec_for(cfg.model.family)
+    if cfg.model.flavour is not None and cfg.model.flavour not in spec.flavours:
+        raise ConfigError(
+            f"model.flavour = {cfg.model.flavour!r} does not exist for family {spec.name!r}",
+            f"use one of {', '.join(spec.flavours)}, or leave it out for {spec.default_flavour!r}")
+    if cfg.train.max_train_steps is None and cfg.train.num_train_epochs is None:
+        raise ConfigError("neither train.max_train_steps nor train.num_train_epochs is set",
+                          "set one of them, e.g. max_train_steps = 1000")
+    _check_datasets(cfg, spec.alignment)
+    for width, height in validation_sizes(cfg):
+        if width % spec.alignment or height % spec.alignment:
+            raise ConfigError(
+                f"validation.resolution {width}x{height} is not divisible by {spec.alignment}",
+                f"{spec.name} needs sizes that are multiples of {spec.alignment}")
+    if cfg.optimizer.name == "adamw_bf16" and cfg.train.mixed_precision != "bf16":
+        raise ConfigError(
+            f'optimizer.name = "adamw_bf16" keeps weights in bf16 but train.mixed_precision = '
+            f'"{cfg.train.mixed_precision}"', 'set mixed_precision = "bf16" or use "adamw"')
+    return _warnings(cfg)
+
+
+def _check_datasets(cfg: JobConfig, alignment: int) -> None:
+    """Dataset ids, captions, sizes and buckets."""
+    from job.data.sizes import check_sizes
+    from job.errors import ConfigError
+
+    ids = [d.id for d in cfg.datasets]
+    for dup in {i for i in ids if ids.count(i) > 1}:
+        raise ConfigError(f"dataset id {dup!r} is used twice", "give every [[datasets]] its own id")
+    if not cfg.enabled_datasets():
+        raise ConfigError("every [[datasets]] entry is disabled", "enable at least one dataset")
+    if cfg.validation.eval_dataset is not None and cfg.validation.eval_dataset not in ids:
+        raise ConfigError(f"validation.eval_dataset = {cfg.validation.eval_dataset!r} names no "
+                          "dataset", f"use one of {', '.join(ids)}")
+    for i, ds in enumerate(cfg.datasets):
+        needs_prompt = ds.caption_strategy == "instanceprompt" or ds.prepend_instance_prompt
+        if needs_prompt and not ds.instance_prompt:
+            raise ConfigError(f"datasets[{i}] ({ds.id}) uses the instance prompt but "
+                              "instance_prompt is not set", "set instance_prompt = \"...\"")
+        check_sizes(ds)
+        for text in ds.bucket_resolutions or []:
+            width, height = parse_size(text, f"datasets[{i}].bucket_resolutions")
+            step = ds.aspect_bucket_alignment or alignment
+            if width % step or height % step:
+                raise ConfigError(
+                    f"datasets[{i}].bucket_resolutions {text!r} is not divisible by {step}",
+                    "use sides that are multiples of aspect_bucket_alignment")
+
+
+def _warnings(cfg: JobConfig) -> list[str]:
+    """Settings that will be ignored or look wrong, said aloud (never silently changed)."""
+    notes = []
+    if cfg.model.model_type == "full" and "lora" in cfg.model_fields_set:
+        notes.append("[lora] is ignored: model.model_type = \"full\" trains every weight")
+    v = cfg.validation
+    if v.enabled and not v.prompt and not v.prompt_library:
+        notes.append("no validation.prompt or prompt_library: validation scores the eval loss "
+                     "only and writes no images")
+    steps = cfg.train.max_train_steps
+    if steps is not None and cfg.optimizer.lr_warmup_steps > steps:
+        notes.append(f"optimizer.lr_warmup_steps ({cfg.optimizer.lr_warmup_steps}) exceeds "
+                     f"train.max_train_steps ({steps}): the peak learning rate is never reached")
+    if not cfg.train.use_ema and "use_ema" in cfg.validation.model_fields_set:
+        notes.append("validation.use_ema is ignored: train.use_ema is off")
+    return notes

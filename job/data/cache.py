@@ -1,0 +1,83 @@
+"""Text-embedding and latent caches: one safetensors file per entry, written atomically.
+
+A cache folder is named by the hash of its fingerprint (model, encoder, resolution,
+preprocessing), so a changed setting lands in a new folder and never reuses a stale
+entry; `fingerprint.json` in it says what the hash covers. Each entry is written to a
+temp file and renamed, so a kill leaves either the old state or the whole entry. An entry
+that fails to load (truncated, corrupt) is reported and recomputed by the caller.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from job.log import get_logger
+
+
+def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
+    """A short stable hash of a JSON-able fingerprint."""
+    text = json.dumps(fingerprint, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def entry_key(*parts: Any) -> str:
+    """The file key of one entry (caption text, or image identity plus crop)."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class EntryCache:
+    """A folder of `<key>.safetensors` entries under a fingerprinted folder."""
+
+    def __init__(self, root: Path, kind: str, fingerprint: dict[str, Any]) -> None:
+        self.dir = root / f"{kind}-{fingerprint_hash(fingerprint)}"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        info = self.dir / "fingerprint.json"
+        if not info.exists():
+            tmp = info.with_name(f".fingerprint.json.tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True, default=str))
+            os.replace(tmp, info)
+        self.log = get_logger()
+        self.writes = 0
+
+    def path(self, key: str) -> Path:
+        """Where an entry lives (two-level fan-out keeps folders small)."""
+        return self.dir / key[:2] / f"{key}.safetensors"
+
+    def has(self, key: str) -> bool:
+        """True when a complete entry exists (content is checked on load)."""
+        return self.path(key).is_file()
+
+    def load(self, key: str) -> dict[str, torch.Tensor] | None:
+        """The entry's tensors, or None when it is missing or unreadable (then removed)."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+            self.log.warning("cache_entry_corrupt", path=str(path), error=str(err),
+                             action="recomputing")
+            path.unlink(missing_ok=True)
+            return None
+
+    def save(self, key: str, tensors: dict[str, torch.Tensor],
+             metadata: dict[str, str] | None = None) -> None:
+        """Write an entry atomically (temp file, fsync, rename)."""
+        path = self.path(key)
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        save_file(clean, str(tmp), metadata=metadata)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        self.writes += 1

@@ -1,0 +1,217 @@
+"""Lifecycle step 4: discover images, caption, bucket, split, and fill the caches."""
+
+from __future__ import annotations
+
+import math
+import random
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from job.config import DatasetTable, JobConfig
+from job.data.buckets import bucket_for
+from job.data.cache import EntryCache, entry_key
+from job.data.captions import caption_for
+from job.data.discovery import ImageRecord, discover
+from job.data.sizes import too_small
+from job.data.synthetic import ensure_synthetic
+from job.data.transforms import prepare_image
+from job.errors import DataError
+from job.log import Progress, get_logger
+from job.models.base import Family
+from job.models.registry import spec_for
+
+EMPTY_CAPTION_KEY = entry_key("<tunejob:empty-prompt>")
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One cached training or eval image."""
+
+    dataset_id: str
+    rel: str
+    caption: str
+    bucket: tuple[int, int]
+    latent_key: str
+    text_key: str
+    repeats: int
+
+
+@dataclass
+class PreparedData:
+    """Samples, the caches they live in, and what was skipped."""
+
+    train: list[Sample]
+    eval: list[Sample]
+    eval_source: str
+    latent_caches: dict[str, EntryCache]
+    text_cache: EntryCache
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    encoded: dict[str, int] = field(default_factory=lambda: {"latents": 0, "captions": 0})
+
+
+def prepare_data(cfg: JobConfig, family: Family,
+                 should_stop: Callable[[], bool] = lambda: False) -> PreparedData:
+    """Everything training needs from the datasets, with the caches filled."""
+    log = get_logger()
+    cache_root = Path(cfg.cache.dir)
+    text_cache = EntryCache(cache_root / "text", "text", family.fingerprint("text"))
+    samples, skipped, records, caches = [], [], {}, {}
+    for ds in cfg.enabled_datasets():
+        found, lost = _samples_of(ds, cfg, family)
+        samples += [s for s, _ in found]
+        records.update({(s.dataset_id, s.rel): r for s, r in found})
+        skipped += lost
+        root = Path(ds.cache_dir_vae) if ds.cache_dir_vae else cache_root / "latents" / ds.id
+        caches[ds.id] = EntryCache(root, "latent", _latent_fingerprint(cfg, ds, family))
+    if skipped:
+        log.warning("images_skipped", count=len(skipped),
+                    files=[f"{rel}: {why}" for rel, why in skipped[:50]])
+    if not samples:
+        raise DataError(f"no usable images: all {len(skipped)} found were skipped",
+                        "check the skipped files listed in the log (unreadable, too small, or "
+                        "without a caption)")
+    data = PreparedData([], [], "", caches, text_cache, skipped)
+    data.train, data.eval, data.eval_source = _split(cfg, samples)
+    _fill_latents(cfg, family, data, records, should_stop)
+    _fill_text(cfg, family, data, should_stop)
+    log.info("data_ready", train_samples=len(data.train), eval_samples=len(data.eval),
+             eval_source=data.eval_source, skipped=len(skipped),
+             buckets=sorted({f"{w}x{h}" for w, h in (s.bucket for s in data.train)}),
+             encoded_latents=data.encoded["latents"], encoded_captions=data.encoded["captions"])
+    return data
+
+
+def _alignment(ds: DatasetTable, cfg: JobConfig) -> int:
+    """Bucket alignment: the dataset's, else 64 or the family's if larger."""
+    return ds.aspect_bucket_alignment or max(64, spec_for(cfg.model.family).alignment)
+
+
+def _samples_of(ds: DatasetTable, cfg: JobConfig, family: Family):
+    """(sample, record) pairs of one dataset, and (file, reason) of the skipped ones."""
+    ensure_synthetic(ds, cfg.train.seed)
+    found = discover(ds)
+    skipped = [(f"{ds.id}/{s.rel}", s.reason) for s in found.skipped]
+    pairs = []
+    for record in found.records:
+        caption = caption_for(record, ds)
+        if caption is None:
+            skipped.append((f"{ds.id}/{record.rel}", "missing caption file"))
+            continue
+        if too_small(record.width, record.height, ds):
+            skipped.append((f"{ds.id}/{record.rel}", f"too small ({record.width}x"
+                            f"{record.height}) for minimum_image_size"))
+            continue
+        bucket = bucket_for(record.width, record.height, ds, _alignment(ds, cfg))
+        stat = Path(record.path).stat()
+        sample = Sample(ds.id, record.rel, caption, bucket,
+                        entry_key(record.rel, stat.st_size, stat.st_mtime_ns, bucket),
+                        entry_key(caption), ds.repeats)
+        pairs.append((sample, record))
+    return pairs, skipped
+
+
+def _latent_fingerprint(cfg: JobConfig, ds: DatasetTable, family: Family) -> dict:
+    """Everything that changes a dataset's latents: model, VAE and preprocessing."""
+    prep = ds.model_dump(include={"resolution", "resolution_type", "minimum_image_size",
+                                  "maximum_image_size", "target_downsample_size", "crop",
+                                  "crop_style", "crop_aspect", "aspect_bucket_alignment",
+                                  "bucket_resolutions"})
+    prep["crop_seed"] = cfg.train.seed if ds.crop_style == "random" else None
+    return {"model": family.fingerprint("latent"), "preprocessing": prep, "dataset": ds.id}
+
+
+def _split(cfg: JobConfig, samples: list[Sample]):
+    """Train and eval samples, and where the eval samples come from."""
+    v = cfg.validation
+    if v.eval_dataset:
+        train = [s for s in samples if s.dataset_id != v.eval_dataset]
+        held = [s for s in samples if s.dataset_id == v.eval_dataset]
+        return train, held, f"dataset:{v.eval_dataset}"
+    if v.eval_split > 0:
+        order = sorted(samples, key=lambda s: (s.dataset_id, s.rel))
+        random.Random(cfg.train.seed).shuffle(order)
+        count = min(max(1, math.ceil(v.eval_split * len(order))), len(order) - 1)
+        held = set(id(s) for s in order[:count])
+        return ([s for s in samples if id(s) not in held],
+                [s for s in samples if id(s) in held], f"split:{v.eval_split}")
+    # Without a held-out set the eval loss is still comparable across steps, but it is
+    # measured on training images, and it is labelled so.
+    return samples, samples[:8], "train_subset"
+
+
+def _fill_latents(cfg, family, data: PreparedData, records, should_stop) -> None:
+    """Encode every image whose latent entry is missing, in same-bucket VAE batches."""
+    todo: dict[tuple, list[Sample]] = {}
+    for s in {(s.dataset_id, s.latent_key): s for s in data.train + data.eval}.values():
+        cache = data.latent_caches[s.dataset_id]
+        if not cache.has(s.latent_key):
+            todo.setdefault((s.dataset_id, s.bucket), []).append(s)
+    total = sum(len(v) for v in todo.values())
+    if not total:
+        return
+    progress = Progress("latents", total)
+    datasets = {d.id: d for d in cfg.datasets}
+    with _Writer() as writer:
+        for (ds_id, bucket), group in todo.items():
+            ds, cache = datasets[ds_id], data.latent_caches[ds_id]
+            for start in range(0, len(group), cfg.cache.vae_batch_size):
+                if should_stop():
+                    return
+                chunk = group[start:start + cfg.cache.vae_batch_size]
+                images = [prepare_image(records[(ds_id, s.rel)], ds, bucket,
+                                        random.Random(f"{cfg.train.seed}:{s.rel}"))
+                          for s in chunk]
+                latents = family.encode_images(torch.stack([im.pixels for im in images]))
+                for s, im, lat in zip(chunk, images, latents):
+                    cond = {f"cond.{k}": v for k, v in family.image_conditioning(im).items()}
+                    writer.submit(cache.save, s.latent_key, {"latents": lat, **cond})
+                data.encoded["latents"] += len(chunk)
+                progress.update(len(chunk))
+    progress.close()
+
+
+def _fill_text(cfg, family, data: PreparedData, should_stop) -> None:
+    """Encode every caption whose entry is missing, plus the empty prompt."""
+    cache = data.text_cache
+    if not cache.has(EMPTY_CAPTION_KEY):
+        cache.save(EMPTY_CAPTION_KEY, family.empty_text())
+    captions = {s.text_key: s.caption for s in data.train + data.eval}
+    todo = [(k, c) for k, c in captions.items() if not cache.has(k)]
+    if not todo:
+        return
+    progress = Progress("captions", len(todo))
+    with _Writer() as writer:
+        for start in range(0, len(todo), cfg.cache.text_batch_size):
+            if should_stop():
+                return
+            chunk = todo[start:start + cfg.cache.text_batch_size]
+            for (key, _), tensors in zip(chunk, family.encode_text([c for _, c in chunk])):
+                writer.submit(cache.save, key, tensors)
+            data.encoded["captions"] += len(chunk)
+            progress.update(len(chunk))
+    progress.close()
+
+
+class _Writer:
+    """One background thread for cache writes, so encoding overlaps disk I/O.
+
+    Leaving the block waits for every write and re-raises the first error (a full disk
+    must stop the job, not vanish in a thread).
+    """
+
+    def __enter__(self) -> "_Writer":
+        self.pool = ThreadPoolExecutor(max_workers=1)
+        self.futures = []
+        return self
+
+    def submit(self, fn, *args) -> None:
+        self.futures.append(self.pool.submit(fn, *args))
+
+    def __exit__(self, *exc) -> None:
+        self.pool.shutdown(wait=True)
+        for future in self.futures:
+            future.result()

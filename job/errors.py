@@ -1,0 +1,48 @@
+"""Errors that end a job, each with the exit code a scheduler acts on (DESIGN.md)."""
+
+from __future__ import annotations
+
+EXIT_SUCCEEDED = 0
+EXIT_OTHER = 1
+EXIT_BAD_JOB = 2
+EXIT_DATA = 3
+EXIT_DIVERGED = 4
+EXIT_PREEMPTED = 143
+
+
+class JobError(Exception):
+    """A failure the job explains itself: a message, a hint, and an exit code."""
+
+    exit_code = EXIT_OTHER
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        return f"{self.message}\n  fix: {self.hint}" if self.hint else self.message
+
+
+class ConfigError(JobError):
+    """The job file or its inputs are wrong; retrying cannot help."""
+
+    exit_code = EXIT_BAD_JOB
+
+
+class DataError(JobError):
+    """A data problem found at run time (nothing readable, no bucket)."""
+
+    exit_code = EXIT_DATA
+
+
+class DivergedError(JobError):
+    """Too many non-finite losses or gradients; the last good checkpoint is kept."""
+
+    exit_code = EXIT_DIVERGED
+
+
+class Preempted(JobError):
+    """SIGTERM/SIGINT arrived; the job stopped at a safe point."""
+
+    exit_code = EXIT_PREEMPTED

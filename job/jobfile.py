@@ -1,0 +1,202 @@
+"""Reading a job file: TOML, --set overrides, ${ENV} interpolation, clear errors.
+
+Torch-free: `tunejob validate` runs this and nothing heavier.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from job.config import JobConfig, check_rules
+from job.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - python 3.10
+    import tomli as tomllib
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def load_job(path: str | Path, overrides: list[str] = (),
+             text: str | None = None) -> tuple[JobConfig, list[str]]:
+    """Parse, override, interpolate and validate a job file; returns (config, warnings)."""
+    name = str(path)
+    if text is None:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"job file {name} does not exist",
+                              "pass the path of a .toml job file (see jobs/)") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{name}: not valid TOML: {err}",
+                          "fix the syntax at the line and column given") from None
+    for item in overrides:
+        apply_override(raw, item)
+    raw = interpolate(raw, ())
+    try:
+        cfg = JobConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(describe_errors(err, text, name),
+                          "see docs/config.md for every key, its type and default") from None
+    return cfg, check_rules(cfg)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one `table.key=value` (value parsed as TOML, else taken as a string)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r} has no '='", "write --set table.key=value")
+    dotted, value_text = item.split("=", 1)
+    parts = [p for p in dotted.strip().split(".") if p]
+    if len(parts) < 2:
+        raise ConfigError(f"--set {item!r} needs a table and a key",
+                          "write --set train.max_train_steps=100")
+    try:
+        value = tomllib.loads(f"v = {value_text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text
+    node: Any = raw
+    for part in parts[:-1]:
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise ConfigError(f"--set {item!r}: {part!r} is not an index of that list",
+                                  f"use an index below {len(node)}, e.g. datasets.0.repeats=2")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    node[parts[-1]] = value
+
+
+def interpolate(value: Any, where: tuple) -> Any:
+    """Replace ${VAR} and ${VAR:-default} in every string value."""
+    if isinstance(value, dict):
+        return {k: interpolate(v, where + (k,)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [interpolate(v, where + (i,)) for i, v in enumerate(value)]
+    if not isinstance(value, str):
+        return value
+
+    def replace(match: re.Match) -> str:
+        var, default = match.group(1), match.group(2)
+        if var in os.environ:
+            return os.environ[var]
+        if default is not None:
+            return default
+        raise ConfigError(f"{key_path(where)} = {value!r} uses ${{{var}}}, which is not set",
+                          f"set the environment variable {var} or write ${{{var}:-default}}")
+
+    return _ENV.sub(replace, value)
+
+
+def key_path(loc: tuple) -> str:
+    """`datasets[0].resolution` style path of a pydantic location."""
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def describe_errors(err: ValidationError, text: str, name: str) -> str:
+    """One line per problem: file:line, key path, value, what was expected, a suggestion."""
+    lines = [f"{name}: {err.error_count()} problem(s) in the job file:"]
+    for item in err.errors():
+        loc = item["loc"]
+        line = line_of(text, loc)
+        where = f"{name}:{line}" if line else name
+        value = item.get("input")
+        shown = "" if item["type"] == "missing" else f" = {value!r}"
+        msg = f"  {where}: {key_path(loc)}{shown}: {explain(item)}"
+        lines.append(msg + suggestion(item, loc))
+    return "\n".join(lines)
+
+
+def explain(item: dict) -> str:
+    """Pydantic's message in the words of a job file."""
+    kind = item["type"]
+    if kind == "extra_forbidden":
+        return "unknown key"
+    if kind == "missing":
+        return "required key is missing"
+    return item["msg"]
+
+
+def suggestion(item: dict, loc: tuple) -> str:
+    """A did-you-mean for unknown keys, listing the table's keys otherwise."""
+    if item["type"] != "extra_forbidden":
+        return ""
+    model = table_model(loc[:-1])
+    if model is None:
+        return ""
+    allowed = list(model.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
+    hint = aliases_hint(str(loc[-1]), model)
+    if close:
+        return f"; did you mean {close[0]!r}?{hint}"
+    return f"; keys of this table: {', '.join(allowed)}{hint}"
+
+
+def aliases_hint(key: str, model: type[BaseModel]) -> str:
+    """Point an established name (lora_rank) at its key here ([lora] rank)."""
+    for field_name, info in model.model_fields.items():
+        extra = info.json_schema_extra or {}
+        if isinstance(extra, dict) and extra.get("established") == key and field_name != key:
+            return f" (the established name {key!r} is {field_name!r} in this table)"
+    return ""
+
+
+def table_model(loc: tuple) -> type[BaseModel] | None:
+    """The pydantic model of the table at a location (None when it is not a table)."""
+    model: type[BaseModel] = JobConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        info = model.model_fields.get(str(part))
+        if info is None:
+            return None
+        inner = _model_in(info.annotation)
+        if inner is None:
+            return None
+        model = inner
+    return model
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    """The BaseModel class inside an annotation like list[DatasetTable]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found:
+            return found
+    return None
+
+
+_HEADER = re.compile(r"^\s*\[(\[)?\s*([A-Za-z0-9_.\-]+)\s*\]")
+
+
+def line_of(text: str, loc: tuple) -> int | None:
+    """The 1-based line where the key at `loc` is written (None when not found)."""
+    keys = [p for p in loc if not isinstance(p, int)]
+    index = next((p for p in loc if isinstance(p, int)), None)
+    table, key = (".".join(map(str, keys[:-1])), str(keys[-1])) if keys else ("", "")
+    current, counts = "", {}
+    for number, line in enumerate(text.splitlines(), 1):
+        header = _HEADER.match(line)
+        if header:
+            current = header.group(2)
+            if header.group(1):
+                counts[current] = counts.get(current, -1) + 1
+            continue
+        in_table = current == table and (index is None or counts.get(current) == index)
+        if in_table and re.match(rf"^\s*{re.escape(key)}\s*=", line):
+            return number
+    return None

@@ -1,0 +1,79 @@
+"""structlog setup and progress reporting: readable on a TTY, JSON lines otherwise."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any, TextIO
+
+import structlog
+
+
+def setup_logging(stream: TextIO | None = None, json_lines: bool | None = None) -> Any:
+    """Configure structlog once per process and return the job's logger."""
+    stream = stream or sys.stderr
+    if json_lines is None:
+        json_lines = not stream.isatty()
+    renderer = (structlog.processors.JSONRenderer() if json_lines
+                else structlog.dev.ConsoleRenderer(colors=False))
+    structlog.configure(
+        processors=[structlog.processors.add_log_level,
+                    structlog.processors.TimeStamper(fmt="iso", utc=True),
+                    renderer],
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        cache_logger_on_first_use=False,
+    )
+    return structlog.get_logger("tunejob")
+
+
+def get_logger() -> Any:
+    """The job's logger (configured by setup_logging)."""
+    return structlog.get_logger("tunejob")
+
+
+class Progress:
+    """A bar with ETA on a TTY; a JSON `progress` event every `every_s` seconds otherwise."""
+
+    def __init__(self, label: str, total: int, stream: TextIO | None = None,
+                 every_s: float = 10.0) -> None:
+        self.label, self.total, self.done = label, max(total, 0), 0
+        self.stream = stream or sys.stderr
+        self.tty = self.stream.isatty()
+        self.every_s = every_s
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int = 1, **fields: Any) -> None:
+        """Count `n` more units of work done."""
+        self.done += n
+        now = time.monotonic()
+        if self.tty:
+            self._draw(now, fields)
+        elif now - self.last >= self.every_s or self.done >= self.total:
+            self.last = now
+            get_logger().info("progress", phase=self.label, done=self.done, total=self.total,
+                              rate_per_s=round(self._rate(now), 3),
+                              eta_s=round(self._eta(now), 1), **fields)
+
+    def close(self) -> None:
+        """End the bar's line on a TTY."""
+        if self.tty and self.total:
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def _rate(self, now: float) -> float:
+        return self.done / max(now - self.start, 1e-9)
+
+    def _eta(self, now: float) -> float:
+        rate = self._rate(now)
+        return (self.total - self.done) / rate if rate > 0 else 0.0
+
+    def _draw(self, now: float, fields: dict[str, Any]) -> None:
+        width = 30
+        filled = int(width * self.done / self.total) if self.total else width
+        eta = time.strftime("%H:%M:%S", time.gmtime(self._eta(now)))
+        extra = " ".join(f"{k}={v}" for k, v in fields.items())
+        self.stream.write(f"\r{self.label:>8} [{'#' * filled}{'.' * (width - filled)}] "
+                          f"{self.done}/{self.total} {self._rate(now):.2f}/s ETA {eta} {extra}")
+        self.stream.flush()

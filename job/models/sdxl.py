@@ -1,0 +1,444 @@
+"""SDXL: two CLIP text encoders, micro-conditioning time ids, an epsilon/v UNet.
+
+Every piece of SDXL math (text conditioning, time ids, noise, target, Min-SNR) lives here;
+the rest of the job reaches it through the protocol in job/models/base.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from job.config import JobConfig
+from job.errors import ConfigError
+from job.log import get_logger
+from job.models.base import PreparedImage
+from job.models.registry import spec_for
+
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
+                  "scheduler")
+_OFFLINE_VALUES = {"1", "true", "yes", "on"}
+
+
+def weights_source(cfg: JobConfig) -> tuple[str, Path | None]:
+    """(hub id or folder to load from, folder to build the tiny model in or None)."""
+    model = cfg.model
+    if model.pretrained_model_name_or_path:
+        return model.pretrained_model_name_or_path, None
+    spec = spec_for(model.family)
+    hub_id = spec.flavours[model.flavour or spec.default_flavour]
+    if hub_id is not None:
+        return hub_id, None
+    folder = Path(model.hub_cache_dir) / "tunejob-tiny" / spec.name
+    return str(folder), folder
+
+
+def config_hash(config: Any) -> str:
+    """Hash of a diffusers/transformers config, without paths and library versions."""
+    items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    skip = {"transformers_version", "torch_dtype", "dtype"}
+    kept = {k: v for k, v in items.items() if not k.startswith("_") and k not in skip}
+    return _digest(kept)
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """Hash of everything that decides token ids: vocabulary, merges, rules, length."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    body = backend.to_str() if backend is not None else tokenizer.get_vocab()
+    return _digest({"tokenizer": body, "max_length": tokenizer.model_max_length,
+                    "pad": str(tokenizer.pad_token)})
+
+
+def _digest(value: Any) -> str:
+    text = json.dumps(value, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
+def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float,
+                    prediction_type: str) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023) for the given timesteps."""
+    alpha_bar = alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alpha_bar / (1 - alpha_bar)
+    clipped = snr.clamp(max=gamma)
+    if prediction_type == "v_prediction":
+        # The v loss already equals the epsilon loss times (snr + 1).
+        return clipped / (snr + 1)
+    # min(snr, gamma) / snr tends to 1 as snr -> 0 (a zero-terminal-SNR step).
+    return torch.where(snr > 0, clipped / snr.clamp(min=1e-20), torch.ones_like(snr))
+
+
+class SDXLFamily:
+    """Stable Diffusion XL through diffusers' StableDiffusionXLPipeline components."""
+
+    name = "sdxl"
+    supports_lcm = True
+
+    def __init__(self, cfg: JobConfig, device: torch.device, dtype: torch.dtype) -> None:
+        self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
+        self.source, self.tiny_folder = weights_source(cfg)
+        self.revision = cfg.model.revision
+        self.log = get_logger()
+        self.lora_config = None
+        self._pipeline = None
+
+    # -- loading ----------------------------------------------------------------------
+
+    def _hub_kwargs(self) -> dict[str, Any]:
+        """Revision, cache folder, and offline mode read now (not at import time)."""
+        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _OFFLINE_VALUES
+        return {"revision": self.revision, "local_files_only": offline,
+                "cache_dir": str(Path(self.cfg.model.hub_cache_dir) / "hub")}
+
+    def load(self) -> None:
+        """Load every component from the hub id or local folder, frozen and on the device."""
+        import diffusers
+        from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline,
+                               UNet2DConditionModel)
+        from huggingface_hub.utils import HFValidationError
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        if self.tiny_folder is not None:
+            from job.models.sdxl_tiny import ensure_tiny_sdxl
+
+            ensure_tiny_sdxl(self.tiny_folder)
+        hub, src = self._hub_kwargs(), self.source
+        try:
+            # model_index.json first: a missing model fails here with a clear error, where
+            # CLIPTokenizer.from_pretrained would quietly return an empty tokenizer.
+            self.pipeline_config = StableDiffusionXLPipeline.load_config(src, **hub)
+            self.tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **hub)
+            self.tokenizer_2 = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2", **hub)
+            self.text_encoder = CLIPTextModel.from_pretrained(
+                src, subfolder="text_encoder", dtype=self.dtype, **hub)
+            self.text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                src, subfolder="text_encoder_2", dtype=self.dtype, **hub)
+            # fp32 VAE always: SDXL's VAE overflows in fp16, and fp32 latents are the same
+            # whatever train.mixed_precision says, so the latent cache stays valid across it.
+            self.vae = AutoencoderKL.from_pretrained(
+                src, subfolder="vae", torch_dtype=torch.float32, **hub)
+            self.unet = UNet2DConditionModel.from_pretrained(
+                src, subfolder="unet", torch_dtype=self._unet_dtype(), **hub)
+            # Training noise math needs only the beta schedule, which DDPM reads from the
+            # folder's (Euler) config; sampling uses the folder's own scheduler class, as
+            # the stock pipeline's from_pretrained does.
+            self.noise_scheduler = DDPMScheduler.from_pretrained(src, subfolder="scheduler", **hub)
+            self.prediction_type = self._prediction_type()
+            sampler = self.pipeline_config.get("scheduler", [None, "EulerDiscreteScheduler"])[1]
+            self.sample_scheduler = getattr(diffusers, sampler).from_pretrained(
+                src, subfolder="scheduler", prediction_type=self.prediction_type, **hub)
+        except (OSError, HFValidationError) as err:
+            raise self._load_error(err) from None
+        self._place_and_freeze()
+
+    def _unet_dtype(self) -> torch.dtype:
+        """Frozen base in the weight dtype; a fully trained UNet in its trainable dtype."""
+        return self._trainable_dtype() if self.cfg.model.model_type == "full" else self.dtype
+
+    def _trainable_dtype(self) -> torch.dtype:
+        """fp32 master weights, except bf16 ones for the Kahan-compensated adamw_bf16."""
+        return torch.bfloat16 if self.cfg.optimizer.name == "adamw_bf16" else torch.float32
+
+    def _prediction_type(self) -> str:
+        """The training target: model.prediction_type, or the scheduler config's for auto."""
+        native = self.noise_scheduler.config.prediction_type
+        wanted = self.cfg.model.prediction_type
+        if wanted == "auto":
+            return native
+        if wanted != native:
+            self.log.warning("prediction_type_override", trained=wanted, model_scheduler=native,
+                             note="validation samples with the trained type; the stock pipeline "
+                                  "needs its scheduler's prediction_type set the same way")
+        return wanted
+
+    def _place_and_freeze(self) -> None:
+        full = self.cfg.model.model_type == "full"
+        for module in (self.text_encoder, self.text_encoder_2, self.vae):
+            module.requires_grad_(False).eval().to(self.device)
+        self.unet.requires_grad_(full).train().to(self.device)
+        if self.cfg.train.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        if len(self.tokenizer) < 10 or len(self.tokenizer_2) < 10:
+            raise ConfigError(f"the tokenizers of {self.source!r} are empty or missing",
+                              "point model.pretrained_model_name_or_path at a complete SDXL "
+                              "folder (tokenizer/ and tokenizer_2/ included)")
+
+    def _load_error(self, err: Exception) -> ConfigError:
+        """Which model could not be loaded, and where to put it."""
+        m = self.cfg.model
+        key = ("model.pretrained_model_name_or_path" if m.pretrained_model_name_or_path
+               else f"model.flavour = {m.flavour!r}")
+        offline = " with HF_HUB_OFFLINE=1" if self._hub_kwargs()["local_files_only"] else ""
+        detail = (str(err).strip() or type(err).__name__).splitlines()[0]
+        return ConfigError(
+            f"cannot load SDXL weights {self.source!r} (from {key}, revision "
+            f"{m.revision or 'main'}){offline}: {detail}",
+            f"put the weights under model.hub_cache_dir ({m.hub_cache_dir}), e.g. "
+            f"`HF_HOME={m.hub_cache_dir} hf download {self.source}`, or set "
+            "model.pretrained_model_name_or_path to a local folder in the diffusers layout")
+
+    def denoiser(self) -> nn.Module:
+        """The UNet (trained)."""
+        return self.unet
+
+    def fingerprint(self, part: str) -> dict[str, Any]:
+        """What changes the cached text embeddings (`text`) or latents (`latent`)."""
+        base = {"family": self.name, "model": self.source, "revision": self.revision}
+        if part == "text":
+            return {**base, "text_encoder": config_hash(self.text_encoder.config),
+                    "text_encoder_2": config_hash(self.text_encoder_2.config),
+                    "tokenizer": tokenizer_hash(self.tokenizer),
+                    "tokenizer_2": tokenizer_hash(self.tokenizer_2),
+                    "max_length": self.tokenizer.model_max_length, "layer": "penultimate",
+                    "dtype": str(self.dtype), "empty_prompt": self._empty_prompt_mode()}
+        if part == "latent":
+            return {**base, "vae": config_hash(self.vae.config),
+                    "scaling_factor": self.vae.config.scaling_factor, "vae_dtype": "float32",
+                    "latent": "posterior_mean"}
+        raise ValueError(f"unknown fingerprint part {part!r}; expected 'text' or 'latent'")
+
+    # -- encoding ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> list[dict[str, torch.Tensor]]:
+        """Per caption, prompt_embeds [77, te1+te2 hidden] and pooled_prompt_embeds (CPU)."""
+        hidden = []
+        for tokenizer, encoder in ((self.tokenizer, self.text_encoder),
+                                   (self.tokenizer_2, self.text_encoder_2)):
+            ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                            truncation=True, return_tensors="pt").input_ids
+            output = encoder(ids.to(encoder.device), output_hidden_states=True)
+            # SDXL conditions on the penultimate layer of both encoders, side by side.
+            hidden.append(output.hidden_states[-2])
+        embeds = torch.cat(hidden, dim=-1).to(self.text_encoder_2.dtype).cpu()
+        pooled = output.text_embeds.cpu()  # text_encoder_2's projected pooled output
+        return [{"prompt_embeds": e.clone(), "pooled_prompt_embeds": p.clone()}
+                for e, p in zip(embeds, pooled)]
+
+    def _empty_prompt_mode(self) -> str:
+        # SDXL's pipeline defaults to zeros when model_index.json does not say.
+        zeros = self.pipeline_config.get("force_zeros_for_empty_prompt", True)
+        return "zeros" if zeros else "encoded"
+
+    def empty_text(self) -> dict[str, torch.Tensor]:
+        """What the stock pipeline feeds the unconditional branch when no negative prompt."""
+        encoded = self.encode_text([""])[0]
+        if self._empty_prompt_mode() == "zeros":
+            return {k: torch.zeros_like(v) for k, v in encoded.items()}
+        return encoded
+
+    @torch.no_grad()
+    def encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Scaled latents [B, 4, H/8, W/8] (CPU) of pixels in [-1, 1]."""
+        # The posterior mean, not a sample: a sample drawn once at cache time is a frozen
+        # perturbation (no augmentation), would depend on batch order and cache resumes,
+        # and SDXL's posterior std is tiny next to the latent scale. The mean depends on
+        # the image alone.
+        posterior = self.vae.encode(pixels.to(self.vae.device, torch.float32)).latent_dist
+        return (posterior.mode() * self.vae.config.scaling_factor).cpu()
+
+    def image_conditioning(self, image: PreparedImage) -> dict[str, torch.Tensor]:
+        """SDXL micro-conditioning: original size, crop top-left, target size (h, w order)."""
+        ids = (*image.original_size, *image.crop_top_left, *image.target_size)
+        return {"time_ids": torch.tensor(ids, dtype=torch.float32)}
+
+    def unload_encoders(self) -> None:
+        """Move both text encoders to the CPU; sample() brings them back while it runs.
+
+        The VAE stays on the device: its decoder is needed for every validation image and
+        it is about 1% of the UNet's memory.
+        """
+        self.text_encoder.to("cpu")
+        self.text_encoder_2.to("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        self.log.info("encoders_unloaded", moved=["text_encoder", "text_encoder_2"], to="cpu")
+
+    # -- training ---------------------------------------------------------------------
+
+    def add_lora(self) -> None:
+        """A peft LoRA on the UNet's [lora] target modules; only it is trainable."""
+        from peft import LoraConfig
+
+        lora = self.cfg.lora
+        self.lora_config = LoraConfig(
+            r=lora.rank, lora_alpha=lora.alpha if lora.alpha is not None else lora.rank,
+            lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
+            init_lora_weights="gaussian")
+        self.unet.requires_grad_(False)
+        self.unet.add_adapter(self.lora_config)
+        # The adapter is created in the base weights' dtype (bf16 under mixed precision);
+        # updates that small need fp32 master weights unless adamw_bf16 compensates.
+        for param in self.unet.parameters():
+            if param.requires_grad:
+                param.data = param.data.to(self._trainable_dtype())
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.dtype,
+                              enabled=self.dtype != torch.float32)
+
+    def _losses(self, batch: dict[str, torch.Tensor], timesteps: torch.Tensor,
+                noise: torch.Tensor) -> torch.Tensor:
+        """Per-sample MSE (fp32) between the UNet's prediction and the target."""
+        latents = batch["latents"].float()
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        with self._autocast():
+            prediction = self.unet(
+                noisy, timesteps, encoder_hidden_states=batch["text.prompt_embeds"],
+                added_cond_kwargs={"text_embeds": batch["text.pooled_prompt_embeds"],
+                                   "time_ids": batch["cond.time_ids"]}).sample
+        error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        return error.mean(dim=tuple(range(1, error.ndim)))
+
+    def training_loss(self, batch: dict[str, torch.Tensor],
+                      generator: torch.Generator) -> torch.Tensor:
+        """Per-sample loss [B] at random timesteps, Min-SNR weighted when snr_gamma is set."""
+        latents = batch["latents"]
+        # Drawn on the CPU generator and then moved, so CPU and GPU runs see the same draws.
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps,
+                                  (latents.shape[0],), generator=generator)
+        noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
+        losses = self._losses(batch, timesteps, noise)
+        gamma = self.cfg.train.snr_gamma
+        if gamma is not None:
+            losses = losses * min_snr_weights(self.noise_scheduler.alphas_cumprod, timesteps,
+                                              gamma, self.prediction_type)
+        return losses
+
+    def eval_loss(self, batch: dict[str, torch.Tensor], timesteps: torch.Tensor,
+                  noise: torch.Tensor) -> torch.Tensor:
+        """Per-sample unweighted loss [B] at the given timesteps and noise."""
+        device = batch["latents"].device
+        return self._losses(batch, timesteps.to(device), noise.to(device, torch.float32))
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter's peft state dict (LoRA) or the UNet's state dict (full)."""
+        if self.lora_config is None:
+            return self.unet.state_dict()
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.unet)
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Put checkpointed trained weights back; other names or shapes are an error."""
+        expected = {k: tuple(v.shape) for k, v in self.trainable_state_dict().items()}
+        given = {k: tuple(v.shape) for k, v in state.items()}
+        if given != expected:
+            missing, extra = len(expected.keys() - given), len(given.keys() - expected)
+            reshaped = sum(1 for k in expected.keys() & given if expected[k] != given[k])
+            raise ConfigError(
+                f"the checkpoint's trained weights do not fit this model ({missing} missing, "
+                f"{extra} unexpected, {reshaped} of another shape)", "resume with the same "
+                '[lora] rank, target_modules and model_type, or set checkpoint.resume_from = '
+                '"none"')
+        if self.lora_config is None:
+            self.unet.load_state_dict(state, strict=True)
+            return
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.unet, state)
+
+    # -- sampling and export ----------------------------------------------------------
+
+    def _sampling_pipeline(self):
+        """The stock pipeline around the live UNet (built once; it holds references)."""
+        if self._pipeline is None:
+            from diffusers import StableDiffusionXLPipeline
+
+            self._pipeline = StableDiffusionXLPipeline(
+                vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
+                tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
+                scheduler=self.sample_scheduler,
+                force_zeros_for_empty_prompt=self._empty_prompt_mode() == "zeros")
+            self._pipeline.set_progress_bar_config(disable=True)
+        return self._pipeline
+
+    @contextmanager
+    def _encoders_on_device(self) -> Iterator[None]:
+        """Text encoders on the device for the block, then back where they were."""
+        homes = [(e, e.device) for e in (self.text_encoder, self.text_encoder_2)]
+        for encoder, _ in homes:
+            encoder.to(self.device)
+        try:
+            yield
+        finally:
+            for encoder, home in homes:
+                encoder.to(home)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def sample(self, prompt: str, negative_prompt: str, width: int, height: int,
+               guidance: float, steps: int, seed: int) -> Any:
+        """One PIL image from the stock StableDiffusionXLPipeline around the live UNet."""
+        pipeline = self._sampling_pipeline()
+        generator = torch.Generator("cpu").manual_seed(seed)
+        # An empty negative prompt means none, as in the stock pipeline, which then feeds
+        # zeros (force_zeros_for_empty_prompt) rather than the encoded "".
+        with self._encoders_on_device(), self._autocast():
+            latents = pipeline(prompt=prompt, negative_prompt=negative_prompt or None,
+                               width=width, height=height, guidance_scale=guidance,
+                               num_inference_steps=steps, generator=generator,
+                               output_type="latent").images
+        return self._decode(latents)
+
+    @torch.no_grad()
+    def _decode(self, latents: torch.Tensor) -> Any:
+        """The stock pipeline's decode, in fp32 outside autocast: SDXL's VAE overflows in
+        fp16, which is why the stock pipeline upcasts it too."""
+        config, pipeline = self.vae.config, self._sampling_pipeline()
+        latents = latents.to(self.vae.device, torch.float32)
+        if getattr(config, "latents_mean", None) is not None and \
+                getattr(config, "latents_std", None) is not None:
+            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
+            std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
+            latents = latents * std / config.scaling_factor + mean
+        else:
+            latents = latents / config.scaling_factor
+        image = self.vae.decode(latents, return_dict=False)[0]
+        if pipeline.watermark is not None:
+            image = pipeline.watermark.apply_watermark(image)
+        return pipeline.image_processor.postprocess(image, output_type="pil")[0]
+
+    def save_final(self, out_dir: Path) -> list[Path]:
+        """LoRA: a diffusers LoRA file with its alpha; full: a complete pipeline folder."""
+        from diffusers import StableDiffusionXLPipeline
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if self.lora_config is None:
+            self._export_pipeline().save_pretrained(str(out_dir), safe_serialization=True)
+            return [out_dir / "model_index.json", *(out_dir / part for part in PIPELINE_PARTS)]
+        from peft import get_peft_model_state_dict
+
+        # Without the adapter metadata diffusers rebuilds the config from tensor shapes,
+        # which sets alpha = rank and silently rescales a LoRA trained with another alpha.
+        StableDiffusionXLPipeline.save_lora_weights(
+            str(out_dir), unet_lora_layers=get_peft_model_state_dict(self.unet),
+            unet_lora_adapter_metadata=self.lora_config.to_dict(), safe_serialization=True)
+        return [out_dir / "pytorch_lora_weights.safetensors"]
+
+    def _export_pipeline(self):
+        """The trained UNet with the frozen parts; text encoders re-read at their stored
+        precision, since the copies in memory may be cast down to bf16/fp16."""
+        from diffusers import StableDiffusionXLPipeline
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        hub, parts = self._hub_kwargs(), dict(self._sampling_pipeline().components)
+        if self.dtype != torch.float32:
+            for name, cls in (("text_encoder", CLIPTextModel),
+                              ("text_encoder_2", CLIPTextModelWithProjection)):
+                parts[name] = cls.from_pretrained(self.source, subfolder=name, dtype="auto", **hub)
+        return StableDiffusionXLPipeline(
+            **parts, force_zeros_for_empty_prompt=self._empty_prompt_mode() == "zeros")

@@ -1,0 +1,213 @@
+"""The lifecycle of a run (DESIGN.md), as a short sequence of calls."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from job.config import JobConfig
+from job.errors import EXIT_PREEMPTED, ConfigError, JobError, Preempted
+from job.log import get_logger
+from job.metrics import MetricsWriter, Summary, versions, write_json_atomic
+from job.models.registry import family_class, spec_for
+from job.signals import StopSignal
+from job.toml_out import dumps
+
+
+class Phases:
+    """Wall time per lifecycle phase."""
+
+    def __init__(self) -> None:
+        self.seconds = {"load": 0.0, "cache": 0.0, "train": 0.0, "validation": 0.0}
+        self.start = time.perf_counter()
+
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a block into `name`."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[name] += time.perf_counter() - started
+
+    def totals(self) -> dict[str, float]:
+        """Rounded seconds, total included."""
+        out = {k: round(v, 3) for k, v in self.seconds.items()}
+        out["total"] = round(time.perf_counter() - self.start, 3)
+        return out
+
+
+def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
+    """Run a validated job to its end; return the exit code. summary.json is always written."""
+    log = get_logger()
+    out = Path(cfg.output_path())
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "job.resolved.toml").write_text(dumps(cfg.model_dump(mode="json")), encoding="utf-8")
+    metrics = MetricsWriter(out / "metrics.jsonl")
+    spec = spec_for(cfg.model.family)
+    summary = Summary(cfg.job.name, spec.name, cfg.model.flavour or spec.default_flavour,
+                      notes=list(warnings), versions=versions())
+    for note in warnings:
+        log.warning("setting_note", note=note)
+    phases, stop = Phases(), StopSignal(cfg.job.preemption_grace_s).install()
+    metrics.write("start", job=cfg.job.name, family=spec.name, versions=summary.versions)
+    trainer = None
+    try:
+        trainer = _run(cfg, out, metrics, phases, stop, summary)
+        summary.status, summary.exit_code = "succeeded", 0
+    except Preempted as err:
+        _on_preempted(trainer, stop, summary, err)
+    except JobError as err:
+        summary.exit_code = err.exit_code
+        summary.error = {"type": type(err).__name__, "message": err.message, "hint": err.hint}
+        log.error("job_failed", error=err.message, hint=err.hint, exit_code=err.exit_code)
+    except Exception as err:  # noqa: BLE001 - anything else is exit 1, retried by the scheduler
+        summary.exit_code = 1
+        summary.error = {"type": type(err).__name__, "message": str(err),
+                         "hint": "see the traceback in the log; a retry may succeed if this "
+                                 "was out of memory or a driver fault"}
+        log.error("job_crashed", error=str(err), traceback=traceback.format_exc())
+    finally:
+        stop.uninstall()
+    _finish_summary(summary, trainer, phases, out, metrics)
+    return summary.exit_code
+
+
+def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop: StopSignal,
+         summary: Summary):
+    """Load, cache, resume, train, validate, export; returns the trainer."""
+    from job.data.prepare import prepare_data
+    from job.speedups import apply_speedups
+    from job.train.loop import Trainer
+    from job.validate import Validator
+
+    with phases.phase("load"):
+        device, dtype = preflight(cfg, out)
+        family = family_class(cfg.model.family)(cfg, device, dtype)
+        family.load()
+        apply_speedups(cfg, family)
+    with phases.phase("cache"):
+        data = prepare_data(cfg, family, stop.should_stop)
+        metrics.write("data_ready", train_samples=len(data.train), eval_samples=len(data.eval),
+                      eval_source=data.eval_source, skipped=len(data.skipped),
+                      encoded_latents=data.encoded["latents"],
+                      encoded_captions=data.encoded["captions"])
+        if stop.should_stop():
+            raise Preempted("stopped by signal while caching; finished entries are kept",
+                            "the next run continues caching where this one stopped")
+        family.unload_encoders()
+    if cfg.model.model_type == "lora":
+        family.add_lora()
+    validator = Validator(cfg, family, data, out, metrics, device)
+    trainer = Trainer(cfg, family, data, out, metrics, stop.should_stop,
+                      lambda step: _validate(trainer, validator, step), device)
+    trainer.resume()
+    with phases.phase("train"):
+        trainer.train()
+    phases.seconds["train"] -= validator.seconds
+    phases.seconds["validation"] += validator.seconds
+    trainer.save_checkpoint()
+    with phases.phase("validation"):
+        _validate(trainer, validator, trainer.state.step)
+    with trainer.ema_weights():
+        paths = family.save_final(out / "final")
+    _write_model_card(cfg, out / "final", trainer)
+    summary.final_weights = [str(p) for p in paths]
+    summary.images = validator.images
+    summary.eval_loss = validator.last_eval_loss
+    return trainer
+
+
+def _validate(trainer, validator, step: int) -> None:
+    """Validation with the EMA weights when asked for."""
+    use_ema = trainer.cfg.train.use_ema and trainer.cfg.validation.use_ema
+    with trainer.ema_weights() if use_ema else _no_swap():
+        validator.run(step)
+
+
+@contextmanager
+def _no_swap() -> Iterator[None]:
+    yield
+
+
+def preflight(cfg: JobConfig, out: Path) -> tuple[torch.device, torch.dtype]:
+    """Device and disk checks before anything heavy; returns (device, frozen weight dtype)."""
+    wants = cfg.job.device
+    if wants == "cuda" and not torch.cuda.is_available():
+        raise ConfigError('job.device = "cuda" but no CUDA GPU is visible',
+                          'run with --gpus all (docker) or set job.device = "auto"')
+    device = torch.device("cuda" if wants != "cpu" and torch.cuda.is_available() else "cpu")
+    free = shutil.disk_usage(out).free
+    if free < 256 * 2**20:
+        raise ConfigError(f"only {free / 2**20:.0f} MiB free under {out}",
+                          "free space on the output volume or point job.output_dir elsewhere")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[
+        cfg.train.mixed_precision]
+    get_logger().info("preflight", device=str(device), weight_dtype=str(dtype),
+                      free_disk_gib=round(free / 2**30, 2),
+                      gpu=torch.cuda.get_device_name(0) if device.type == "cuda" else None)
+    return device, dtype
+
+
+def _on_preempted(trainer, stop: StopSignal, summary: Summary, err: Preempted) -> None:
+    """Checkpoint if its measured write time fits the grace left; else keep the last one."""
+    log = get_logger()
+    summary.status, summary.exit_code = "preempted", EXIT_PREEMPTED
+    if trainer is None:
+        log.warning("preempted", during="startup or caching", detail=err.message)
+        return
+    needed = trainer.last_checkpoint_s
+    left = stop.seconds_left()
+    budget = needed * 1.5 + 1.0 if needed is not None else 2.0
+    if budget < left:
+        trainer.save_checkpoint()
+        log.warning("preempted", step=trainer.state.step, checkpoint="written",
+                    grace_left_s=round(stop.seconds_left(), 2))
+    else:
+        last = trainer.checkpoints.latest()
+        note = (f"no checkpoint written at preemption: it takes about {budget:.1f}s and "
+                f"{left:.1f}s of grace were left; the last periodic one is "
+                f"{last.path if last else 'none'}")
+        summary.notes.append(note)
+        log.warning("preempted", step=trainer.state.step, checkpoint="skipped", reason=note)
+
+
+def _finish_summary(summary: Summary, trainer, phases: Phases, out: Path,
+                    metrics: MetricsWriter) -> None:
+    """Fill the counters and write summary.json (atomically)."""
+    summary.wall_time_s = phases.totals()
+    if trainer is not None:
+        s = trainer.state
+        summary.steps_done, summary.samples_seen = s.step, s.samples_seen
+        summary.final_loss, summary.best_loss = s.last_loss, s.best_loss
+        summary.nonfinite_steps = s.nonfinite_steps
+        summary.checkpoints = [str(c.path) for c in trainer.checkpoints.complete()]
+        if trainer.train_time_s > 0:
+            summary.samples_per_second = round(
+                trainer.samples_trained / trainer.train_time_s, 4)
+    if torch.cuda.is_available():
+        summary.peak_gpu_memory_gib = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+    metrics.write("end", status=summary.status, exit_code=summary.exit_code)
+    write_json_atomic(out / "summary.json", summary.to_dict())
+
+
+def _write_model_card(cfg: JobConfig, folder: Path, trainer) -> None:
+    """A short README beside the final weights: what was trained, how to load it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    m = cfg.model
+    card = [f"# {cfg.job.name}", "",
+            f"- family: {m.family}, flavour: {m.flavour}, base: "
+            f"{m.pretrained_model_name_or_path or 'the flavour default'}",
+            f"- model_type: {m.model_type}" + (f", LoRA rank {cfg.lora.rank}, alpha "
+                                                f"{cfg.lora.alpha or cfg.lora.rank}"
+                                                if m.model_type == "lora" else ""),
+            f"- steps: {trainer.state.step}, samples seen: {trainer.state.samples_seen}",
+            f"- EMA weights exported: {cfg.train.use_ema}", "",
+            "Trained with tunejob; the job file is job.resolved.toml in the output folder."]
+    (folder / "README.md").write_text("\n".join(card) + "\n", encoding="utf-8")

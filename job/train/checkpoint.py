@@ -1,0 +1,146 @@
+"""Checkpoints that are complete or absent: temp dir, manifest last, then rename.
+
+Layout of `checkpoints/step-000500/`: the files the trainer hands over plus
+`manifest.json` (step, and each file's size and sha256). A directory without a manifest
+that verifies is never resumed from; the log says which one was skipped and why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from job.log import get_logger
+
+_STEP_DIR = re.compile(r"^step-(\d{6,})$")
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A complete checkpoint on disk."""
+
+    step: int
+    path: Path
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename durable (POSIX needs the directory fsynced too)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class CheckpointManager:
+    """Writes, lists, verifies and prunes checkpoints in one folder."""
+
+    def __init__(self, root: Path, total_limit: int | None = None) -> None:
+        self.root, self.total_limit = root, total_limit
+        self.log = get_logger()
+
+    def save(self, step: int, write_files: Callable[[Path], None],
+             job_identity: dict | None = None) -> Checkpoint:
+        """Call `write_files(tmp_dir)`, add the manifest, rename into place, prune."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"step-{step:06d}"
+        tmp = self.root / f".tmp-step-{step:06d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            write_files(tmp)
+            self._write_manifest(tmp, step, job_identity or {})
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.prune()
+        return Checkpoint(step, final)
+
+    def _write_manifest(self, folder: Path, step: int, identity: dict) -> None:
+        files = {}
+        for path in sorted(folder.iterdir()):
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+            files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+        manifest = {"step": step, "files": files, "job": identity}
+        with open(folder / MANIFEST, "w", encoding="utf-8") as fh:
+            json.dump(manifest, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def complete(self) -> list[Checkpoint]:
+        """Every checkpoint whose manifest verifies, oldest first."""
+        found = []
+        for path in self._step_dirs():
+            problem = self.problem(path)
+            if problem:
+                self.log.warning("checkpoint_skipped", path=str(path), reason=problem)
+                continue
+            found.append(Checkpoint(int(_STEP_DIR.match(path.name).group(1)), path))
+        return found
+
+    def latest(self) -> Checkpoint | None:
+        """The newest complete checkpoint, or None."""
+        done = self.complete()
+        return done[-1] if done else None
+
+    def problem(self, path: Path) -> str | None:
+        """Why a checkpoint folder cannot be trusted (None when it verifies)."""
+        manifest_path = path / MANIFEST
+        if not manifest_path.is_file():
+            return "no manifest (an interrupted write)"
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            return f"manifest unreadable: {err}"
+        for name, meta in manifest.get("files", {}).items():
+            file = path / name
+            if not file.is_file():
+                return f"{name} is missing"
+            if file.stat().st_size != meta["bytes"]:
+                return f"{name} has {file.stat().st_size} bytes, manifest says {meta['bytes']}"
+            if _sha256(file) != meta["sha256"]:
+                return f"{name} checksum differs from the manifest"
+        return None
+
+    def identity(self, checkpoint: Checkpoint) -> dict:
+        """The job identity recorded in a checkpoint's manifest."""
+        manifest = json.loads((checkpoint.path / MANIFEST).read_text(encoding="utf-8"))
+        return manifest.get("job", {})
+
+    def prune(self) -> None:
+        """Delete the oldest complete checkpoints beyond total_limit, and stale temp dirs."""
+        for stale in self.root.glob(".tmp-step-*"):
+            if not stale.name.endswith(f"-{os.getpid()}"):
+                shutil.rmtree(stale, ignore_errors=True)
+        if not self.total_limit:
+            return
+        steps = [p for p in self._step_dirs() if (p / MANIFEST).is_file()]
+        for old in steps[:-self.total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+            self.log.info("checkpoint_pruned", path=str(old), total_limit=self.total_limit)
+
+    def _step_dirs(self) -> list[Path]:
+        if not self.root.is_dir():
+            return []
+        dirs = [p for p in self.root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
+        return sorted(dirs, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))

@@ -1,0 +1,303 @@
+"""Lifecycle step 6: the training loop, its step, and what it saves."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from job.config import JobConfig
+from job.data.batches import BatchLoader
+from job.data.prepare import PreparedData
+from job.data.sampler import BucketBatchSampler
+from job.errors import ConfigError, DivergedError, Preempted
+from job.log import Progress, get_logger
+from job.metrics import MetricsWriter
+from job.models.base import Family
+from job.train.checkpoint import Checkpoint, CheckpointManager
+from job.train.ema import EMA
+from job.train.optimizers import build_optimizer
+from job.train.schedules import build_lr_scheduler
+from job.train.state import RandomStreams, TrainState
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step reports."""
+
+    loss: float
+    grad_norm: float
+    applied: bool
+
+
+class Trainer:
+    """Owns the optimizer, schedule, EMA, data position and checkpoints of one run."""
+
+    def __init__(self, cfg: JobConfig, family: Family, data: PreparedData, out_dir: Path,
+                 metrics: MetricsWriter, should_stop: Callable[[], bool],
+                 on_validate: Callable[[int], None], device: torch.device) -> None:
+        self.cfg, self.family, self.data, self.metrics = cfg, family, data, metrics
+        self.should_stop, self.on_validate, self.device = should_stop, on_validate, device
+        self.log = get_logger()
+        self.params = [p for p in family.denoiser().parameters() if p.requires_grad]
+        o = cfg.optimizer
+        self.optimizer = build_optimizer(self.params, o.name, o.learning_rate, o.beta1, o.beta2,
+                                         o.weight_decay, o.epsilon)
+        self.sampler = BucketBatchSampler([s.bucket for s in data.train], cfg.train.batch_size,
+                                          cfg.train.seed, [s.repeats for s in data.train])
+        self.total_steps = self._total_steps()
+        self.lr_scheduler = build_lr_scheduler(self.optimizer, o.lr_scheduler, o.lr_warmup_steps,
+                                               self.total_steps, o.lr_num_cycles, o.lr_power)
+        self.ema = self._build_ema()
+        self.scaler = torch.amp.GradScaler("cuda") if self._fp16_scaling() else None
+        self.state = TrainState()
+        self.rng = RandomStreams.seeded(cfg.train.seed)
+        self.batches = BatchLoader(data, device)
+        self.checkpoints = CheckpointManager(out_dir / "checkpoints", cfg.checkpoint.total_limit)
+        self.saved: list[str] = []
+        self.train_time_s = 0.0
+        self.samples_trained = 0
+        self.last_checkpoint_s: float | None = None
+        self._epoch_batches: tuple[int, list[list[int]]] | None = None
+
+    def _total_steps(self) -> int:
+        """max_train_steps, else epochs times optimizer steps per epoch."""
+        if self.cfg.train.max_train_steps:
+            return self.cfg.train.max_train_steps
+        per_epoch = self.sampler.num_batches_per_epoch() // self.cfg.train.gradient_accumulation_steps
+        return self.cfg.train.num_train_epochs * max(1, per_epoch)
+
+    def _build_ema(self) -> EMA | None:
+        if not self.cfg.train.use_ema:
+            return None
+        return EMA(self.named_trainable(), decay=self.cfg.train.ema_decay,
+                   update_interval=self.cfg.train.ema_update_interval)
+
+    def _fp16_scaling(self) -> bool:
+        """Loss scaling only for fp16 autocast on CUDA (bf16 has fp32's exponent range)."""
+        return self.cfg.train.mixed_precision == "fp16" and self.device.type == "cuda"
+
+    def named_trainable(self) -> dict[str, torch.nn.Parameter]:
+        """Trainable parameters by name."""
+        return {n: p for n, p in self.family.denoiser().named_parameters() if p.requires_grad}
+
+    # -- the loop ---------------------------------------------------------------------
+
+    def train(self) -> None:
+        """Run optimizer steps until the total, saving and validating on schedule."""
+        c = self.cfg
+        self.log.info("training", total_steps=self.total_steps, start_step=self.state.step,
+                      batch_size=c.train.batch_size, accumulation=c.train.gradient_accumulation_steps,
+                      trainable_params=sum(p.numel() for p in self.params),
+                      dropped_buckets=[f"{w}x{h}: {n}" for (w, h), n in self.sampler.dropped_buckets()])
+        progress = Progress("train", self.total_steps - self.state.step)
+        window_start, window_samples = time.perf_counter(), 0
+        while self.state.step < self.total_steps:
+            if self.should_stop():
+                raise Preempted("stopped by signal", "the next run resumes from the checkpoint")
+            started = time.perf_counter()
+            result = self.train_step()
+            self.train_time_s += time.perf_counter() - started
+            window_samples += self._samples_per_step()
+            self.samples_trained += self._samples_per_step()
+            if not result.applied:
+                continue
+            step = self.state.step
+            if step % c.train.log_every == 0 or step == self.total_steps:
+                rate = window_samples / max(time.perf_counter() - window_start, 1e-9)
+                self._log_step(result, rate)
+                window_start, window_samples = time.perf_counter(), 0
+            progress.update(1, loss=f"{result.loss:.4f}")
+            if c.checkpoint.step_interval and step % c.checkpoint.step_interval == 0 \
+                    and step < self.total_steps:
+                self.save_checkpoint()
+            if c.validation.step_interval and step % c.validation.step_interval == 0 \
+                    and step < self.total_steps:
+                self.on_validate(step)
+        progress.close()
+
+    def _samples_per_step(self) -> int:
+        return self.cfg.train.batch_size * self.cfg.train.gradient_accumulation_steps
+
+    def train_step(self) -> StepResult:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches."""
+        accumulation = self.cfg.train.gradient_accumulation_steps
+        losses = []
+        for _ in range(accumulation):
+            batch = self._next_batch()
+            loss = self.family.training_loss(batch, self.rng.noise).mean() / accumulation
+            self._backward(loss)
+            losses.append(loss.detach())
+        loss_value = float(torch.stack(losses).sum())
+        self.state.samples_seen += self._samples_per_step()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.train.max_grad_norm or math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        finite = math.isfinite(loss_value) and (self.scaler is not None or math.isfinite(grad_norm))
+        if not finite:
+            self._skip_nonfinite(loss_value, grad_norm)
+            return StepResult(loss_value, grad_norm, applied=False)
+        self._apply_update()
+        self.state.step += 1
+        self.state.last_loss = loss_value
+        if self.state.best_loss is None or loss_value < self.state.best_loss:
+            self.state.best_loss = loss_value
+        return StepResult(loss_value, grad_norm, applied=True)
+
+    def _backward(self, loss: torch.Tensor) -> None:
+        (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+
+    def _apply_update(self) -> None:
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.named_trainable(), self.state.step + 1)
+
+    def _skip_nonfinite(self, loss: float, grad_norm: float) -> None:
+        """Drop the update; past the allowed count, stop with exit 4."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.nonfinite_steps += 1
+        self.metrics.write("nonfinite_step", step=self.state.step, loss=_json_float(loss),
+                           grad_norm=_json_float(grad_norm), count=self.state.nonfinite_steps)
+        self.log.warning("nonfinite_step_skipped", step=self.state.step, loss=loss,
+                         grad_norm=grad_norm, count=self.state.nonfinite_steps,
+                         allowed=self.cfg.train.max_nonfinite_steps)
+        if self.state.nonfinite_steps > self.cfg.train.max_nonfinite_steps:
+            last = self.checkpoints.latest()
+            raise DivergedError(
+                f"training diverged: {self.state.nonfinite_steps} steps with a NaN/inf loss or "
+                f"gradient (train.max_nonfinite_steps = {self.cfg.train.max_nonfinite_steps})",
+                "lower the learning rate, set max_grad_norm, or use bf16; the last good "
+                f"checkpoint is {last.path if last else 'none (no checkpoint was written)'}")
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        """The next batch in the data order, moving to the next epoch when one ends."""
+        batches = self._batches_of_epoch(self.state.epoch)
+        if self.state.batch_in_epoch >= len(batches):
+            self.state.epoch += 1
+            self.state.batch_in_epoch = 0
+            batches = self._batches_of_epoch(self.state.epoch)
+        indices = batches[self.state.batch_in_epoch]
+        self.state.batch_in_epoch += 1
+        samples = [self.data.train[i] for i in indices]
+        p = self.cfg.train.caption_dropout_probability
+        drops = (torch.rand(len(samples), generator=self.rng.dropout) < p).tolist()
+        return self.batches.load(samples, drops)
+
+    def _batches_of_epoch(self, epoch: int) -> list[list[int]]:
+        if self._epoch_batches is None or self._epoch_batches[0] != epoch:
+            self._epoch_batches = (epoch, self.sampler.batches_for_epoch(epoch))
+        return self._epoch_batches[1]
+
+    def _log_step(self, result: StepResult, samples_per_s: float) -> None:
+        row = {"step": self.state.step, "epoch": self.state.epoch, "loss": result.loss,
+               "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": _json_float(result.grad_norm),
+               "samples_seen": self.state.samples_seen, "samples_per_s": round(samples_per_s, 4)}
+        if self.device.type == "cuda":
+            row["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        self.metrics.write("train", **row)
+        self.log.info("step", **row)
+
+    # -- checkpoints ------------------------------------------------------------------
+
+    def identity(self) -> dict[str, Any]:
+        """What makes a checkpoint this job's: refused on resume when it differs."""
+        m = self.cfg.model
+        return {"job_name": self.cfg.job.name, "family": m.family, "model_type": m.model_type,
+                "flavour": m.flavour, "model": m.pretrained_model_name_or_path,
+                "lora_rank": self.cfg.lora.rank if m.model_type == "lora" else None}
+
+    def save_checkpoint(self) -> Checkpoint:
+        """Write a complete checkpoint of everything resume needs."""
+        started = time.perf_counter()
+        checkpoint = self.checkpoints.save(self.state.step, self._write_checkpoint_files,
+                                           self.identity())
+        seconds = time.perf_counter() - started
+        self.saved.append(str(checkpoint.path))
+        self.metrics.write("checkpoint", step=self.state.step, path=str(checkpoint.path),
+                           seconds=round(seconds, 3))
+        self.log.info("checkpoint_saved", step=self.state.step, path=str(checkpoint.path),
+                      seconds=round(seconds, 3))
+        self.last_checkpoint_s = seconds
+        return checkpoint
+
+    def _write_checkpoint_files(self, folder: Path) -> None:
+        save_file({k: v.detach().cpu().contiguous() for k, v in
+                   self.family.trainable_state_dict().items()}, str(folder / "trainable.safetensors"))
+        if self.ema is not None:
+            torch.save(self.ema.state_dict(), folder / "ema.pt")
+        torch.save({"optimizer": self.optimizer.state_dict(),
+                    "lr_scheduler": self.lr_scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict() if self.scaler else None,
+                    "rng": self.rng.state_dict(), "state": self.state.state_dict()},
+                   folder / "training_state.pt")
+
+    def resume(self) -> Checkpoint | None:
+        """Load the checkpoint `checkpoint.resume_from` names, if any."""
+        target = self.cfg.checkpoint.resume_from
+        if target == "none":
+            return None
+        if target == "latest":
+            checkpoint = self.checkpoints.latest()
+            if checkpoint is None:
+                return None
+            self._check_identity(checkpoint)
+        else:
+            path = Path(target)
+            problem = self.checkpoints.problem(path)
+            if problem:
+                raise ConfigError(f"checkpoint.resume_from = {target!r} cannot be used: {problem}",
+                                  'point it at a complete checkpoints/step-N folder, or "latest"')
+            checkpoint = Checkpoint(int(path.name.split("-")[-1]), path)
+        self._load_checkpoint(checkpoint)
+        self.metrics.write("resumed", step=self.state.step, path=str(checkpoint.path))
+        self.log.info("resumed", step=self.state.step, epoch=self.state.epoch,
+                      samples_seen=self.state.samples_seen, path=str(checkpoint.path))
+        return checkpoint
+
+    def _check_identity(self, checkpoint: Checkpoint) -> None:
+        theirs, ours = self.checkpoints.identity(checkpoint), self.identity()
+        differs = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
+        if differs:
+            detail = ", ".join(f"{k}: checkpoint {a!r}, job {b!r}" for k, (a, b) in differs.items())
+            raise ConfigError(
+                f"{checkpoint.path} belongs to a different job ({detail})",
+                'use another job.name or output_dir, set checkpoint.resume_from = "none" to '
+                "start fresh, or name the checkpoint path explicitly to resume from it anyway")
+
+    def _load_checkpoint(self, checkpoint: Checkpoint) -> None:
+        folder = checkpoint.path
+        self.family.load_trainable_state_dict(load_file(str(folder / "trainable.safetensors")))
+        saved = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+        if self.scaler is not None and saved["scaler"]:
+            self.scaler.load_state_dict(saved["scaler"])
+        self.rng.load_state_dict(saved["rng"])
+        self.state.load_state_dict(saved["state"])
+        if self.ema is not None and (folder / "ema.pt").is_file():
+            self.ema.load_state_dict(torch.load(folder / "ema.pt", map_location="cpu",
+                                                weights_only=True))
+
+    def ema_weights(self):
+        """Context with the EMA weights swapped in (a no-op without EMA)."""
+        if self.ema is None:
+            return nullcontext()
+        return self.ema.swapped_in(self.named_trainable())
+
+
+def _json_float(value: float) -> float | str:
+    """JSON has no NaN/inf: write them as strings."""
+    return value if math.isfinite(value) else str(value)

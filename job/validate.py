@@ -1,0 +1,153 @@
+"""Validation: images from the family's stock pipeline, and an eval loss at fixed noise.
+
+The eval loss scores every eval sample at the fixed `validation.eval_timesteps` with
+noise drawn from `validation.eval_seed` per (sample, timestep), so the number means the
+same thing at every step and in every run of the same job.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from job.config import JobConfig, validation_sizes
+from job.data.batches import BatchLoader
+from job.data.prepare import PreparedData, Sample
+from job.errors import ConfigError
+from job.log import get_logger
+from job.metrics import MetricsWriter
+from job.models.base import Family
+
+
+def prompt_library(cfg: JobConfig) -> dict[str, str]:
+    """Name -> prompt from validation.prompt and the prompt library (table or JSON file)."""
+    v = cfg.validation
+    prompts = {"validation": v.prompt} if v.prompt else {}
+    library = v.prompt_library
+    if isinstance(library, str):
+        path = Path(library)
+        try:
+            library = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"validation.prompt_library = {str(path)!r} cannot be read: {err}",
+                              "give a JSON file of {\"name\": \"prompt\"} or a TOML table") from None
+        if not isinstance(library, dict) or not all(isinstance(x, str) for x in library.values()):
+            raise ConfigError(f"validation.prompt_library file {str(path)!r} is not an object of "
+                              "name -> prompt strings", 'write {"name": "a prompt", ...}')
+    prompts.update(library or {})
+    return prompts
+
+
+class Validator:
+    """Runs validation at a step: writes images and the eval loss, returns what it wrote."""
+
+    def __init__(self, cfg: JobConfig, family: Family, data: PreparedData, out_dir: Path,
+                 metrics: MetricsWriter, device: torch.device) -> None:
+        self.cfg, self.family, self.data, self.metrics = cfg, family, data, metrics
+        self.out_dir, self.device = out_dir / "validation", device
+        self.prompts = prompt_library(cfg) if cfg.validation.enabled else {}
+        self.sizes = validation_sizes(cfg)
+        self.loader = BatchLoader(data, device)
+        self.images: list[str] = []
+        self.last_eval_loss: float | None = None
+        self.seconds = 0.0
+        self.log = get_logger()
+
+    def run(self, step: int) -> None:
+        """Eval loss, then images, at this step."""
+        if not self.cfg.validation.enabled:
+            return
+        started = time.perf_counter()
+        denoiser = self.family.denoiser()
+        was_training = denoiser.training
+        denoiser.eval()
+        try:
+            eval_loss = self.eval_loss()
+            paths = self.sample_images(step)
+        finally:
+            denoiser.train(was_training)
+        self.last_eval_loss = eval_loss
+        seconds = time.perf_counter() - started
+        self.seconds += seconds
+        self.metrics.write("validation", step=step, eval_loss=eval_loss,
+                           eval_source=self.data.eval_source, images=paths,
+                           seconds=round(seconds, 3))
+        self.log.info("validation", step=step, eval_loss=eval_loss,
+                      eval_source=self.data.eval_source, images=len(paths))
+
+    @torch.no_grad()
+    def eval_loss(self) -> float | None:
+        """Mean loss over eval samples x fixed timesteps with fixed noise."""
+        samples = self.data.eval
+        if not samples:
+            return None
+        timesteps = self.cfg.validation.eval_timesteps
+        total, count = 0.0, 0
+        for group in _by_bucket(samples, self.cfg.train.batch_size):
+            batch = self.loader.load([s for _, s in group], [False] * len(group))
+            for t_index, t in enumerate(timesteps):
+                noise = torch.stack([self._noise(i, t_index, batch["latents"][0].shape)
+                                     for i, _ in group]).to(self.device)
+                steps = torch.full((len(group),), t, dtype=torch.long, device=self.device)
+                losses = self.family.eval_loss(batch, steps, noise)
+                total += float(losses.float().sum())
+                count += len(group)
+        return total / count
+
+    def _noise(self, sample_index: int, t_index: int, shape: torch.Size) -> torch.Tensor:
+        """Noise that depends only on (eval seed, sample, timestep index)."""
+        seed = self.cfg.validation.eval_seed * 1_000_003 + sample_index * 101 + t_index
+        return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+
+    def sample_images(self, step: int) -> list[str]:
+        """One PNG per prompt and size, plus grid.png; returns the paths."""
+        if not self.prompts:
+            return []
+        v = self.cfg.validation
+        folder = self.out_dir / f"step-{step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        rows, paths = [], []
+        for name, prompt in self.prompts.items():
+            row = []
+            for width, height in self.sizes:
+                image = self.family.sample(prompt, v.negative_prompt, width, height, v.guidance,
+                                           v.num_inference_steps, v.seed)
+                path = folder / f"{_safe(name)}-{width}x{height}.png"
+                image.save(path)
+                row.append(image)
+                paths.append(str(path))
+            rows.append(row)
+        grid = folder / "grid.png"
+        make_grid(rows).save(grid)
+        paths.append(str(grid))
+        self.images.extend(paths)
+        return paths
+
+
+def _by_bucket(samples: list[Sample], size: int) -> list[list[tuple[int, Sample]]]:
+    """Chunks of (index, sample) that share a bucket, so their latents stack."""
+    groups: dict[tuple[int, int], list[tuple[int, Sample]]] = {}
+    for index, sample in enumerate(samples):
+        groups.setdefault(sample.bucket, []).append((index, sample))
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
+def _safe(name: str) -> str:
+    """A file-name-safe version of a prompt name."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:80] or "prompt"
+
+
+def make_grid(rows: list[list[Image.Image]]) -> Image.Image:
+    """Rows of images (prompts x sizes) on one canvas, each cell the largest image's size."""
+    cell_w = max(im.width for row in rows for im in row)
+    cell_h = max(im.height for row in rows for im in row)
+    columns = max(len(row) for row in rows)
+    grid = Image.new("RGB", (cell_w * columns, cell_h * len(rows)), "white")
+    for r, row in enumerate(rows):
+        for c, image in enumerate(row):
+            grid.paste(image.convert("RGB"), (c * cell_w, r * cell_h))
+    return grid

@@ -1,0 +1,146 @@
+"""End to end on the tiny SDXL: the lifecycle, caches, resume, divergence, outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from job.jobfile import load_job
+from job.metrics import validate_summary
+from job.run import run_job
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "jobs" / "smoke.toml"
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny-model folder shared by the module's runs (built on first use)."""
+    return tmp_path_factory.mktemp("models")
+
+
+def job(tmp_path: Path, models_dir: Path, *overrides: str, name: str = "t"):
+    """The smoke job redirected into tmp_path, with fewer steps for speed."""
+    base = [f"job.output_dir={json.dumps(str(tmp_path / 'out'))}",
+            f"model.hub_cache_dir={json.dumps(str(models_dir))}",
+            f"cache.dir={json.dumps(str(tmp_path / 'cache'))}",
+            f"datasets.0.instance_data_dir={json.dumps(str(tmp_path / 'data'))}",
+            f"job.name={json.dumps(name)}", "train.log_every=1",
+            "train.max_train_steps=6", "checkpoint.step_interval=3",
+            "validation.step_interval=3", 'validation.resolution=["64x64"]',
+            "validation.num_inference_steps=2"]
+    cfg, warnings = load_job(SMOKE, base + list(overrides))
+    return cfg
+
+
+def rows(out: Path, event: str) -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def test_run_writes_every_output(tmp_path: Path, models_dir: Path) -> None:
+    cfg = job(tmp_path, models_dir)
+    assert run_job(cfg) == 0
+    out = Path(cfg.output_path())
+    summary = json.loads((out / "summary.json").read_text())
+    validate_summary(summary)
+    assert summary["status"] == "succeeded" and summary["steps_done"] == 6
+    assert summary["samples_seen"] == 12 and summary["eval_loss"] is not None
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "job.resolved.toml").is_file()
+    assert [Path(c).name for c in summary["checkpoints"]] == ["step-000003", "step-000006"]
+    images = [Path(p) for p in summary["images"]]
+    assert {p.parent.name for p in images} == {"step-000003", "step-000006"}
+    assert all(p.is_file() for p in images) and any(p.name == "grid.png" for p in images)
+    assert len(rows(out, "train")) == 6 and rows(out, "validation")[0]["eval_loss"] > 0
+
+
+def test_second_run_reuses_caches_and_changed_setting_recomputes(tmp_path: Path,
+                                                                models_dir: Path) -> None:
+    assert run_job(job(tmp_path, models_dir, name="first")) == 0
+    cfg = job(tmp_path, models_dir, name="second")
+    assert run_job(cfg) == 0
+    ready = rows(Path(cfg.output_path()), "data_ready")[0]
+    assert ready["encoded_latents"] == 0 and ready["encoded_captions"] == 0
+    cfg = job(tmp_path, models_dir, "datasets.0.crop_style=\"random\"", name="third")
+    assert run_job(cfg) == 0
+    ready = rows(Path(cfg.output_path()), "data_ready")[0]
+    assert ready["encoded_latents"] > 0 and ready["encoded_captions"] == 0
+
+
+def test_preempted_run_resumes_to_the_same_losses(tmp_path: Path, models_dir: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    whole = job(tmp_path / "a", models_dir, "train.caption_dropout_probability=0.3",
+                "lora.dropout=0.1")
+    assert run_job(whole) == 0
+    expected = [r["loss"] for r in rows(Path(whole.output_path()), "train")]
+
+    from job.train.loop import Trainer
+
+    original = Trainer.train_step
+
+    def step_then_sigterm_at_4(self):
+        result = original(self)
+        if self.state.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    cut = job(tmp_path / "b", models_dir, "train.caption_dropout_probability=0.3",
+              "lora.dropout=0.1")
+    monkeypatch.setattr(Trainer, "train_step", step_then_sigterm_at_4)
+    assert run_job(cut) == 143
+    summary = json.loads((Path(cut.output_path()) / "summary.json").read_text())
+    validate_summary(summary)
+    assert summary["status"] == "preempted" and summary["steps_done"] == 4
+    monkeypatch.setattr(Trainer, "train_step", original)
+    assert run_job(cut) == 0
+    got = [r["loss"] for r in rows(Path(cut.output_path()), "train")]
+    assert got == pytest.approx(expected, rel=0, abs=0), "resume changed the loss sequence"
+
+
+def test_nonfinite_losses_stop_with_exit_4(tmp_path: Path, models_dir: Path,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from job.models.sdxl import SDXLFamily
+
+    original = SDXLFamily.training_loss
+
+    def poisoned(self, batch, generator):
+        loss = original(self, batch, generator)
+        return loss * float("nan") if self._poison else loss
+
+    monkeypatch.setattr(SDXLFamily, "_poison", False, raising=False)
+    monkeypatch.setattr(SDXLFamily, "training_loss", poisoned)
+    cfg = job(tmp_path, models_dir, "train.max_nonfinite_steps=2")
+
+    from job.train.loop import Trainer
+
+    original_save = Trainer.save_checkpoint
+
+    def save_then_poison(self):
+        checkpoint = original_save(self)
+        SDXLFamily._poison = True
+        return checkpoint
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_then_poison)
+    assert run_job(cfg) == 4
+    out = Path(cfg.output_path())
+    summary = json.loads((out / "summary.json").read_text())
+    validate_summary(summary)
+    assert summary["error"]["type"] == "DivergedError" and summary["nonfinite_steps"] == 3
+    assert summary["steps_done"] == 3 and len(rows(out, "nonfinite_step")) == 3
+    assert [Path(c).name for c in summary["checkpoints"]] == ["step-000003"]
+
+
+def test_all_images_unreadable_is_exit_3(tmp_path: Path, models_dir: Path) -> None:
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        (data / f"broken{i}.png").write_bytes(b"not a png")
+    cfg = job(tmp_path, models_dir)
+    assert run_job(cfg) == 3
+    summary = json.loads((Path(cfg.output_path()) / "summary.json").read_text())
+    assert summary["error"]["type"] == "DataError" and "skipped" in summary["error"]["message"]
