@@ -138,11 +138,20 @@ def _no_swap() -> Iterator[None]:
 
 def preflight(cfg: JobConfig, out: Path) -> tuple[torch.device, torch.dtype]:
     """Device and disk checks before anything heavy; returns (device, frozen weight dtype)."""
+    from accelerate import PartialState
+
     wants = cfg.job.device
     if wants == "cuda" and not torch.cuda.is_available():
         raise ConfigError('job.device = "cuda" but no CUDA GPU is visible',
                           'run with --gpus all (docker) or set job.device = "auto"')
-    device = torch.device("cuda" if wants != "cpu" and torch.cuda.is_available() else "cpu")
+    # accelerate owns the process topology (it reads what `accelerate launch` set up) and
+    # picks this process's device.
+    state = PartialState(cpu=wants == "cpu" or not torch.cuda.is_available())
+    if state.num_processes > 1:
+        raise ConfigError(f"this job was launched as {state.num_processes} processes, but "
+                          "training on several GPUs is not supported yet",
+                          "run one process (plain `tunejob run`) on one GPU")
+    device = state.device
     free = shutil.disk_usage(out).free
     if free < 256 * 2**20:
         raise ConfigError(f"only {free / 2**20:.0f} MiB free under {out}",

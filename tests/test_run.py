@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from job.jobfile import load_job
 from job.metrics import validate_summary
@@ -144,3 +145,17 @@ def test_all_images_unreadable_is_exit_3(tmp_path: Path, models_dir: Path) -> No
     assert run_job(cfg) == 3
     summary = json.loads((Path(cfg.output_path()) / "summary.json").read_text())
     assert summary["error"]["type"] == "DataError" and "skipped" in summary["error"]["message"]
+
+
+def test_full_fine_tune_exports_a_loadable_pipeline(tmp_path: Path, models_dir: Path) -> None:
+    from diffusers import StableDiffusionXLPipeline
+
+    cfg = job(tmp_path, models_dir, 'model.model_type="full"', "train.max_train_steps=2",
+              "checkpoint.step_interval=100", "validation.enabled=false")
+    assert run_job(cfg) == 0
+    final = Path(cfg.output_path()) / "final"
+    pipeline = StableDiffusionXLPipeline.from_pretrained(final)
+    trained = pipeline.unet.state_dict()
+    base = StableDiffusionXLPipeline.from_pretrained(models_dir / "tunejob-tiny" / "sdxl").unet
+    changed = [k for k, v in base.state_dict().items() if not torch.equal(v, trained[k])]
+    assert changed, "the exported UNet equals the base: the full fine-tune trained nothing"

@@ -15,7 +15,8 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
 from safetensors import safe_open
 
 from job.errors import ConfigError
-from job.models.sdxl import PIPELINE_PARTS, SDXLFamily
+from job.models.sdxl import SDXLFamily
+from job.models.sdxl_output import PIPELINE_PARTS
 from job.models.sdxl_tiny import build_tiny_sdxl, ensure_tiny_sdxl
 from helpers import tiny_job_config
 

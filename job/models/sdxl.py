@@ -9,9 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +21,8 @@ from job.errors import ConfigError
 from job.log import get_logger
 from job.models.base import PreparedImage
 from job.models.registry import spec_for
+from job.models.sdxl_output import SDXLSamplingExport
 
-PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
-                  "scheduler")
 _OFFLINE_VALUES = {"1", "true", "yes", "on"}
 
 
@@ -75,7 +73,7 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
     return torch.where(snr > 0, clipped / snr.clamp(min=1e-20), torch.ones_like(snr))
 
 
-class SDXLFamily:
+class SDXLFamily(SDXLSamplingExport):
     """Stable Diffusion XL through diffusers' StableDiffusionXLPipeline components."""
 
     name = "sdxl"
@@ -349,96 +347,3 @@ class SDXLFamily:
         from peft import set_peft_model_state_dict
 
         set_peft_model_state_dict(self.unet, state)
-
-    # -- sampling and export ----------------------------------------------------------
-
-    def _sampling_pipeline(self):
-        """The stock pipeline around the live UNet (built once; it holds references)."""
-        if self._pipeline is None:
-            from diffusers import StableDiffusionXLPipeline
-
-            self._pipeline = StableDiffusionXLPipeline(
-                vae=self.vae, text_encoder=self.text_encoder, text_encoder_2=self.text_encoder_2,
-                tokenizer=self.tokenizer, tokenizer_2=self.tokenizer_2, unet=self.unet,
-                scheduler=self.sample_scheduler,
-                force_zeros_for_empty_prompt=self._empty_prompt_mode() == "zeros")
-            self._pipeline.set_progress_bar_config(disable=True)
-        return self._pipeline
-
-    @contextmanager
-    def _encoders_on_device(self) -> Iterator[None]:
-        """Text encoders on the device for the block, then back where they were."""
-        homes = [(e, e.device) for e in (self.text_encoder, self.text_encoder_2)]
-        for encoder, _ in homes:
-            encoder.to(self.device)
-        try:
-            yield
-        finally:
-            for encoder, home in homes:
-                encoder.to(home)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-
-    def sample(self, prompt: str, negative_prompt: str, width: int, height: int,
-               guidance: float, steps: int, seed: int) -> Any:
-        """One PIL image from the stock StableDiffusionXLPipeline around the live UNet."""
-        pipeline = self._sampling_pipeline()
-        generator = torch.Generator("cpu").manual_seed(seed)
-        # An empty negative prompt means none, as in the stock pipeline, which then feeds
-        # zeros (force_zeros_for_empty_prompt) rather than the encoded "".
-        with self._encoders_on_device(), self._autocast():
-            latents = pipeline(prompt=prompt, negative_prompt=negative_prompt or None,
-                               width=width, height=height, guidance_scale=guidance,
-                               num_inference_steps=steps, generator=generator,
-                               output_type="latent").images
-        return self._decode(latents)
-
-    @torch.no_grad()
-    def _decode(self, latents: torch.Tensor) -> Any:
-        """The stock pipeline's decode, in fp32 outside autocast: SDXL's VAE overflows in
-        fp16, which is why the stock pipeline upcasts it too."""
-        config, pipeline = self.vae.config, self._sampling_pipeline()
-        latents = latents.to(self.vae.device, torch.float32)
-        if getattr(config, "latents_mean", None) is not None and \
-                getattr(config, "latents_std", None) is not None:
-            mean = torch.tensor(config.latents_mean).view(1, -1, 1, 1).to(latents)
-            std = torch.tensor(config.latents_std).view(1, -1, 1, 1).to(latents)
-            latents = latents * std / config.scaling_factor + mean
-        else:
-            latents = latents / config.scaling_factor
-        image = self.vae.decode(latents, return_dict=False)[0]
-        if pipeline.watermark is not None:
-            image = pipeline.watermark.apply_watermark(image)
-        return pipeline.image_processor.postprocess(image, output_type="pil")[0]
-
-    def save_final(self, out_dir: Path) -> list[Path]:
-        """LoRA: a diffusers LoRA file with its alpha; full: a complete pipeline folder."""
-        from diffusers import StableDiffusionXLPipeline
-
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        if self.lora_config is None:
-            self._export_pipeline().save_pretrained(str(out_dir), safe_serialization=True)
-            return [out_dir / "model_index.json", *(out_dir / part for part in PIPELINE_PARTS)]
-        from peft import get_peft_model_state_dict
-
-        # Without the adapter metadata diffusers rebuilds the config from tensor shapes,
-        # which sets alpha = rank and silently rescales a LoRA trained with another alpha.
-        StableDiffusionXLPipeline.save_lora_weights(
-            str(out_dir), unet_lora_layers=get_peft_model_state_dict(self.unet),
-            unet_lora_adapter_metadata=self.lora_config.to_dict(), safe_serialization=True)
-        return [out_dir / "pytorch_lora_weights.safetensors"]
-
-    def _export_pipeline(self):
-        """The trained UNet with the frozen parts; text encoders re-read at their stored
-        precision, since the copies in memory may be cast down to bf16/fp16."""
-        from diffusers import StableDiffusionXLPipeline
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-        hub, parts = self._hub_kwargs(), dict(self._sampling_pipeline().components)
-        if self.dtype != torch.float32:
-            for name, cls in (("text_encoder", CLIPTextModel),
-                              ("text_encoder_2", CLIPTextModelWithProjection)):
-                parts[name] = cls.from_pretrained(self.source, subfolder=name, dtype="auto", **hub)
-        return StableDiffusionXLPipeline(
-            **parts, force_zeros_for_empty_prompt=self._empty_prompt_mode() == "zeros")
