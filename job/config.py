@@ -353,6 +353,9 @@ def _warnings(cfg: JobConfig) -> list[str]:
     if steps is not None and cfg.optimizer.lr_warmup_steps > steps:
         notes.append(f"optimizer.lr_warmup_steps ({cfg.optimizer.lr_warmup_steps}) exceeds "
                      f"train.max_train_steps ({steps}): the peak learning rate is never reached")
+    if cfg.optimizer.lr_scheduler == "constant" and cfg.optimizer.lr_warmup_steps:
+        notes.append('optimizer.lr_warmup_steps is ignored with lr_scheduler = "constant"; '
+                     'use "constant_with_warmup" to warm up')
     if not cfg.train.use_ema and "use_ema" in cfg.validation.model_fields_set:
         notes.append("validation.use_ema is ignored: train.use_ema is off")
     return notes
