@@ -62,8 +62,10 @@ def _cache_only(cfg) -> int:
     """Lifecycle steps 2-4 only."""
     from job.data.prepare import prepare_data
     from job.models.registry import family_class
+    from job.log import quiet_libraries
     from job.run import preflight
 
+    quiet_libraries()
     out = Path(cfg.output_path())
     out.mkdir(parents=True, exist_ok=True)
     device, dtype = preflight(cfg, out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -26,6 +27,30 @@ def setup_logging(stream: TextIO | None = None, json_lines: bool | None = None) 
         cache_logger_on_first_use=False,
     )
     return structlog.get_logger("tunejob")
+
+
+def quiet_libraries() -> None:
+    """Keep third-party progress bars and warnings out of the job's log stream.
+
+    transformers and diffusers draw tqdm bars on stderr (noise in a JSON-lines log), and
+    Python warnings print as free text; warnings become `python_warning` log events.
+    """
+    import warnings
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name in ("transformers", "diffusers"):
+        try:
+            module = __import__(f"{name}.utils.logging", fromlist=["logging"])
+        except ImportError:
+            continue
+        module.disable_progress_bar()
+        module.set_verbosity_error()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        get_logger().warning("python_warning", category=category.__name__,
+                             message=str(message), where=f"{filename}:{lineno}")
+
+    warnings.showwarning = show
 
 
 def get_logger() -> Any:

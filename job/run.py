@@ -13,7 +13,7 @@ import torch
 
 from job.config import JobConfig
 from job.errors import EXIT_PREEMPTED, ConfigError, JobError, Preempted
-from job.log import get_logger
+from job.log import get_logger, quiet_libraries
 from job.metrics import MetricsWriter, Summary, versions, write_json_atomic
 from job.models.registry import family_class, spec_for
 from job.signals import StopSignal
@@ -46,6 +46,7 @@ class Phases:
 def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
     """Run a validated job to its end; return the exit code. summary.json is always written."""
     log = get_logger()
+    quiet_libraries()
     out = Path(cfg.output_path())
     out.mkdir(parents=True, exist_ok=True)
     (out / "job.resolved.toml").write_text(dumps(cfg.model_dump(mode="json")), encoding="utf-8")
@@ -57,12 +58,12 @@ def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
         log.warning("setting_note", note=note)
     phases, stop = Phases(), StopSignal(cfg.job.preemption_grace_s).install()
     metrics.write("start", job=cfg.job.name, family=spec.name, versions=summary.versions)
-    trainer = None
+    live = LiveRun()
     try:
-        trainer = _run(cfg, out, metrics, phases, stop, summary)
+        _run(cfg, out, metrics, phases, stop, summary, live)
         summary.status, summary.exit_code = "succeeded", 0
     except Preempted as err:
-        _on_preempted(trainer, stop, summary, err)
+        _on_preempted(live.trainer, stop, summary, err)
     except JobError as err:
         summary.exit_code = err.exit_code
         summary.error = {"type": type(err).__name__, "message": err.message, "hint": err.hint}
@@ -75,13 +76,19 @@ def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
         log.error("job_crashed", error=str(err), traceback=traceback.format_exc())
     finally:
         stop.uninstall()
-    _finish_summary(summary, trainer, phases, out, metrics)
+    _finish_summary(summary, live.trainer, phases, out, metrics)
     return summary.exit_code
 
 
+class LiveRun:
+    """What exists of the run so far, for the summary and the preemption handler."""
+
+    trainer = None
+
+
 def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop: StopSignal,
-         summary: Summary):
-    """Load, cache, resume, train, validate, export; returns the trainer."""
+         summary: Summary, live: LiveRun) -> None:
+    """Load, cache, resume, train, validate, export."""
     from job.data.prepare import prepare_data
     from job.speedups import apply_speedups
     from job.train.loop import Trainer
@@ -89,6 +96,9 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
 
     with phases.phase("load"):
         device, dtype = preflight(cfg, out)
+        # Torch's global stream initialises the LoRA weights and drives LoRA dropout; it is
+        # seeded here and saved in checkpoints, so runs and resumes repeat exactly.
+        torch.manual_seed(cfg.train.seed)
         family = family_class(cfg.model.family)(cfg, device, dtype)
         family.load()
         apply_speedups(cfg, family)
@@ -107,6 +117,7 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
     validator = Validator(cfg, family, data, out, metrics, device)
     trainer = Trainer(cfg, family, data, out, metrics, stop.should_stop,
                       lambda step: _validate(trainer, validator, step), device)
+    live.trainer = trainer
     trainer.resume()
     with phases.phase("train"):
         trainer.train()
@@ -121,7 +132,6 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
     summary.final_weights = [str(p) for p in paths]
     summary.images = validator.images
     summary.eval_loss = validator.last_eval_loss
-    return trainer
 
 
 def _validate(trainer, validator, step: int) -> None:
