@@ -79,7 +79,9 @@ def versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             return None
 
-    out = {"tunejob": of("tunejob"), "torch": of("torch"), "diffusers": of("diffusers"),
+    from job import __version__
+
+    out = {"tunejob": __version__, "torch": of("torch"), "diffusers": of("diffusers"),
            "transformers": of("transformers"), "peft": of("peft"), "cuda": None, "gpu": None}
     try:
         import torch

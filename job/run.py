@@ -123,7 +123,9 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
         trainer.train()
     phases.seconds["train"] -= validator.seconds
     phases.seconds["validation"] += validator.seconds
-    trainer.save_checkpoint()
+    latest = trainer.checkpoints.latest()
+    if latest is None or latest.step != trainer.state.step:
+        trainer.save_checkpoint()
     with phases.phase("validation"):
         _validate(trainer, validator, trainer.state.step)
     with trainer.ema_weights():

@@ -28,6 +28,7 @@ def losses_of_tiny_run(tmp_path: Path, *extra: str) -> list[float]:
                  f"cache.dir={json.dumps(str(tmp_path / 'cache'))}",
                  f"datasets.0.instance_data_dir={json.dumps(str(tmp_path / 'data'))}",
                  "train.max_train_steps=8", "train.log_every=1", "validation.enabled=false",
+                 "job.device=\"cpu\"",
                  "checkpoint.step_interval=100", "train.caption_dropout_probability=0.25",
                  *extra]
     cfg, _ = load_job(ROOT / "jobs" / "smoke.toml", overrides)

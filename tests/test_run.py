@@ -30,7 +30,7 @@ def job(tmp_path: Path, models_dir: Path, *overrides: str, name: str = "t"):
             f"model.hub_cache_dir={json.dumps(str(models_dir))}",
             f"cache.dir={json.dumps(str(tmp_path / 'cache'))}",
             f"datasets.0.instance_data_dir={json.dumps(str(tmp_path / 'data'))}",
-            f"job.name={json.dumps(name)}", "train.log_every=1",
+            f"job.name={json.dumps(name)}", "train.log_every=1", "job.device=\"cpu\"",
             "train.max_train_steps=6", "checkpoint.step_interval=3",
             "validation.step_interval=3", 'validation.resolution=["64x64"]',
             "validation.num_inference_steps=2"]
@@ -159,3 +159,24 @@ def test_full_fine_tune_exports_a_loadable_pipeline(tmp_path: Path, models_dir: 
     base = StableDiffusionXLPipeline.from_pretrained(models_dir / "tunejob-tiny" / "sdxl").unet
     changed = [k for k, v in base.state_dict().items() if not torch.equal(v, trained[k])]
     assert changed, "the exported UNet equals the base: the full fine-tune trained nothing"
+
+
+def test_cache_command_fills_caches_and_a_finished_job_reruns_without_training(
+        tmp_path: Path, models_dir: Path) -> None:
+    from job.cli import main
+
+    cfg = job(tmp_path, models_dir)
+    sets = [f"{k}={v}" for k, v in (
+        ("job.output_dir", json.dumps(cfg.job.output_dir)), ("cache.dir", json.dumps(cfg.cache.dir)),
+        ("model.hub_cache_dir", json.dumps(cfg.model.hub_cache_dir)),
+        ("datasets.0.instance_data_dir", json.dumps(cfg.datasets[0].instance_data_dir)))]
+    args = ["cache", str(SMOKE)] + [x for s in sets for x in ("--set", s)]
+    assert main(args) == 0
+    assert run_job(cfg) == 0
+    out = Path(cfg.output_path())
+    ready = rows(out, "data_ready")[0]
+    assert ready["encoded_latents"] == 0 and ready["encoded_captions"] == 0
+    stamp = (out / "checkpoints" / "step-000006" / "manifest.json").stat().st_mtime_ns
+    assert run_job(cfg) == 0  # resumes at the last step: nothing to train, nothing rewritten
+    assert rows(out, "resumed")[-1]["step"] == 6 and len(rows(out, "train")) == 6
+    assert (out / "checkpoints" / "step-000006" / "manifest.json").stat().st_mtime_ns == stamp
