@@ -180,8 +180,9 @@ class CacheTable(Table):
                        "cache_dir")
     vae_batch_size: int = setting(4, "Images per VAE encode call.", "vae_batch_size", gt=0)
     text_batch_size: int = setting(16, "Prompts per text-encoder call.", gt=0)
-    write_batch_size: int = setting(128, "Entries per cache shard file.", "write_batch_size",
-                                    gt=0)
+    write_batch_size: int = setting(
+        128, "Encoded entries that may wait for the background writer before encoding pauses "
+        "(bounds memory while disk writes overlap encoding).", "write_batch_size", gt=0)
 
 
 class ValidationTable(Table):

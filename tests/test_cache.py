@@ -26,3 +26,35 @@ def test_round_trip_and_corrupt_entry(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:20])  # truncated by a crash of another tool
     assert cache.load(key) is None and not path.exists()
     assert not list(cache.dir.rglob(".*.tmp-*"))
+
+
+def test_cache_writer_bounds_its_queue_and_surfaces_write_errors() -> None:
+    import threading
+    import time
+
+    import pytest
+
+    from job.data.prepare import CacheWriter
+
+    gate, peak, queued = threading.Event(), [0], []
+
+    def slow_write(i: int) -> None:
+        gate.wait(5)
+        queued.append(i)
+
+    with CacheWriter(max_pending=3) as writer:
+        for i in range(3):
+            writer.submit(slow_write, i)
+        peak[0] = len(writer.pending)
+        threading.Timer(0.2, gate.set).start()
+        started = time.perf_counter()
+        writer.submit(slow_write, 3)  # must wait for the oldest write
+        assert time.perf_counter() - started >= 0.15
+    assert peak[0] == 3 and queued == [0, 1, 2, 3]
+
+    def full_disk() -> None:
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        with CacheWriter(max_pending=2) as writer:
+            writer.submit(full_disk)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from job.jobfile import load_job
 from job.metrics import validate_summary
@@ -44,13 +45,13 @@ def rows(out: Path, event: str) -> list[dict]:
 
 
 def test_run_writes_every_output(tmp_path: Path, models_dir: Path) -> None:
-    cfg = job(tmp_path, models_dir)
+    cfg = job(tmp_path, models_dir, "train.gradient_accumulation_steps=2")
     assert run_job(cfg) == 0
     out = Path(cfg.output_path())
     summary = json.loads((out / "summary.json").read_text())
     validate_summary(summary)
     assert summary["status"] == "succeeded" and summary["steps_done"] == 6
-    assert summary["samples_seen"] == 12 and summary["eval_loss"] is not None
+    assert summary["samples_seen"] == 6 * 2 * 2 and summary["eval_loss"] is not None
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "job.resolved.toml").is_file()
     assert [Path(c).name for c in summary["checkpoints"]] == ["step-000003", "step-000006"]
@@ -75,8 +76,9 @@ def test_second_run_reuses_caches_and_changed_setting_recomputes(tmp_path: Path,
 
 def test_preempted_run_resumes_to_the_same_losses(tmp_path: Path, models_dir: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    whole = job(tmp_path / "a", models_dir, "train.caption_dropout_probability=0.3",
-                "lora.dropout=0.1")
+    settings = ("train.caption_dropout_probability=0.3", "lora.dropout=0.1", "train.use_ema=true",
+                "train.ema_decay=0.9")
+    whole = job(tmp_path / "a", models_dir, *settings)
     assert run_job(whole) == 0
     expected = [r["loss"] for r in rows(Path(whole.output_path()), "train")]
 
@@ -90,8 +92,7 @@ def test_preempted_run_resumes_to_the_same_losses(tmp_path: Path, models_dir: Pa
             os.kill(os.getpid(), signal.SIGTERM)
         return result
 
-    cut = job(tmp_path / "b", models_dir, "train.caption_dropout_probability=0.3",
-              "lora.dropout=0.1")
+    cut = job(tmp_path / "b", models_dir, *settings)
     monkeypatch.setattr(Trainer, "train_step", step_then_sigterm_at_4)
     assert run_job(cut) == 143
     summary = json.loads((Path(cut.output_path()) / "summary.json").read_text())
@@ -101,6 +102,11 @@ def test_preempted_run_resumes_to_the_same_losses(tmp_path: Path, models_dir: Pa
     assert run_job(cut) == 0
     got = [r["loss"] for r in rows(Path(cut.output_path()), "train")]
     assert got == pytest.approx(expected, rel=0, abs=0), "resume changed the loss sequence"
+    # The exported LoRA is the EMA's: equal only if the EMA state resumed exactly too.
+    lora = "final/pytorch_lora_weights.safetensors"
+    a = load_file(Path(whole.output_path()) / lora)
+    b = load_file(Path(cut.output_path()) / lora)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_nonfinite_losses_stop_with_exit_4(tmp_path: Path, models_dir: Path,
@@ -180,3 +186,14 @@ def test_cache_command_fills_caches_and_a_finished_job_reruns_without_training(
     assert run_job(cfg) == 0  # resumes at the last step: nothing to train, nothing rewritten
     assert rows(out, "resumed")[-1]["step"] == 6 and len(rows(out, "train")) == 6
     assert (out / "checkpoints" / "step-000006" / "manifest.json").stat().st_mtime_ns == stamp
+
+
+def test_epochs_set_the_step_count(tmp_path: Path) -> None:
+    from helpers import tiny_job_config
+
+    cfg = tiny_job_config(tmp_path, train={"max_train_steps": None, "num_train_epochs": 3},
+                          validation={"enabled": False})
+    assert run_job(cfg) == 0
+    summary = json.loads((Path(cfg.output_path()) / "summary.json").read_text())
+    # 4 images in one 64x64 bucket, batch 2: 2 steps an epoch.
+    assert summary["steps_done"] == 6 and summary["samples_seen"] == 12

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,7 +156,7 @@ def _fill_latents(cfg, family, data: PreparedData, records, should_stop) -> None
         return
     progress = Progress("latents", total)
     datasets = {d.id: d for d in cfg.datasets}
-    with _Writer() as writer:
+    with CacheWriter(cfg.cache.write_batch_size) as writer:
         for (ds_id, bucket), group in todo.items():
             ds, cache = datasets[ds_id], data.latent_caches[ds_id]
             for start in range(0, len(group), cfg.cache.vae_batch_size):
@@ -184,7 +185,7 @@ def _fill_text(cfg, family, data: PreparedData, should_stop) -> None:
     if not todo:
         return
     progress = Progress("captions", len(todo))
-    with _Writer() as writer:
+    with CacheWriter(cfg.cache.write_batch_size) as writer:
         for start in range(0, len(todo), cfg.cache.text_batch_size):
             if should_stop():
                 return
@@ -196,22 +197,28 @@ def _fill_text(cfg, family, data: PreparedData, should_stop) -> None:
     progress.close()
 
 
-class _Writer:
+class CacheWriter:
     """One background thread for cache writes, so encoding overlaps disk I/O.
 
     Leaving the block waits for every write and re-raises the first error (a full disk
     must stop the job, not vanish in a thread).
     """
 
-    def __enter__(self) -> "_Writer":
+    def __init__(self, max_pending: int) -> None:
+        self.max_pending = max_pending
+
+    def __enter__(self) -> "CacheWriter":
         self.pool = ThreadPoolExecutor(max_workers=1)
-        self.futures = []
+        self.pending: deque = deque()
         return self
 
     def submit(self, fn, *args) -> None:
-        self.futures.append(self.pool.submit(fn, *args))
+        """Queue a write; past max_pending queued writes, wait for the oldest."""
+        while len(self.pending) >= self.max_pending:
+            self.pending.popleft().result()
+        self.pending.append(self.pool.submit(fn, *args))
 
     def __exit__(self, *exc) -> None:
         self.pool.shutdown(wait=True)
-        for future in self.futures:
-            future.result()
+        while self.pending:
+            self.pending.popleft().result()
