@@ -42,7 +42,27 @@ def _write_compensated(param: torch.Tensor, update: torch.Tensor, state: dict) -
     state["compensation"].copy_(exact - param.float())
 
 
-class AdamWBF16(torch.optim.Optimizer):
+class _CompensatedOptimizer(torch.optim.Optimizer):
+    """Walks the parameters with gradients; subclasses compute each fp32 update."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One step over every parameter that has a gradient."""
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    state = self.state[p]
+                    update = self._update(p, p.grad.float(), state, group)
+                    _write_compensated(p, update, state)
+        return loss
+
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict,
+                group: dict) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class AdamWBF16(_CompensatedOptimizer):
     """AdamW with fp32 moments and Kahan-compensated writes into bf16 weights."""
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.999),
@@ -50,54 +70,37 @@ class AdamWBF16(torch.optim.Optimizer):
         super().__init__(params, {"lr": lr, "betas": betas, "eps": eps,
                                   "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure=None):
-        """One AdamW step (decoupled weight decay, bias-corrected moments)."""
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.zeros((), dtype=torch.float32)
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
-                state["step"] += 1
-                step = float(state["step"])
-                grad = p.grad.float()
-                state["exp_avg"].lerp_(grad, 1 - beta1)
-                state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                denom = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
-                update = -group["lr"] * (state["exp_avg"] / (1 - beta1 ** step)) / denom
-                update -= group["lr"] * group["weight_decay"] * p.float()
-                _write_compensated(p, update, state)
-        return loss
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict,
+                group: dict) -> torch.Tensor:
+        """AdamW's step (decoupled weight decay, bias-corrected moments) in fp32."""
+        beta1, beta2 = group["betas"]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+        state["step"] += 1
+        step = float(state["step"])
+        state["exp_avg"].lerp_(grad, 1 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        denom = (state["exp_avg_sq"] / (1 - beta2 ** step)).sqrt_().add_(group["eps"])
+        update = -group["lr"] * (state["exp_avg"] / (1 - beta1 ** step)) / denom
+        return update - group["lr"] * group["weight_decay"] * p.float()
 
 
-class Lion(torch.optim.Optimizer):
+class Lion(_CompensatedOptimizer):
     """Lion (Chen et al. 2023): sign of interpolated momentum, decoupled weight decay."""
 
     def __init__(self, params, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0) -> None:
         super().__init__(params, {"lr": lr, "betas": betas, "weight_decay": weight_decay})
 
-    @torch.no_grad()
-    def step(self, closure=None):
+    def _update(self, p: torch.Tensor, grad: torch.Tensor, state: dict,
+                group: dict) -> torch.Tensor:
         """update = sign(b1*m + (1-b1)*g); p -= lr*(update + wd*p); m = b2*m + (1-b2)*g."""
-        loss = closure() if closure is not None else None
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
-                grad, m = p.grad.float(), state["exp_avg"]
-                direction = (m * beta1 + grad * (1 - beta1)).sign_()
-                update = -group["lr"] * (direction + group["weight_decay"] * p.float())
-                m.lerp_(grad, 1 - beta2)
-                _write_compensated(p, update, state)
-        return loss
+        beta1, beta2 = group["betas"]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+        m = state["exp_avg"]
+        direction = (m * beta1 + grad * (1 - beta1)).sign_()
+        m.lerp_(grad, 1 - beta2)
+        return -group["lr"] * (direction + group["weight_decay"] * p.float())
