@@ -46,3 +46,9 @@ class Preempted(JobError):
     """SIGTERM/SIGINT arrived; the job stopped at a safe point."""
 
     exit_code = EXIT_PREEMPTED
+
+
+class DiskFullError(JobError):
+    """The output volume filled up while writing; earlier checkpoints are intact."""
+
+    exit_code = EXIT_OTHER

@@ -114,20 +114,24 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
         family.unload_encoders()
     if cfg.model.model_type == "lora":
         family.add_lora()
-    validator = Validator(cfg, family, data, out, metrics, device)
+    validator = Validator(cfg, family, data, out, metrics, device, stop.should_stop)
     trainer = Trainer(cfg, family, data, out, metrics, stop.should_stop,
                       lambda step: _validate(trainer, validator, step), device)
     live.trainer = trainer
+    trainer.check_disk_space()
     trainer.resume()
     with phases.phase("train"):
         trainer.train()
     phases.seconds["train"] -= validator.seconds
     phases.seconds["validation"] += validator.seconds
-    latest = trainer.checkpoints.latest()
-    if latest is None or latest.step != trainer.state.step:
+    written = trainer.checkpoints.written()
+    if not written or written[-1].step != trainer.state.step:
         trainer.save_checkpoint()
     with phases.phase("validation"):
         _validate(trainer, validator, trainer.state.step)
+    if stop.should_stop():
+        raise Preempted("stopped by signal after training; the final checkpoint is written",
+                        "the next run resumes at the last step and validates and exports")
     with trainer.ema_weights():
         paths = family.save_final(out / "final")
     _write_model_card(cfg, out / "final", trainer)
@@ -183,20 +187,31 @@ def _on_preempted(trainer, stop: StopSignal, summary: Summary, err: Preempted) -
     if trainer is None:
         log.warning("preempted", during="startup or caching", detail=err.message)
         return
-    needed = trainer.last_checkpoint_s
+    written = trainer.checkpoints.written()
+    last = written[-1] if written else None
+    if last is not None and last.step == trainer.state.step:
+        log.warning("preempted", step=trainer.state.step, checkpoint="already written")
+        return
     left = stop.seconds_left()
-    budget = needed * 1.5 + 1.0 if needed is not None else 2.0
+    budget = checkpoint_time_budget(trainer)
     if budget < left:
         trainer.save_checkpoint()
         log.warning("preempted", step=trainer.state.step, checkpoint="written",
                     grace_left_s=round(stop.seconds_left(), 2))
     else:
-        last = trainer.checkpoints.latest()
         note = (f"no checkpoint written at preemption: it takes about {budget:.1f}s and "
                 f"{left:.1f}s of grace were left; the last periodic one is "
                 f"{last.path if last else 'none'}")
         summary.notes.append(note)
         log.warning("preempted", step=trainer.state.step, checkpoint="skipped", reason=note)
+
+
+def checkpoint_time_budget(trainer) -> float:
+    """Seconds a checkpoint write may take: the last measured write with a 50% margin, or,
+    before any was measured, its size at a pessimistic 100 MB/s."""
+    if trainer.last_checkpoint_s is not None:
+        return trainer.last_checkpoint_s * 1.5 + 0.25
+    return trainer.estimated_checkpoint_bytes() / 100e6 + 0.25
 
 
 def _finish_summary(summary: Summary, trainer, phases: Phases, out: Path,
@@ -208,7 +223,7 @@ def _finish_summary(summary: Summary, trainer, phases: Phases, out: Path,
         summary.steps_done, summary.samples_seen = s.step, s.samples_seen
         summary.final_loss, summary.best_loss = s.last_loss, s.best_loss
         summary.nonfinite_steps = s.nonfinite_steps
-        summary.checkpoints = [str(c.path) for c in trainer.checkpoints.complete()]
+        summary.checkpoints = [str(c.path) for c in trainer.checkpoints.written()]
         if trainer.train_time_s > 0:
             summary.samples_per_second = round(
                 trainer.samples_trained / trainer.train_time_s, 4)

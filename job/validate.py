@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image
@@ -46,8 +47,10 @@ class Validator:
     """Runs validation at a step: writes images and the eval loss, returns what it wrote."""
 
     def __init__(self, cfg: JobConfig, family: Family, data: PreparedData, out_dir: Path,
-                 metrics: MetricsWriter, device: torch.device) -> None:
+                 metrics: MetricsWriter, device: torch.device,
+                 should_stop: Callable[[], bool] = lambda: False) -> None:
         self.cfg, self.family, self.data, self.metrics = cfg, family, data, metrics
+        self.should_stop = should_stop
         self.out_dir, self.device = out_dir / "validation", device
         self.prompts = prompt_library(cfg) if cfg.validation.enabled else {}
         self.sizes = validation_sizes(cfg)
@@ -114,6 +117,10 @@ class Validator:
         for name, prompt in self.prompts.items():
             row = []
             for width, height in self.sizes:
+                if self.should_stop():
+                    # Preemption: images are a luxury inside the grace period.
+                    self.log.warning("validation_interrupted", step=step, images_written=len(paths))
+                    return paths
                 image = self.family.sample(prompt, v.negative_prompt, width, height, v.guidance,
                                            v.num_inference_steps, v.seed)
                 path = folder / f"{_safe(name)}-{width}x{height}.png"

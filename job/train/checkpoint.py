@@ -7,6 +7,7 @@ that verifies is never resumed from; the log says which one was skipped and why.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from job.errors import DiskFullError
 from job.log import get_logger
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
@@ -55,7 +57,7 @@ class CheckpointManager:
         self.log = get_logger()
 
     def save(self, step: int, write_files: Callable[[Path], None],
-             job_identity: dict | None = None) -> Checkpoint:
+             job_identity: dict | None = None, expected_bytes: int = 0) -> Checkpoint:
         """Call `write_files(tmp_dir)`, add the manifest, rename into place, prune."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"step-{step:06d}"
@@ -69,11 +71,29 @@ class CheckpointManager:
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.root)
-        except BaseException:
+        except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+                raise self._disk_full(step, expected_bytes) from None
             raise
         self.prune()
         return Checkpoint(step, final)
+
+    def _disk_full(self, step: int, expected_bytes: int) -> DiskFullError:
+        """How much was needed, how much is free, and what is still safe."""
+        last = self.latest()
+        needed = max(expected_bytes, self._bytes_of(last) if last else 0)
+        free = shutil.disk_usage(self.root).free
+        return DiskFullError(
+            f"disk full while writing checkpoint step {step} under {self.root}: it needs about "
+            f"{needed / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free; the previous "
+            f"checkpoint ({last.path if last else 'none'}) is intact",
+            "free space on the output volume (or lower checkpoint.total_limit) and run the job "
+            "again: it resumes from the last complete checkpoint")
+
+    @staticmethod
+    def _bytes_of(checkpoint: Checkpoint) -> int:
+        return sum(p.stat().st_size for p in checkpoint.path.iterdir() if p.is_file())
 
     def _write_manifest(self, folder: Path, step: int, identity: dict) -> None:
         files = {}
@@ -97,6 +117,15 @@ class CheckpointManager:
                 continue
             found.append(Checkpoint(int(_STEP_DIR.match(path.name).group(1)), path))
         return found
+
+    def written(self) -> list[Checkpoint]:
+        """Checkpoints with a manifest, oldest first, without re-hashing their files.
+
+        For listings and for the preemption path, where hashing gigabytes would eat the
+        grace period; resume uses complete(), which verifies.
+        """
+        return [Checkpoint(int(_STEP_DIR.match(p.name).group(1)), p) for p in self._step_dirs()
+                if (p / MANIFEST).is_file()]
 
     def latest(self) -> Checkpoint | None:
         """The newest complete checkpoint, or None."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -223,7 +224,7 @@ class Trainer:
         """Write a complete checkpoint of everything resume needs."""
         started = time.perf_counter()
         checkpoint = self.checkpoints.save(self.state.step, self._write_checkpoint_files,
-                                           self.identity())
+                                           self.identity(), self.estimated_checkpoint_bytes())
         seconds = time.perf_counter() - started
         self.saved.append(str(checkpoint.path))
         self.metrics.write("checkpoint", step=self.state.step, path=str(checkpoint.path),
@@ -232,6 +233,27 @@ class Trainer:
                       seconds=round(seconds, 3))
         self.last_checkpoint_s = seconds
         return checkpoint
+
+    def estimated_checkpoint_bytes(self) -> int:
+        """Weights, optimizer moments (+ Kahan buffers), EMA: an upper estimate."""
+        numel = sum(p.numel() for p in self.params)
+        weights = sum(p.numel() * p.element_size() for p in self.params)
+        state_per_weight = {"adamw": 8, "adamw_bf16": 12, "optimi-lion": 8}[self.cfg.optimizer.name]
+        ema = 4 * numel if self.ema is not None else 0
+        return weights + numel * state_per_weight + ema
+
+    def check_disk_space(self) -> None:
+        """Refuse to start when the volume cannot hold even one checkpoint (exit 2)."""
+        needed = self.estimated_checkpoint_bytes()
+        self.checkpoints.root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.checkpoints.root).free
+        if free < needed:
+            raise ConfigError(
+                f"the output volume has {free / 2**20:.1f} MiB free under "
+                f"{self.checkpoints.root}, and one checkpoint needs about {needed / 2**20:.1f} MiB",
+                "free space on the volume, or point job.output_dir at a larger one")
+        self.log.info("disk_space", free_gib=round(free / 2**30, 2),
+                      checkpoint_mib=round(needed / 2**20, 2))
 
     def _write_checkpoint_files(self, folder: Path) -> None:
         save_file({k: v.detach().cpu().contiguous() for k, v in
