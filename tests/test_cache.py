@@ -58,3 +58,13 @@ def test_cache_writer_bounds_its_queue_and_surfaces_write_errors() -> None:
     with pytest.raises(OSError, match="No space"):
         with CacheWriter(max_pending=2) as writer:
             writer.submit(full_disk)
+
+
+def test_truncated_entry_is_found_at_start_and_recomputed(tmp_path: Path) -> None:
+    cache = EntryCache(tmp_path, "latent", {"m": 1})
+    key = entry_key("image.png")
+    cache.save(key, {"latents": torch.ones(4, 8, 8)})
+    assert cache.has(key)
+    path = cache.path(key)
+    path.write_bytes(path.read_bytes()[:-10])  # a copy cut short, say
+    assert not cache.has(key) and not path.exists()

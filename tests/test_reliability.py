@@ -215,3 +215,19 @@ def test_two_jobs_filling_one_cache_at_once(tmp_path: Path, models_dir: Path) ->
     entries = list((tmp_path / "cache" / "latents").rglob("*.safetensors"))
     assert len(entries) == 12 and all(load_file(e)["latents"].ndim == 3 for e in entries)
     assert not list((tmp_path / "cache").rglob(".*.tmp-*"))
+
+
+def test_a_truncated_cache_entry_is_recomputed_by_the_next_run(tmp_path: Path,
+                                                               models_dir: Path) -> None:
+    first = load_job(SMOKE, settings(tmp_path, models_dir, "train.max_train_steps=1"))[0]
+    assert run_job(first) == 0
+    entry = sorted((tmp_path / "cache" / "latents").rglob("*.safetensors"))[0]
+    entry.write_bytes(entry.read_bytes()[:-16])
+    again = load_job(SMOKE, settings(tmp_path, models_dir, "train.max_train_steps=1",
+                                     'job.name="again"'))[0]
+    assert run_job(again) == 0
+    rows = [json.loads(x) for x in (Path(again.output_path()) / "metrics.jsonl").read_text()
+            .splitlines()]
+    ready = next(r for r in rows if r["event"] == "data_ready")
+    assert ready["encoded_latents"] == 1 and ready["encoded_captions"] == 0
+    assert load_file(entry)["latents"].ndim == 3

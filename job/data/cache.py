@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -53,8 +54,17 @@ class EntryCache:
         return self.dir / key[:2] / f"{key}.safetensors"
 
     def has(self, key: str) -> bool:
-        """True when a complete entry exists (content is checked on load)."""
-        return self.path(key).is_file()
+        """True when the entry exists and is whole; a truncated one is removed and logged."""
+        path = self.path(key)
+        if not path.is_file():
+            return False
+        problem = _truncation(path)
+        if problem:
+            self.log.warning("cache_entry_corrupt", path=str(path), error=problem,
+                             action="recomputing")
+            path.unlink(missing_ok=True)
+            return False
+        return True
 
     def load(self, key: str) -> dict[str, torch.Tensor] | None:
         """The entry's tensors, or None when it is missing or unreadable (then removed)."""
@@ -81,3 +91,25 @@ class EntryCache:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
         self.writes += 1
+
+
+def _truncation(path: Path) -> str | None:
+    """Why a safetensors file is not whole (None when its size matches its header).
+
+    Reads only the header, so checking every entry at start-up stays cheap; damage inside
+    the data is caught when the entry is loaded.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            length = struct.unpack("<Q", fh.read(8))[0]
+            if length > size:
+                return f"header length {length} exceeds the file size {size}"
+            header = json.loads(fh.read(length))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"),
+                  default=0)
+    except (OSError, ValueError, KeyError, struct.error) as err:
+        return f"unreadable header: {err}"
+    if size != 8 + length + end:
+        return f"{size} bytes on disk, the header describes {8 + length + end}"
+    return None
