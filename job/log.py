@@ -12,21 +12,33 @@ import structlog
 
 
 def setup_logging(stream: TextIO | None = None, json_lines: bool | None = None) -> Any:
-    """Configure structlog once per process and return the job's logger."""
-    stream = stream or sys.stderr
+    """Configure structlog and return the job's logger. Without `stream`, each line goes to
+    whatever sys.stderr is when it is written (so a replaced stderr never holds a closed one)."""
     if json_lines is None:
-        json_lines = not stream.isatty()
+        json_lines = not (stream or sys.stderr).isatty()
     renderer = (structlog.processors.JSONRenderer() if json_lines
                 else structlog.dev.ConsoleRenderer(colors=False))
     structlog.configure(
         processors=[structlog.processors.add_log_level,
                     structlog.processors.TimeStamper(fmt="iso", utc=True),
                     renderer],
-        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        logger_factory=lambda *args: _LineWriter(stream),
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         cache_logger_on_first_use=False,
     )
     return structlog.get_logger("tunejob")
+
+
+class _LineWriter:
+    """structlog's logger: one rendered line per event, flushed."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self._stream = stream
+
+    def msg(self, message: str) -> None:
+        print(message, file=self._stream or sys.stderr, flush=True)
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
 
 
 def quiet_libraries() -> None:

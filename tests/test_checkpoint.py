@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from job.errors import DiskFullError
 from job.train.checkpoint import CheckpointManager
 
 
@@ -31,7 +32,7 @@ def test_interrupted_write_leaves_no_checkpoint(tmp_path: Path) -> None:
         (folder / "weights.bin").write_bytes(b"half")
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(OSError):
+    with pytest.raises(DiskFullError, match="previous checkpoint .* is intact"):
         manager.save(2, crash)
     assert manager.latest().step == 1
     assert not list(tmp_path.glob(".tmp-*"))
