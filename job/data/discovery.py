@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from job.config import DatasetTable
 from job.errors import ConfigError
@@ -13,6 +14,7 @@ from job.errors import ConfigError
 EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 # EXIF orientations 5-8 rotate by 90 degrees: width and height swap.
 _SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
+_ORIENTATION_TAG = 0x0112
 
 
 @dataclass(frozen=True)
@@ -46,56 +48,58 @@ def discover(ds: DatasetTable) -> Discovery:
     """Every image under instance_data_dir, sorted by relative path."""
     root = Path(ds.instance_data_dir)
     if not root.is_dir():
-        raise ConfigError(f"dataset {ds.id!r}: instance_data_dir {str(root)!r} does not exist",
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise ConfigError(f"dataset {ds.id!r}: instance_data_dir {str(root)!r} {what}",
                           f"create it, mount the volume that holds it, or fix "
                           f"instance_data_dir of [[datasets]] id = {ds.id!r}")
-    files = sorted(p for p in root.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file()
-                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
-    if not files:
+    rels = image_files(root)
+    if not rels:
         raise ConfigError(f"dataset {ds.id!r}: no images in {str(root)!r}",
                           f"put {', '.join(sorted(EXTENSIONS))} files there, or disable the "
                           "dataset (disabled = true)")
     found = Discovery()
-    for path in files:
-        rel = path.relative_to(root).as_posix()
+    for rel in rels:
+        # Absolute but not resolved: a symlinked image keeps its caption file beside the link.
+        path = os.path.abspath(root / rel)
         size = _displayed_size(path)
         if isinstance(size, str):
             found.skipped.append(Skipped(rel, size))
         else:
-            found.records.append(ImageRecord(str(path.resolve()), rel, *size, ds.id))
+            found.records.append(ImageRecord(path, rel, size[0], size[1], ds.id))
     return found
 
 
-def _displayed_size(path: Path) -> tuple[int, int] | str:
+def image_files(root: Path) -> list[str]:
+    """Relative posix paths of the image files under root, sorted as strings."""
+    rels = []
+    for path in root.rglob("*"):
+        rel = path.relative_to(root)
+        # Hidden files and folders (.DS_Store, macOS "._x.jpg" forks, .cache) are not data.
+        if any(part.startswith(".") for part in rel.parts):
+            continue
+        if path.suffix.lower() in EXTENSIONS and path.is_file():
+            rels.append(rel.as_posix())
+    # Sorting the strings, not Path objects, makes the order the same on every platform.
+    return sorted(rels)
+
+
+def _displayed_size(path: str) -> tuple[int, int] | str:
     """(width, height) after EXIF orientation, or the reason the file is unreadable."""
-    if path.stat().st_size == 0:
-        return "unreadable: empty file"
     try:
+        if os.path.getsize(path) == 0:
+            return "unreadable: empty file"
         with Image.open(path) as image:
             image.verify()
-        # verify() leaves the file unusable; reopen and decode fully to catch truncation.
+        # verify() leaves the file unusable and does not decode JPEG data: reopen and
+        # decode fully, so a truncated file is found here and not halfway through caching.
         with Image.open(path) as image:
-            orientation = image.getexif().get(0x0112, 1)
+            orientation = image.getexif().get(_ORIENTATION_TAG, 1)
             image.load()
             width, height = image.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        if orientation in _SWAPPING_ORIENTATIONS:
+            width, height = height, width
+    # Decoders raise many types (OSError, SyntaxError, struct.error, EOFError,
+    # DecompressionBombError...); any of them means this one file is skipped.
+    except Exception as err:  # noqa: BLE001
         return f"unreadable: {type(err).__name__}: {err}"
-    if orientation in _SWAPPING_ORIENTATIONS:
-        width, height = height, width
     return width, height
-
-
-def open_oriented(path: str) -> Image.Image:
-    """The image as displayed: EXIF orientation applied, RGB."""
-    with Image.open(path) as image:
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "P") and "transparency" in image.info or \
-                image.mode in ("RGBA", "LA"):
-            # Transparent pixels over white, not over whatever colour they happen to hold.
-            rgba = image.convert("RGBA")
-            canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            return Image.alpha_composite(canvas, rgba).convert("RGB")
-        if image.mode.startswith("I"):
-            # 16-bit greyscale: scale to 8 bits instead of clipping at 255.
-            image = image.convert("I").point(lambda v: v * (1 / 256)).convert("L")
-        return image.convert("RGB")

@@ -9,8 +9,12 @@ A megapixel here is 1024 * 1024 pixels, so `resolution = 1.0` with `area` trains
 | area            | megapixels            | megapixels                   |
 | pixel_area      | edge in pixels, as an area (1024 -> 1.0 MP) | megapixels |
 
-`resolution = "WxH"` means a pixel area of W*H whatever the type. Nonsense values (a
-1024 "megapixel" limit, a 0.5 "pixel" limit) are errors that say which unit applies.
+`resolution = "WxH"` means a pixel area of W*H whatever the type (and its short edge for
+pixel-type limits). Nonsense values are errors that say which unit applies, never silent
+fixes: a size or area resolution over 64 MP (a 1024 written as megapixels), or a pixel
+size or pixel resolution under 16 px (a 0.5 written as pixels). minimum_image_size = 0
+means no minimum. An image over maximum_image_size is first shrunk, aspect kept, to
+target_downsample_size (or to the training resolution when that is not set).
 Torch-free: config validation calls check_sizes.
 """
 
@@ -83,6 +87,7 @@ def downsample_size(width: int, height: int, ds: DatasetTable) -> tuple[int, int
 
 def check_sizes(ds: DatasetTable) -> None:
     """Refuse values that cannot be meant in this dataset's unit."""
+    _check_resolution(ds)
     for key in LIMITS:
         value = getattr(ds, key)
         if value is None or (key == "minimum_image_size" and value == 0):
@@ -91,13 +96,37 @@ def check_sizes(ds: DatasetTable) -> None:
             raise ConfigError(
                 f"datasets ({ds.id}).{key} = {value} is in megapixels with resolution_type = "
                 f'"{ds.resolution_type}", and {value} MP is larger than any training image',
-                f"write it in megapixels (1.0 is a 1024x1024 image, so {value} px edge is "
-                f'{value * value / MEGAPIXEL:.3g}), or set resolution_type = "pixel"')
+                f"write it in megapixels (1.0 is a 1024x1024 image, so a {value:g} px edge is "
+                f'{_edge_to_mp(value)}), or set resolution_type = "pixel"')
         if uses_pixels(ds) and value < MIN_SANE_PX:
             raise ConfigError(
                 f'datasets ({ds.id}).{key} = {value} is in pixels with resolution_type = "pixel"',
                 f'write a short-edge size in pixels (e.g. 768), or set resolution_type = "area" '
                 f"to give {value} in megapixels")
-    if isinstance(ds.resolution, (int, float)) and ds.resolution <= 0:
-        raise ConfigError(f"datasets ({ds.id}).resolution = {ds.resolution} must be positive",
+
+
+def _check_resolution(ds: DatasetTable) -> None:
+    """The training resolution: a 'WxH' that parses, or a positive number in its unit."""
+    value, where = ds.resolution, f"datasets ({ds.id}).resolution"
+    if isinstance(value, str):
+        from job.config import parse_size
+
+        parse_size(value, where)
+        return
+    if value <= 0:
+        raise ConfigError(f"{where} = {value} must be positive",
                           "e.g. resolution = 1024 (pixel) or 1.0 (area)")
+    if ds.resolution_type == "area" and value > MAX_SANE_MP:
+        raise ConfigError(
+            f'{where} = {value} is in megapixels with resolution_type = "area"',
+            f"write megapixels ({_edge_to_mp(value)} for a {value:g} px edge), or set "
+            'resolution_type = "pixel_area" to give the edge in pixels')
+    if ds.resolution_type != "area" and value < MIN_SANE_PX:
+        raise ConfigError(
+            f'{where} = {value} is in pixels with resolution_type = "{ds.resolution_type}"',
+            'write pixels (e.g. 1024), or set resolution_type = "area" to give megapixels')
+
+
+def _edge_to_mp(edge: float) -> float:
+    """Megapixels of a square with this edge in pixels (1024 -> 1.0)."""
+    return round(edge * edge / MEGAPIXEL, 3)
