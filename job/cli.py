@@ -1,4 +1,4 @@
-"""`tunejob run | validate | cache JOB.toml [--set table.key=value ...]`.
+"""`tunejob run | validate | cache JOB.toml [--set table.key=value ...]`, `tunejob import ...`.
 
 Errors the user can fix print one paragraph (what, where, the fix) and exit 2 or 3;
 `validate` never imports torch.
@@ -7,10 +7,11 @@ Errors the user can fix print one paragraph (what, where, the fix) and exit 2 or
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
-from job.errors import EXIT_OTHER, JobError
+from job.errors import EXIT_OTHER, EXIT_PREEMPTED, JobError
 from job.log import get_logger, setup_logging
 
 
@@ -28,15 +29,32 @@ def build_parser() -> argparse.ArgumentParser:
                          metavar="TABLE.KEY=VALUE", help="override one setting (repeatable)")
         cmd.add_argument("--json-logs", action="store_true", default=None,
                          help="one JSON object per log line even on a terminal")
+    source = sub.add_parser("import", help="convert another trainer's configuration into a "
+                            "job file").add_subparsers(dest="source", required=True)
+    simpletuner = source.add_parser(
+        "simpletuner", help="config.json [+ multidatabackend.json] -> job.toml (exit 2 listing "
+        "every setting that cannot be converted, unless --drop-unsupported)")
+    simpletuner.add_argument("config", help="SimpleTuner's config.json")
+    simpletuner.add_argument("multidatabackend", nargs="?", default=None,
+                             help="its multidatabackend.json (default: data_backend_config)")
+    simpletuner.add_argument("-o", "--output", default=None,
+                             help="job file to write (default: standard output)")
+    simpletuner.add_argument("--drop-unsupported", action="store_true",
+                             help="write the job anyway, listing what was left out at its top")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `tunejob` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    setup_logging(json_lines=args.json_logs)
+    setup_logging(json_lines=getattr(args, "json_logs", None))
     log = get_logger()
     try:
+        if args.command == "import":
+            from job.importers import run_simpletuner_import
+
+            return run_simpletuner_import(args.config, args.multidatabackend, args.output,
+                                          args.drop_unsupported)
         from job.jobfile import load_job
 
         cfg, warnings = load_job(args.job, args.overrides)
@@ -80,7 +98,7 @@ def _cache_only(cfg) -> int:
 def entry() -> None:
     """Console-script wrapper: exit with main()'s code."""
     try:
-        sys.exit(main())
+        code = main()
     except SystemExit:
         raise
     except BaseException:  # noqa: BLE001 - last resort: a bug is exit 1 with its traceback
@@ -88,3 +106,11 @@ def entry() -> None:
 
         traceback.print_exc()
         sys.exit(EXIT_OTHER)
+    if code == EXIT_PREEMPTED:
+        # Everything is on disk (checkpoint, metrics, summary.json, all renamed into place);
+        # skip the interpreter's teardown, which can take a second with torch loaded, so the
+        # exit lands inside the scheduler's grace period.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

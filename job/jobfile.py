@@ -136,9 +136,14 @@ def suggestion(item: dict, loc: tuple) -> str:
     model = table_model(loc[:-1])
     if model is None:
         return ""
+    from job.importers.keymap import simpletuner_hint
+
     allowed = list(model.model_fields)
     close = difflib.get_close_matches(str(loc[-1]), allowed, n=1, cutoff=0.6)
     hint = aliases_hint(str(loc[-1]), model)
+    # A SimpleTuner key gets the importer's status and reason (not supported yet: ...).
+    table = ".".join(str(p) for p in loc[:-1] if not isinstance(p, int))
+    hint = hint or simpletuner_hint(str(loc[-1]), table)
     if close:
         return f"; did you mean {close[0]!r}?{hint}"
     return f"; keys of this table: {', '.join(allowed)}{hint}"
