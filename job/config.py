@@ -235,6 +235,38 @@ class SpeedupsTable(Table):
     allow_tf32: bool = setting(True, "TF32 matmuls on Ampere and newer GPUs.", "allow_tf32")
 
 
+class LcmTable(Table):
+    """[distillation.lcm]: latent consistency distillation (arXiv 2310.04378, 2311.05556)."""
+
+    num_ddim_timesteps: int = setting(
+        50, "Points of the teacher's DDIM grid; one solver step skips num_train_timesteps / "
+        "this.", "num_ddim_timesteps", gt=0, le=1000)
+    w_min: float = setting(1.0, "Smallest guidance w drawn per sample (CFG scale w + 1).",
+                           "w_min", ge=0)
+    w_max: float = setting(12.0, "Largest guidance w drawn per sample (CFG scale w + 1).",
+                           "w_max", ge=0)
+    loss_type: Literal["l2", "huber"] = setting(
+        "l2", "l2: mean squared error; huber: pseudo-Huber sqrt(d^2 + c^2) - c.", "loss_type")
+    huber_c: float = setting(0.001, "The pseudo-Huber loss's c.", "huber_c", gt=0)
+    timestep_scaling_factor: float = setting(
+        10.0, "Timestep scale in the boundary scalings c_skip and c_out (LCMScheduler's "
+        "timestep_scaling).", "timestep_scaling_factor", gt=0)
+
+
+class DistillationTable(Table):
+    """[distillation]: distil the model into a few-step student."""
+
+    method: Literal["none", "lcm"] = setting(
+        "none", "none: plain fine-tuning; lcm: latent consistency distillation.",
+        "distillation_method")
+    student: Literal["lora", "full"] = setting(
+        "lora", "lora: a LoRA on the teacher (LCM-LoRA; must match model.model_type); full: "
+        "every weight, with an EMA target network.")
+    target_ema_decay: float = setting(
+        0.95, "EMA decay of the target network of a full student.", gt=0, lt=1)
+    lcm: LcmTable = Field(default_factory=LcmTable, description="LCM settings.")
+
+
 class JobConfig(Table):
     """The whole job file."""
 
@@ -251,6 +283,8 @@ class JobConfig(Table):
     checkpoint: CheckpointTable = Field(default_factory=CheckpointTable,
                                         description="Checkpoints.")
     speedups: SpeedupsTable = Field(default_factory=SpeedupsTable, description="Speedups.")
+    distillation: DistillationTable = Field(default_factory=DistillationTable,
+                                            description="Distillation.")
 
     def output_path(self) -> str:
         """The job's own output folder."""
@@ -310,7 +344,31 @@ def check_rules(cfg: JobConfig) -> list[str]:
         raise ConfigError(
             f'optimizer.name = "adamw_bf16" keeps weights in bf16 but train.mixed_precision = '
             f'"{cfg.train.mixed_precision}"', 'set mixed_precision = "bf16" or use "adamw"')
+    if cfg.distillation.method != "none":
+        _check_distillation(cfg, spec)
     return _warnings(cfg)
+
+
+def _check_distillation(cfg: JobConfig, spec: Any) -> None:
+    """The family supports the method; the student and the guidance range make sense."""
+    from job.errors import ConfigError
+    from job.models.registry import FAMILIES
+
+    d = cfg.distillation
+    if not spec.supports_lcm:
+        able = [s.name for s in FAMILIES.values() if s.supports_lcm]
+        raise ConfigError(f'distillation.method = "{d.method}" is not supported by family '
+                          f"{spec.name!r}", f"LCM distillation works with family "
+                          f"{', '.join(able) or '(none)'}; or set distillation.method = \"none\"")
+    if d.student == "full":
+        raise ConfigError('distillation.student = "full" is not supported yet',
+                          'distil a LoRA student: student = "lora" with model.model_type = "lora"')
+    if d.student != cfg.model.model_type:
+        raise ConfigError(f'distillation.student = "{d.student}" but model.model_type = '
+                          f'"{cfg.model.model_type}"', "set both to the same value")
+    if d.lcm.w_min > d.lcm.w_max:
+        raise ConfigError(f"distillation.lcm.w_min = {d.lcm.w_min} is above w_max = "
+                          f"{d.lcm.w_max}", "set w_min <= w_max (w = w_min = w_max fixes w)")
 
 
 def _check_datasets(cfg: JobConfig, alignment: int) -> None:

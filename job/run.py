@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 
 from job.config import JobConfig
+from job.distill import build_objective, with_method_defaults
 from job.errors import EXIT_PREEMPTED, ConfigError, JobError, Preempted
 from job.log import get_logger, quiet_libraries
 from job.metrics import MetricsWriter, Summary, versions, write_json_atomic
@@ -47,6 +48,8 @@ def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
     """Run a validated job to its end; return the exit code. summary.json is always written."""
     log = get_logger()
     quiet_libraries()
+    cfg, method_notes = with_method_defaults(cfg)
+    warnings = [*warnings, *method_notes]
     out = Path(cfg.output_path())
     out.mkdir(parents=True, exist_ok=True)
     (out / "job.resolved.toml").write_text(dumps(cfg.model_dump(mode="json")), encoding="utf-8")
@@ -114,9 +117,11 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
         family.unload_encoders()
     if cfg.model.model_type == "lora":
         family.add_lora()
-    validator = Validator(cfg, family, data, out, metrics, device, stop.should_stop)
+    objective = build_objective(cfg, family, device)
+    validator = Validator(cfg, family, data, out, metrics, device, stop.should_stop,
+                          getattr(objective, "eval_loss", None))
     trainer = Trainer(cfg, family, data, out, metrics, stop.should_stop,
-                      lambda step: _validate(trainer, validator, step), device)
+                      lambda step: _validate(trainer, validator, step), device, objective)
     live.trainer = trainer
     trainer.check_disk_space()
     trainer.resume()
@@ -194,7 +199,7 @@ def _on_preempted(trainer, stop: StopSignal, summary: Summary, err: Preempted) -
         return
     left = stop.seconds_left()
     budget = checkpoint_time_budget(trainer)
-    if budget < left:
+    if budget + EXIT_RESERVE_S < left:
         trainer.save_checkpoint()
         log.warning("preempted", step=trainer.state.step, checkpoint="written",
                     grace_left_s=round(stop.seconds_left(), 2))
@@ -204,6 +209,10 @@ def _on_preempted(trainer, stop: StopSignal, summary: Summary, err: Preempted) -
                 f"{last.path if last else 'none'}")
         summary.notes.append(note)
         log.warning("preempted", step=trainer.state.step, checkpoint="skipped", reason=note)
+
+
+# Grace kept for what follows the checkpoint: summary.json, log flush, process exit.
+EXIT_RESERVE_S = 0.3
 
 
 def checkpoint_time_budget(trainer) -> float:
@@ -246,4 +255,20 @@ def _write_model_card(cfg: JobConfig, folder: Path, trainer) -> None:
             f"- steps: {trainer.state.step}, samples seen: {trainer.state.samples_seen}",
             f"- EMA weights exported: {cfg.train.use_ema}", "",
             "Trained with tunejob; the job file is job.resolved.toml in the output folder."]
+    if cfg.distillation.method == "lcm":
+        card[-2:-2] = _lcm_card_lines(cfg)
     (folder / "README.md").write_text("\n".join(card) + "\n", encoding="utf-8")
+
+
+def _lcm_card_lines(cfg: JobConfig) -> list[str]:
+    """How to sample an LCM student with the stock pipeline."""
+    from job.distill.lcm import lcm_scheduler_config
+
+    lcm, settings = cfg.distillation.lcm, lcm_scheduler_config(cfg)
+    args = ", ".join(f"{k}={v!r}" for k, v in sorted(settings.items()))
+    return [f"- LCM student (distilled with w in [{lcm.w_min}, {lcm.w_max}], i.e. CFG "
+            f"{lcm.w_min + 1}-{lcm.w_max + 1}): sample in 4-8 steps with guidance_scale 0-2",
+            "", "```python", "pipe.load_lora_weights(FOLDER)",
+            f"pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, {args})",
+            "image = pipe(prompt, num_inference_steps=4, guidance_scale=0.0).images[0]",
+            "```"]

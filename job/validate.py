@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from PIL import Image
@@ -48,9 +49,12 @@ class Validator:
 
     def __init__(self, cfg: JobConfig, family: Family, data: PreparedData, out_dir: Path,
                  metrics: MetricsWriter, device: torch.device,
-                 should_stop: Callable[[], bool] = lambda: False) -> None:
+                 should_stop: Callable[[], bool] = lambda: False,
+                 eval_loss_fn: Optional[Callable[..., torch.Tensor]] = None) -> None:
         self.cfg, self.family, self.data, self.metrics = cfg, family, data, metrics
         self.should_stop = should_stop
+        # Per-sample eval loss at (batch, timesteps, noise): a distillation scores its own.
+        self.eval_loss_fn = eval_loss_fn if eval_loss_fn is not None else family.eval_loss
         self.out_dir, self.device = out_dir / "validation", device
         self.prompts = prompt_library(cfg) if cfg.validation.enabled else {}
         self.sizes = validation_sizes(cfg)
@@ -59,6 +63,25 @@ class Validator:
         self.last_eval_loss: float | None = None
         self.seconds = 0.0
         self.log = get_logger()
+        self.teacher_guidance = self._teacher_guidance()
+        v = cfg.validation
+        if v.enabled and self.prompts and v.negative_prompt and v.guidance <= 1:
+            self.log.warning("setting_ignored", key="validation.negative_prompt",
+                             reason=f"validation.guidance = {v.guidance} <= 1 turns "
+                                    "classifier-free guidance off, so the negative prompt has "
+                                    "no effect on images sampled at that guidance")
+
+    def _teacher_guidance(self) -> float | None:
+        """CFG scale of the teacher images beside a distilled student's (None: no teacher):
+        1 + the middle of the w range the student was distilled over."""
+        if self.cfg.distillation.method != "lcm":
+            return None
+        lcm = self.cfg.distillation.lcm
+        guidance = 1 + 0.5 * (lcm.w_min + lcm.w_max)
+        self.log.info("validation_teacher", steps=self.cfg.validation.num_inference_steps,
+                      guidance=guidance, note="the teacher samples with the model's own "
+                      "scheduler at the student's step count, beside the student in the grid")
+        return guidance
 
     def run(self, step: int) -> None:
         """Eval loss, then images, at this step."""
@@ -96,7 +119,7 @@ class Validator:
                 noise = torch.stack([self._noise(i, t_index, batch["latents"][0].shape)
                                      for i, _ in group]).to(self.device)
                 steps = torch.full((len(group),), t, dtype=torch.long, device=self.device)
-                losses = self.family.eval_loss(batch, steps, noise)
+                losses = self.eval_loss_fn(batch, steps, noise)
                 total += float(losses.float().sum())
                 count += len(group)
         return total / count
@@ -114,19 +137,25 @@ class Validator:
         folder = self.out_dir / f"step-{step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
         rows, paths = [], []
+        runs = [("", v.guidance)]
+        if self.teacher_guidance is not None:
+            runs.append(("-teacher", self.teacher_guidance))
         for name, prompt in self.prompts.items():
             row = []
-            for width, height in self.sizes:
-                if self.should_stop():
-                    # Preemption: images are a luxury inside the grace period.
-                    self.log.warning("validation_interrupted", step=step, images_written=len(paths))
-                    return paths
-                image = self.family.sample(prompt, v.negative_prompt, width, height, v.guidance,
-                                           v.num_inference_steps, v.seed)
-                path = folder / f"{_safe(name)}-{width}x{height}.png"
-                image.save(path)
-                row.append(image)
-                paths.append(str(path))
+            for suffix, guidance in runs:
+                for width, height in self.sizes:
+                    if self.should_stop():
+                        # Preemption: images are a luxury inside the grace period.
+                        self.log.warning("validation_interrupted", step=step,
+                                         images_written=len(paths))
+                        return paths
+                    with self.family.teacher() if suffix else nullcontext():
+                        image = self.family.sample(prompt, v.negative_prompt, width, height,
+                                                   guidance, v.num_inference_steps, v.seed)
+                    path = folder / f"{_safe(name)}-{width}x{height}{suffix}.png"
+                    image.save(path)
+                    row.append(image)
+                    paths.append(str(path))
             rows.append(row)
         grid = folder / "grid.png"
         make_grid(rows).save(grid)

@@ -12,7 +12,7 @@ from cached samples:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ContextManager, Protocol
 
 import torch
 from torch import nn
@@ -71,6 +71,21 @@ class Family(Protocol):
     def eval_loss(self, batch: dict[str, torch.Tensor], timesteps: torch.Tensor,
                   noise: torch.Tensor) -> torch.Tensor:
         """Per-sample loss [B] at the given timesteps and noise (no grad by the caller)."""
+
+    # LCM distillation (job/distill/lcm.py) needs these from families with supports_lcm.
+
+    def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor,
+                batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The denoiser's raw prediction (of the trained prediction type), under autocast."""
+
+    def unconditional_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch as the unconditional branch of the guided teacher."""
+
+    def ddpm_schedule(self) -> tuple[torch.Tensor, str]:
+        """alphas_cumprod [num_train_timesteps] (fp32, CPU) and the prediction type."""
+
+    def teacher(self) -> ContextManager[None]:
+        """For the block, the frozen teacher: the denoiser without its LoRA, its own sampler."""
 
     def sample(self, prompt: str, negative_prompt: str, width: int, height: int,
                guidance: float, steps: int, seed: int) -> Any:

@@ -22,6 +22,9 @@ class FamilySpec:
     aliases: tuple[str, ...] = ()
     # Pixel alignment of image sizes: the VAE's downsampling times the patch size.
     alignment: int = 8
+    # Whether the family implements what LCM distillation needs (job/distill/lcm.py); the
+    # config layer checks [distillation] against this before torch is imported.
+    supports_lcm: bool = False
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -37,6 +40,7 @@ FAMILIES: dict[str, FamilySpec] = {
         },
         default_flavour="base-1.0",
         alignment=8,
+        supports_lcm=True,
     ),
 }
 

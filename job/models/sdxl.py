@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -86,6 +87,8 @@ class SDXLFamily(SDXLSamplingExport):
         self.log = get_logger()
         self.lora_config = None
         self._pipeline = None
+        self._lcm_scheduler = None
+        self._as_teacher = False
 
     # -- loading ----------------------------------------------------------------------
 
@@ -291,13 +294,46 @@ class SDXLFamily(SDXLSamplingExport):
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
+        prediction = self.denoise(noisy, timesteps, batch)
+        error = F.mse_loss(prediction.float(), target.float(), reduction="none")
+        return error.mean(dim=tuple(range(1, error.ndim)))
+
+    def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor,
+                batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The UNet's prediction (of self.prediction_type) with SDXL's added conditioning."""
         with self._autocast():
-            prediction = self.unet(
+            return self.unet(
                 noisy, timesteps, encoder_hidden_states=batch["text.prompt_embeds"],
                 added_cond_kwargs={"text_embeds": batch["text.pooled_prompt_embeds"],
                                    "time_ids": batch["cond.time_ids"]}).sample
-        error = F.mse_loss(prediction.float(), target.float(), reduction="none")
-        return error.mean(dim=tuple(range(1, error.ndim)))
+
+    def unconditional_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The batch as LCM's unconditional teacher branch: zero prompt and pooled embeddings,
+        the same micro-conditioning (time ids describe the image, not the prompt)."""
+        out = dict(batch)
+        for key in ("text.prompt_embeds", "text.pooled_prompt_embeds"):
+            out[key] = torch.zeros_like(batch[key])
+        return out
+
+    def ddpm_schedule(self) -> tuple[torch.Tensor, str]:
+        """alphas_cumprod [num_train_timesteps] (fp32, CPU) and the trained prediction type."""
+        return self.noise_scheduler.alphas_cumprod.float().clone(), self.prediction_type
+
+    @contextmanager
+    def teacher(self) -> Iterator[None]:
+        """The frozen teacher for the block: the UNet with its LoRA adapters disabled, and
+        sampling with the model's own scheduler."""
+        if self.lora_config is None:
+            raise RuntimeError("teacher() needs a LoRA student: the teacher is the UNet "
+                               "with its adapters disabled")
+        self.unet.disable_adapters()
+        self._as_teacher = True
+        try:
+            yield
+        finally:
+            self._as_teacher = False
+            # Enabling restores requires_grad on the adapters that disabling turned off.
+            self.unet.enable_adapters()
 
     def training_loss(self, batch: dict[str, torch.Tensor],
                       generator: torch.Generator) -> torch.Tensor:

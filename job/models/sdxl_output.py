@@ -5,6 +5,7 @@ A mixin of SDXLFamily (job/models/sdxl.py), which owns the components it uses.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -50,6 +51,9 @@ class SDXLSamplingExport:
                guidance: float, steps: int, seed: int) -> Any:
         """One PIL image from the stock StableDiffusionXLPipeline around the live UNet."""
         pipeline = self._sampling_pipeline()
+        scheduler = self._sampling_scheduler()
+        if pipeline.scheduler is not scheduler:
+            pipeline.scheduler = scheduler
         generator = torch.Generator("cpu").manual_seed(seed)
         # An empty negative prompt means none, as in the stock pipeline, which then feeds
         # zeros (force_zeros_for_empty_prompt) rather than the encoded "".
@@ -59,6 +63,20 @@ class SDXLSamplingExport:
                                num_inference_steps=steps, generator=generator,
                                output_type="latent").images
         return self._decode(latents)
+
+    def _sampling_scheduler(self):
+        """LCMScheduler for an LCM student (set up as it was distilled); the model's own
+        scheduler otherwise, and for the teacher."""
+        if self.cfg.distillation.method != "lcm" or self._as_teacher:
+            return self.sample_scheduler
+        if self._lcm_scheduler is None:
+            from diffusers import LCMScheduler
+
+            from job.distill.lcm import lcm_scheduler_config
+
+            self._lcm_scheduler = LCMScheduler.from_config(self.sample_scheduler.config,
+                                                           **lcm_scheduler_config(self.cfg))
+        return self._lcm_scheduler
 
     @torch.no_grad()
     def _decode(self, latents: torch.Tensor) -> Any:
@@ -94,7 +112,12 @@ class SDXLSamplingExport:
         StableDiffusionXLPipeline.save_lora_weights(
             str(out_dir), unet_lora_layers=get_peft_model_state_dict(self.unet),
             unet_lora_adapter_metadata=self.lora_config.to_dict(), safe_serialization=True)
-        return [out_dir / "pytorch_lora_weights.safetensors"]
+        path = out_dir / "pytorch_lora_weights.safetensors"
+        if self.cfg.distillation.method == "lcm":
+            from job.distill.lcm import export_metadata
+
+            add_file_metadata(path, export_metadata(self.cfg))
+        return [path]
 
     def _export_pipeline(self):
         """The trained UNet with the frozen parts; text encoders re-read at their stored
@@ -109,3 +132,15 @@ class SDXLSamplingExport:
                 parts[name] = cls.from_pretrained(self.source, subfolder=name, dtype="auto", **hub)
         return StableDiffusionXLPipeline(
             **parts, force_zeros_for_empty_prompt=self._empty_prompt_mode() == "zeros")
+
+
+def add_file_metadata(path: Path, extra: dict[str, str]) -> None:
+    """Add keys to a safetensors file's header metadata (rewritten, then renamed over)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    scratch = path.with_name(f".{path.name}.tmp")
+    save_file(load_file(str(path)), str(scratch), metadata={**metadata, **extra})
+    os.replace(scratch, path)

@@ -42,8 +42,12 @@ class Trainer:
 
     def __init__(self, cfg: JobConfig, family: Family, data: PreparedData, out_dir: Path,
                  metrics: MetricsWriter, should_stop: Callable[[], bool],
-                 on_validate: Callable[[int], None], device: torch.device) -> None:
+                 on_validate: Callable[[int], None], device: torch.device,
+                 objective: Callable[[dict[str, torch.Tensor], torch.Generator],
+                                     torch.Tensor] | None = None) -> None:
         self.cfg, self.family, self.data, self.metrics = cfg, family, data, metrics
+        # Per-sample loss [B] of a batch: the family's own unless a distillation replaces it.
+        self.objective = objective if objective is not None else family.training_loss
         self.should_stop, self.on_validate, self.device = should_stop, on_validate, device
         self.log = get_logger()
         self.params = [p for p in family.denoiser().parameters() if p.requires_grad]
@@ -132,7 +136,7 @@ class Trainer:
         losses = []
         for _ in range(accumulation):
             batch = self._next_batch()
-            loss = self.family.training_loss(batch, self.rng.noise).mean() / accumulation
+            loss = self.objective(batch, self.rng.noise).mean() / accumulation
             self._backward(loss)
             losses.append(loss.detach())
         loss_value = float(torch.stack(losses).sum())
@@ -216,9 +220,13 @@ class Trainer:
     def identity(self) -> dict[str, Any]:
         """What makes a checkpoint this job's: refused on resume when it differs."""
         m = self.cfg.model
-        return {"job_name": self.cfg.job.name, "family": m.family, "model_type": m.model_type,
-                "flavour": m.flavour, "model": m.pretrained_model_name_or_path,
-                "lora_rank": self.cfg.lora.rank if m.model_type == "lora" else None}
+        identity = {"job_name": self.cfg.job.name, "family": m.family,
+                    "model_type": m.model_type, "flavour": m.flavour,
+                    "model": m.pretrained_model_name_or_path,
+                    "lora_rank": self.cfg.lora.rank if m.model_type == "lora" else None}
+        if self.cfg.distillation.method != "none":
+            identity["distillation"] = self.cfg.distillation.method
+        return identity
 
     def save_checkpoint(self) -> Checkpoint:
         """Write a complete checkpoint of everything resume needs."""
