@@ -360,9 +360,6 @@ def _check_distillation(cfg: JobConfig, spec: Any) -> None:
         raise ConfigError(f'distillation.method = "{d.method}" is not supported by family '
                           f"{spec.name!r}", f"LCM distillation works with family "
                           f"{', '.join(able) or '(none)'}; or set distillation.method = \"none\"")
-    if d.student == "full":
-        raise ConfigError('distillation.student = "full" is not supported yet',
-                          'distil a LoRA student: student = "lora" with model.model_type = "lora"')
     if d.student != cfg.model.model_type:
         raise ConfigError(f'distillation.student = "{d.student}" but model.model_type = '
                           f'"{cfg.model.model_type}"', "set both to the same value")

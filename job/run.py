@@ -265,9 +265,19 @@ def _lcm_card_lines(cfg: JobConfig) -> list[str]:
     from job.distill.lcm import lcm_scheduler_config
 
     lcm, settings = cfg.distillation.lcm, lcm_scheduler_config(cfg)
+    distilled = (f"distilled with w in [{lcm.w_min}, {lcm.w_max}], i.e. CFG "
+                 f"{lcm.w_min + 1}-{lcm.w_max + 1}")
+    if cfg.distillation.student == "full":
+        mid = 1 + 0.5 * (lcm.w_min + lcm.w_max)
+        return [f"- LCM student, full UNet with a guidance embedding ({distilled}); the folder "
+                "is a StableDiffusionXLPipeline with its LCMScheduler: guidance_scale sets w + 1 "
+                "through the embedding (no CFG pass)", "", "```python",
+                "pipe = StableDiffusionXLPipeline.from_pretrained(FOLDER)",
+                f"image = pipe(prompt, num_inference_steps=4, guidance_scale={mid:g}).images[0]",
+                "```"]
     args = ", ".join(f"{k}={v!r}" for k, v in sorted(settings.items()))
-    return [f"- LCM student (distilled with w in [{lcm.w_min}, {lcm.w_max}], i.e. CFG "
-            f"{lcm.w_min + 1}-{lcm.w_max + 1}): sample in 4-8 steps with guidance_scale 0-2",
+    return [f"- LCM-LoRA student ({distilled}): sample in 4-8 steps with guidance_scale 0 "
+            "(CFG off; guidance is distilled in)",
             "", "```python", "pipe.load_lora_weights(FOLDER)",
             f"pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, {args})",
             "image = pipe(prompt, num_inference_steps=4, guidance_scale=0.0).images[0]",

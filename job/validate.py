@@ -65,11 +65,16 @@ class Validator:
         self.log = get_logger()
         self.teacher_guidance = self._teacher_guidance()
         v = cfg.validation
-        if v.enabled and self.prompts and v.negative_prompt and v.guidance <= 1:
+        full_student = cfg.distillation.method == "lcm" and cfg.distillation.student == "full"
+        if v.enabled and self.prompts and v.negative_prompt and (v.guidance <= 1 or full_student):
+            why = (f"validation.guidance = {v.guidance} <= 1 turns classifier-free guidance off"
+                   if v.guidance <= 1 else "the full LCM student takes guidance through its "
+                   "guidance embedding, without classifier-free guidance")
             self.log.warning("setting_ignored", key="validation.negative_prompt",
-                             reason=f"validation.guidance = {v.guidance} <= 1 turns "
-                                    "classifier-free guidance off, so the negative prompt has "
-                                    "no effect on images sampled at that guidance")
+                             reason=f"{why}, so the negative prompt has no effect on the "
+                                    "student's images (the teacher's still use it)"
+                                    if self.teacher_guidance else f"{why}, so the negative "
+                                    "prompt has no effect")
 
     def _teacher_guidance(self) -> float | None:
         """CFG scale of the teacher images beside a distilled student's (None: no teacher):

@@ -12,12 +12,18 @@ One step, per sample, with the teacher's DDPM schedule alpha_bar(t):
         and c_out = 10t / sqrt((10t)^2 + 0.25) (10 = timestep_scaling_factor, sigma_data 0.5)
     loss = d(f(x_s, s), stopgrad f(x_e, e)),  d = l2 or sqrt((p - y)^2 + c^2) - c
 
-The target f(x_e, e) is the student itself under no grad, as in the LCM-LoRA recipe.
+LoRA student (LCM-LoRA): the target f(x_e, e) is the student itself under no grad.
+Full student (LCM): the student is a copy of the UNet that also takes w through a guidance
+embedding (time_cond_proj_dim, sinusoidal embedding of 1000 w, as the pipelines' guidance
+embedding), in both of its calls; the target is an EMA copy of the student (decay
+distillation.target_ema_decay after every optimizer step), also given w.
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 from typing import Any
 
 import torch
@@ -29,6 +35,20 @@ from job.models.base import Family
 
 # The consistency models' data standard deviation, as LCMScheduler fixes it.
 SIGMA_DATA = 0.5
+# Width of a full student's guidance embedding (LCM-SDXL's time_cond_proj_dim).
+TIME_COND_DIM = 256
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal embedding [B, dim] of 1000 w: sin half then cos half, frequencies
+    10000^(-i / (dim/2 - 1)); what the pipelines feed a UNet with time_cond_proj_dim for
+    guidance_scale = w + 1."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device)
+                      * -(math.log(10000.0) / (half - 1)))
+    angles = (w.float() * 1000.0)[:, None] * freqs[None, :]
+    out = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return torch.nn.functional.pad(out, (0, 1)) if dim % 2 else out
 
 
 def lcm_scheduler_config(cfg: JobConfig) -> dict[str, Any]:
@@ -114,10 +134,21 @@ class LCMDistillation:
         self.cfg, self.family, self.settings = cfg, family, cfg.distillation.lcm
         alphas_cumprod, self.prediction_type = family.ddpm_schedule()
         self.grid = DDIMGrid(alphas_cumprod, self.settings.num_ddim_timesteps, device)
+        self.full = cfg.distillation.student == "full"
+        # A full student's EMA target network; a LoRA student is its own target.
+        self.target: torch.nn.Module | None = None
+        self.cond_dim: int | None = None
+        if self.full:
+            family.make_consistency_student(TIME_COND_DIM)
+            student = family.denoiser()
+            self.cond_dim = student.config.time_cond_proj_dim
+            self.target = copy.deepcopy(student).requires_grad_(False)
         s, log = self.settings, get_logger()
-        log.info("distillation", method="lcm", student="lora",
-                 teacher="the same UNet with its LoRA adapters disabled",
-                 target="the student under no grad", skip=self.grid.skip,
+        log.info("distillation", method="lcm", student=cfg.distillation.student,
+                 teacher=("the frozen original UNet" if self.full
+                          else "the same UNet with its LoRA adapters disabled"),
+                 target=(f"EMA of the student, decay {cfg.distillation.target_ema_decay}"
+                         if self.full else "the student under no grad"), skip=self.grid.skip,
                  grid_points=s.num_ddim_timesteps, w=[s.w_min, s.w_max], loss=s.loss_type,
                  timestep_scaling=s.timestep_scaling_factor, prediction_type=self.prediction_type)
         if cfg.train.snr_gamma is not None:
@@ -143,11 +174,16 @@ class LCMDistillation:
         alpha_start = self.grid.alpha_bar(start)
         noisy = alpha_start.sqrt() * latents + (1 - alpha_start).sqrt() * noise
         # Teacher and target first, so the adapters are toggled before any graph exists.
+        cond = guidance_embedding(w, self.cond_dim) if self.cond_dim else None
         with torch.no_grad():
             x0, eps = self._guided_teacher(noisy, start, batch, w.float().view(-1, 1, 1, 1))
             x_end = self.grid.ddim_step(x0, eps, end)
-            target = self._consistency(x_end, end, batch)
-        prediction = self._consistency(noisy, start, batch)
+            if self.target is not None:
+                with self.family.swapped_denoiser(self.target):
+                    target = self._consistency(x_end, end, batch, cond)
+            else:
+                target = self._consistency(x_end, end, batch, cond)
+        prediction = self._consistency(noisy, start, batch, cond)
         return consistency_distance(prediction, target, self.settings.loss_type,
                                     self.settings.huber_c)
 
@@ -176,9 +212,41 @@ class LCMDistillation:
         return x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u)
 
     def _consistency(self, noisy: torch.Tensor, timesteps: torch.Tensor,
-                     batch: dict[str, torch.Tensor]) -> torch.Tensor:
+                     batch: dict[str, torch.Tensor],
+                     cond: torch.Tensor | None) -> torch.Tensor:
         """f(x, t) = c_skip(t) x + c_out(t) x0_student(x, t)."""
-        output = self.family.denoise(noisy, timesteps, batch).float()
+        output = self.family.denoise(noisy, timesteps, batch, timestep_cond=cond).float()
         x0, _ = x0_and_eps(output, noisy, self.grid.alpha_bar(timesteps), self.prediction_type)
         c_skip, c_out = boundary_scalings(timesteps, self.settings.timestep_scaling_factor)
         return c_skip.view(-1, 1, 1, 1) * noisy + c_out.view(-1, 1, 1, 1) * x0
+
+    # -- the full student's target network (Trainer hooks) --------------------------------
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Target <- decay target + (1 - decay) student, after each optimizer step."""
+        if self.target is None:
+            return
+        decay = self.cfg.distillation.target_ema_decay
+        targets = list(self.target.parameters())
+        students = [p.detach() for p in self.family.denoiser().parameters()]
+        torch._foreach_lerp_(targets, students, 1.0 - decay)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint must hold besides the student: the target network."""
+        if self.target is None:
+            return {}
+        return {f"target.{k}": v for k, v in self.target.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Put a checkpointed target network back."""
+        if self.target is None:
+            return
+        self.target.load_state_dict({k.removeprefix("target."): v for k, v in state.items()},
+                                    strict=True)
+
+    def state_bytes(self) -> int:
+        """Checkpoint bytes of state_dict()."""
+        if self.target is None:
+            return 0
+        return sum(p.numel() * p.element_size() for p in self.target.parameters())

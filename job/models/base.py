@@ -75,8 +75,10 @@ class Family(Protocol):
     # LCM distillation (job/distill/lcm.py) needs these from families with supports_lcm.
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor,
-                batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The denoiser's raw prediction (of the trained prediction type), under autocast."""
+                batch: dict[str, torch.Tensor],
+                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The denoiser's raw prediction (of the trained prediction type), under autocast;
+        `timestep_cond` is a guidance embedding for a denoiser that takes one."""
 
     def unconditional_batch(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The batch as the unconditional branch of the guided teacher."""
@@ -85,7 +87,15 @@ class Family(Protocol):
         """alphas_cumprod [num_train_timesteps] (fp32, CPU) and the prediction type."""
 
     def teacher(self) -> ContextManager[None]:
-        """For the block, the frozen teacher: the denoiser without its LoRA, its own sampler."""
+        """For the block, the frozen teacher: the denoiser without its LoRA (or the frozen
+        original beside a full student), sampled with the model's own scheduler."""
+
+    def swapped_denoiser(self, module: nn.Module) -> ContextManager[None]:
+        """For the block, `module` in the denoiser's place (training calls and sampling)."""
+
+    def make_consistency_student(self, time_cond_dim: int) -> None:
+        """Replace the trainable denoiser by a full copy that takes a guidance embedding of
+        width `time_cond_dim`; keep the original, frozen, as the teacher."""
 
     def sample(self, prompt: str, negative_prompt: str, width: int, height: int,
                guidance: float, steps: int, seed: int) -> Any:

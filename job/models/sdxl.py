@@ -89,6 +89,7 @@ class SDXLFamily(SDXLSamplingExport):
         self._pipeline = None
         self._lcm_scheduler = None
         self._as_teacher = False
+        self.teacher_unet = None  # a full LCM student's frozen teacher
 
     # -- loading ----------------------------------------------------------------------
 
@@ -299,11 +300,14 @@ class SDXLFamily(SDXLSamplingExport):
         return error.mean(dim=tuple(range(1, error.ndim)))
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor,
-                batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The UNet's prediction (of self.prediction_type) with SDXL's added conditioning."""
+                batch: dict[str, torch.Tensor],
+                timestep_cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The UNet's prediction (of self.prediction_type) with SDXL's added conditioning;
+        `timestep_cond` feeds a UNet with a guidance embedding (time_cond_proj_dim)."""
         with self._autocast():
             return self.unet(
-                noisy, timesteps, encoder_hidden_states=batch["text.prompt_embeds"],
+                noisy, timesteps, timestep_cond=timestep_cond,
+                encoder_hidden_states=batch["text.prompt_embeds"],
                 added_cond_kwargs={"text_embeds": batch["text.pooled_prompt_embeds"],
                                    "time_ids": batch["cond.time_ids"]}).sample
 
@@ -321,19 +325,67 @@ class SDXLFamily(SDXLSamplingExport):
 
     @contextmanager
     def teacher(self) -> Iterator[None]:
-        """The frozen teacher for the block: the UNet with its LoRA adapters disabled, and
-        sampling with the model's own scheduler."""
-        if self.lora_config is None:
-            raise RuntimeError("teacher() needs a LoRA student: the teacher is the UNet "
-                               "with its adapters disabled")
-        self.unet.disable_adapters()
+        """The frozen teacher for the block, sampled with the model's own scheduler: the UNet
+        with its LoRA adapters disabled, or the frozen original beside a full student."""
         self._as_teacher = True
+        try:
+            if self.lora_config is not None:
+                self.unet.disable_adapters()
+                try:
+                    yield
+                finally:
+                    # Enabling restores requires_grad on the adapters disabling turned off.
+                    self.unet.enable_adapters()
+            elif self.teacher_unet is not None:
+                with self.swapped_denoiser(self.teacher_unet):
+                    yield
+            else:
+                raise RuntimeError("teacher() needs a student: a LoRA, or a full student from "
+                                   "make_consistency_student()")
+        finally:
+            self._as_teacher = False
+
+    @contextmanager
+    def swapped_denoiser(self, module: nn.Module) -> Iterator[None]:
+        """`module` in the UNet's place (training calls and sampling) for the block."""
+        live = self.unet
+        self.unet = module
+        if self._pipeline is not None:
+            self._pipeline.unet = module
         try:
             yield
         finally:
-            self._as_teacher = False
-            # Enabling restores requires_grad on the adapters that disabling turned off.
-            self.unet.enable_adapters()
+            self.unet = live
+            if self._pipeline is not None:
+                self._pipeline.unet = live
+
+    def make_consistency_student(self, time_cond_dim: int) -> None:
+        """A full LCM student: a copy of the UNet that also takes the guidance w through a
+        `time_cond_proj_dim` embedding (as LCM-SDXL does). The original stays, frozen in the
+        weight dtype, as the teacher. The new projection starts at zero, so the student
+        starts as exactly the teacher evaluated without guidance."""
+        import copy
+
+        from diffusers.models.embeddings import TimestepEmbedding
+
+        if self.cfg.model.model_type != "full" or self.lora_config is not None:
+            raise RuntimeError("a full consistency student needs model.model_type = 'full'")
+        teacher = self.unet
+        student = copy.deepcopy(teacher)
+        if teacher.config.time_cond_proj_dim is None:
+            embedding: TimestepEmbedding = student.time_embedding
+            embedding.cond_proj = nn.Linear(time_cond_dim, embedding.linear_1.in_features,
+                                            bias=False)
+            nn.init.zeros_(embedding.cond_proj.weight)
+            student.register_to_config(time_cond_proj_dim=time_cond_dim)
+        student.to(self.device, self._trainable_dtype()).train().requires_grad_(True)
+        teacher.requires_grad_(False).eval().to(self.dtype)
+        self.teacher_unet, self.unet = teacher, student
+        if self._pipeline is not None:
+            self._pipeline.unet = student
+        self.log.info("consistency_student", kind="full",
+                      time_cond_proj_dim=student.config.time_cond_proj_dim,
+                      teacher_dtype=str(self.dtype), student_dtype=str(self._trainable_dtype()))
 
     def training_loss(self, batch: dict[str, torch.Tensor],
                       generator: torch.Generator) -> torch.Tensor:

@@ -126,6 +126,8 @@ class SDXLSamplingExport:
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
         hub, parts = self._hub_kwargs(), dict(self._sampling_pipeline().components)
+        # An LCM student ships with the LCMScheduler it was distilled for.
+        parts["scheduler"] = self._sampling_scheduler()
         if self.dtype != torch.float32:
             for name, cls in (("text_encoder", CLIPTextModel),
                               ("text_encoder_2", CLIPTextModelWithProjection)):

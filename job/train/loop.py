@@ -167,6 +167,8 @@ class Trainer:
             self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if hasattr(self.objective, "after_step"):
+            self.objective.after_step()
         if self.ema is not None:
             self.ema.update(self.named_trainable(), self.state.step + 1)
 
@@ -220,12 +222,13 @@ class Trainer:
     def identity(self) -> dict[str, Any]:
         """What makes a checkpoint this job's: refused on resume when it differs."""
         m = self.cfg.model
-        identity = {"job_name": self.cfg.job.name, "family": m.family,
+        identity: dict[str, Any] = {"job_name": self.cfg.job.name, "family": m.family,
                     "model_type": m.model_type, "flavour": m.flavour,
                     "model": m.pretrained_model_name_or_path,
                     "lora_rank": self.cfg.lora.rank if m.model_type == "lora" else None}
         if self.cfg.distillation.method != "none":
             identity["distillation"] = self.cfg.distillation.method
+            identity["student"] = self.cfg.distillation.student
         return identity
 
     def save_checkpoint(self) -> Checkpoint:
@@ -248,7 +251,14 @@ class Trainer:
         weights = sum(p.numel() * p.element_size() for p in self.params)
         state_per_weight = {"adamw": 8, "adamw_bf16": 12, "optimi-lion": 8}[self.cfg.optimizer.name]
         ema = 4 * numel if self.ema is not None else 0
-        return weights + numel * state_per_weight + ema
+        return weights + numel * state_per_weight + ema + self._objective_state_bytes()
+
+    def _objective_state_bytes(self) -> int:
+        return self.objective.state_bytes() if hasattr(self.objective, "state_bytes") else 0
+
+    def _objective_state(self) -> dict[str, torch.Tensor]:
+        """What the objective keeps besides the trained weights (a distillation's target)."""
+        return self.objective.state_dict() if hasattr(self.objective, "state_dict") else {}
 
     def check_disk_space(self) -> None:
         """Refuse to start when the volume cannot hold even one checkpoint (exit 2)."""
@@ -268,6 +278,10 @@ class Trainer:
                    self.family.trainable_state_dict().items()}, str(folder / "trainable.safetensors"))
         if self.ema is not None:
             torch.save(self.ema.state_dict(), folder / "ema.pt")
+        objective_state = self._objective_state()
+        if objective_state:
+            save_file({k: v.detach().cpu().contiguous() for k, v in objective_state.items()},
+                      str(folder / "objective.safetensors"))
         torch.save({"optimizer": self.optimizer.state_dict(),
                     "lr_scheduler": self.lr_scheduler.state_dict(),
                     "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -310,6 +324,13 @@ class Trainer:
     def _load_checkpoint(self, checkpoint: Checkpoint) -> None:
         folder = checkpoint.path
         self.family.load_trainable_state_dict(load_file(str(folder / "trainable.safetensors")))
+        if self._objective_state():
+            if not (folder / "objective.safetensors").is_file():
+                raise ConfigError(f"{folder} has no objective.safetensors (the distillation's "
+                                  "target network)", 'resume from a checkpoint of this job, '
+                                  'or set checkpoint.resume_from = "none"')
+            self.objective.load_state_dict(load_file(str(folder / "objective.safetensors"),
+                                                     device=str(self.device)))
         saved = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
         self.optimizer.load_state_dict(saved["optimizer"])
         self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
