@@ -82,6 +82,7 @@ def _cache_only(cfg) -> int:
     from job.models.registry import family_class
     from job.log import quiet_libraries
     from job.run import preflight
+    from job.speedups import apply_speedups
 
     quiet_libraries()
     out = Path(cfg.output_path())
@@ -89,6 +90,8 @@ def _cache_only(cfg) -> int:
     device, dtype = preflight(cfg, out)
     family = family_class(cfg.model.family)(cfg, device, dtype)
     family.load()
+    # As in a run: quantised text encoders ([speedups]) encode what the fingerprint says.
+    apply_speedups(cfg, family)
     data = prepare_data(cfg, family)
     get_logger().info("cache_filled", encoded_latents=data.encoded["latents"],
                       encoded_captions=data.encoded["captions"], samples=len(data.train))

@@ -215,6 +215,19 @@ class ValidationTable(Table):
     eval_timesteps: list[int] = setting(
         [100, 300, 500, 700, 900], "Fixed timesteps the eval loss is scored at.")
     eval_seed: int = setting(1234, "Seed of the fixed eval noise.")
+    guidance_skip_layers: list[int] | None = setting(
+        None, "Skip-layer guidance: transformer blocks skipped in the extra guidance pass "
+        "(SD3.5 Medium: [7, 8, 9]); None: off. Needs guidance > 1.",
+        "validation_guidance_skip_layers")
+    guidance_skip_layers_start: float = setting(
+        0.01, "Fraction of the sampling steps after which skip-layer guidance starts.",
+        "validation_guidance_skip_layers_start", ge=0, le=1)
+    guidance_skip_layers_stop: float = setting(
+        0.2, "Fraction of the sampling steps at which skip-layer guidance stops.",
+        "validation_guidance_skip_layers_stop", ge=0, le=1)
+    guidance_skip_scale: float = setting(
+        2.8, "Scale of the skip-layer guidance term (double it per extra skipped layer).",
+        "validation_guidance_skip_scale", ge=0)
 
 
 class CheckpointTable(Table):
@@ -229,10 +242,34 @@ class CheckpointTable(Table):
         "resume_from_checkpoint")
 
 
+Precision = Literal["no_change", "int8-torchao", "fp8-torchao", "int8-quanto", "int4-quanto",
+                    "int2-quanto", "fp8-quanto"]
+
+
 class SpeedupsTable(Table):
     """[speedups]: optimizations applied after the model is built."""
 
     allow_tf32: bool = setting(True, "TF32 matmuls on Ampere and newer GPUs.", "allow_tf32")
+    attention_mechanism: Literal["diffusers", "sageattention"] = setting(
+        "diffusers", "diffusers: PyTorch SDPA everywhere; sageattention: SageAttention for "
+        "validation sampling only (it has no backward pass), SDPA with a warning when the "
+        "package or a CUDA GPU is missing.", "attention_mechanism")
+    base_model_precision: Precision = setting(
+        "no_change", "Weight quantisation of the frozen base (LoRA trains on top): "
+        "int8-torchao (tested path), fp8-torchao (GPUs with fp8), *-quanto (extra "
+        "tunejob[quanto]); no_change: unquantised.", "base_model_precision")
+    text_encoder_1_precision: Precision = setting(
+        "no_change", "Weight quantisation of the first text encoder while caching.",
+        "text_encoder_1_precision")
+    text_encoder_2_precision: Precision = setting(
+        "no_change", "Weight quantisation of the second text encoder while caching.",
+        "text_encoder_2_precision")
+    text_encoder_3_precision: Precision = setting(
+        "no_change", "Weight quantisation of the third text encoder (SD3's T5) while caching.",
+        "text_encoder_3_precision")
+    base_model_default_dtype: Literal["auto", "bf16", "fp32"] = setting(
+        "auto", "dtype of the frozen base's unquantised weights; auto: the "
+        "train.mixed_precision dtype.", "base_model_default_dtype")
 
 
 class LcmTable(Table):
@@ -253,6 +290,26 @@ class LcmTable(Table):
         "timestep_scaling).", "timestep_scaling_factor", gt=0)
 
 
+class DistributedTable(Table):
+    """[distributed]: several GPUs or hosts (the entrypoint runs `accelerate launch`)."""
+
+    strategy: Literal["ddp", "fsdp2"] = setting(
+        "ddp", "ddp: every GPU holds the model, gradients averaged; fsdp2: shard a full "
+        "fine-tune's weights (not built yet).")
+    num_processes: int = setting(
+        0, "Processes (GPUs) in all, for the entrypoint; 0: every GPU of every machine.", ge=0)
+    num_machines: int = setting(1, "Machines (hosts) in the job, for the entrypoint.", ge=1)
+    timeout_s: float = setting(
+        1800.0, "Seconds a collective may wait before the run fails (the process group's "
+        "timeout); caching never waits in a collective.", gt=0)
+    cache_stall_s: float = setting(
+        600.0, "While waiting for other ranks' cache entries: seconds without a new one before "
+        "this rank encodes the rest itself.", gt=0)
+    scale_lr: bool = setting(
+        False, "Multiply learning_rate by the number of processes (linear scaling rule); "
+        "off: the configured rate is used as is.")
+
+
 class DistillationTable(Table):
     """[distillation]: distil the model into a few-step student."""
 
@@ -265,6 +322,39 @@ class DistillationTable(Table):
     target_ema_decay: float = setting(
         0.95, "EMA decay of the target network of a full student.", gt=0, lt=1)
     lcm: LcmTable = Field(default_factory=LcmTable, description="LCM settings.")
+
+
+class Sd3Table(Table):
+    """[sd3]: Stable Diffusion 3 / 3.5 (model.family = "sd3"): flow matching and text."""
+
+    flow_schedule_shift: float = setting(
+        3.0, "Static shift of the training sigmas, s*sigma / (1 + (s-1)*sigma); 1: none.",
+        "flow_schedule_shift", gt=0)
+    flow_schedule_auto_shift: bool = setting(
+        False, "Shift from each batch's image size (diffusers' calculate_shift over the "
+        "scheduler config's sequence lengths and shifts) instead of flow_schedule_shift.",
+        "flow_schedule_auto_shift")
+    flow_use_uniform_schedule: bool = setting(
+        False, "Draw sigmas uniformly instead of logit-normal.", "flow_use_uniform_schedule")
+    logit_mean: float = setting(0.0, "Mean of the logit-normal sigma distribution.",
+                                "logit_mean")
+    logit_std: float = setting(1.0, "Standard deviation of the logit-normal sigma "
+                               "distribution.", "logit_std", gt=0)
+    loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = setting(
+        "none", "Per-sample loss weight from the SD3 paper: none (plain MSE), sigma_sqrt "
+        "(sigma^-2) or cosmap (diffusers' weighting_scheme values of the same names).")
+    tokenizer_max_length: int = setting(
+        154, "T5 tokens per caption (77 saves cache space; above 154 needs "
+        "job.i_know_what_i_am_doing).", "tokenizer_max_length", gt=0)
+    t5_padding: Literal["unmodified", "zero"] = setting(
+        "unmodified", "unmodified: T5's outputs at padding as the stock pipeline feeds them; "
+        "zero: zeroed at padding positions.", "t5_padding")
+    clip_uncond_behaviour: Literal["empty_string", "zero"] = setting(
+        "empty_string", "Unconditional CLIP input (caption dropout, CFG without a negative "
+        "prompt): the encoded empty caption, or zeros.", "sd3_clip_uncond_behaviour")
+    t5_uncond_behaviour: Literal["empty_string", "zero"] = setting(
+        "empty_string", "Unconditional T5 input: the encoded empty caption, or zeros.",
+        "sd3_t5_uncond_behaviour")
 
 
 class JobConfig(Table):
@@ -285,6 +375,9 @@ class JobConfig(Table):
     speedups: SpeedupsTable = Field(default_factory=SpeedupsTable, description="Speedups.")
     distillation: DistillationTable = Field(default_factory=DistillationTable,
                                             description="Distillation.")
+    distributed: DistributedTable = Field(default_factory=DistributedTable,
+                                          description="Several GPUs or hosts.")
+    sd3: Sd3Table = Field(default_factory=Sd3Table, description="SD3 family settings.")
 
     def output_path(self) -> str:
         """The job's own output folder."""
@@ -318,10 +411,14 @@ def validation_sizes(cfg: JobConfig) -> list[tuple[int, int]]:
 def check_rules(cfg: JobConfig) -> list[str]:
     """Cross-field rules: raise ConfigError on a contradiction, return warnings to log."""
     from job.errors import ConfigError
-    from job.models.registry import family_names, spec_for
+    from job.models.registry import family_names, family_rules, spec_for
 
     if cfg.model.family not in family_names():
-        close = [n for n in family_names() if n.startswith(cfg.model.family[:3])]
+        import difflib
+
+        wanted = cfg.model.family.lower()
+        close = [n for n in family_names() if n.startswith(wanted[:3])] or \
+            difflib.get_close_matches(wanted, family_names(), n=1)
         raise ConfigError(
             f"model.family = {cfg.model.family!r} is not a known family",
             f"use one of {', '.join(family_names())}"
@@ -346,7 +443,39 @@ def check_rules(cfg: JobConfig) -> list[str]:
             f'"{cfg.train.mixed_precision}"', 'set mixed_precision = "bf16" or use "adamw"')
     if cfg.distillation.method != "none":
         _check_distillation(cfg, spec)
-    return _warnings(cfg)
+    notes = _check_family_features(cfg, spec) + _warnings(cfg)
+    rules = family_rules(spec.name)
+    return notes + (rules(cfg) if rules is not None else [])
+
+
+def _check_family_features(cfg: JobConfig, spec: Any) -> list[str]:
+    """Settings the chosen family cannot act on: an error where the result would differ
+    from what was asked (quantisation), a warning where it is only ignored."""
+    from job.errors import ConfigError
+    from job.models.registry import FAMILIES
+
+    s, notes = cfg.speedups, []
+    quantised = {k: getattr(s, k) for k in ("base_model_precision", "text_encoder_1_precision",
+                                            "text_encoder_2_precision", "text_encoder_3_precision")
+                 if getattr(s, k) != "no_change"}
+    if quantised and "quantisation" not in spec.features:
+        able = [f.name for f in FAMILIES.values() if "quantisation" in f.features]
+        key, value = next(iter(quantised.items()))
+        raise ConfigError(f'speedups.{key} = "{value}" but family {spec.name!r} loads its '
+                          "weights unquantised", f"quantisation works with family "
+                          f"{', '.join(able) or '(none)'}; or set {key} = \"no_change\"")
+    if cfg.validation.guidance_skip_layers and "skip_layer_guidance" not in spec.features:
+        notes.append(f"validation.guidance_skip_layers is ignored: family {spec.name!r} samples "
+                     "with a pipeline that has no skip-layer guidance")
+    if s.attention_mechanism == "sageattention" and "sageattention" not in spec.features:
+        notes.append(f'speedups.attention_mechanism = "sageattention" is ignored: family '
+                     f"{spec.name!r} samples with PyTorch SDPA")
+    for other in FAMILIES.values():
+        table = other.settings_table
+        if table and other.name != spec.name and table in cfg.model_fields_set:
+            notes.append(f"[{table}] is ignored: it holds settings of family {other.name!r}, and "
+                         f"this job trains {spec.name!r}")
+    return notes
 
 
 def _check_distillation(cfg: JobConfig, spec: Any) -> None:
@@ -374,19 +503,33 @@ def _check_datasets(cfg: JobConfig, alignment: int) -> None:
     from job.errors import ConfigError
 
     ids = [d.id for d in cfg.datasets]
-    for dup in {i for i in ids if ids.count(i) > 1}:
-        raise ConfigError(f"dataset id {dup!r} is used twice", "give every [[datasets]] its own id")
+    for i, ds_id in enumerate(ids):
+        if ids.index(ds_id) != i:
+            raise ConfigError(f"datasets[{i}].id = {ds_id!r} is already the id of "
+                              f"datasets[{ids.index(ds_id)}]", "give every [[datasets]] its own id")
     if not cfg.enabled_datasets():
         raise ConfigError("every [[datasets]] entry is disabled", "enable at least one dataset")
-    if cfg.validation.eval_dataset is not None and cfg.validation.eval_dataset not in ids:
-        raise ConfigError(f"validation.eval_dataset = {cfg.validation.eval_dataset!r} names no "
+    held_out = cfg.validation.eval_dataset
+    if held_out is not None and held_out not in ids:
+        raise ConfigError(f"validation.eval_dataset = {held_out!r} names no "
                           "dataset", f"use one of {', '.join(ids)}")
+    if held_out is not None and {d.id for d in cfg.enabled_datasets()} == {held_out}:
+        raise ConfigError(f"validation.eval_dataset = {held_out!r} is the only enabled dataset, "
+                          "so nothing is left to train on", "add a [[datasets]] to train on, or "
+                          "remove eval_dataset and hold out a fraction with "
+                          "validation.eval_split = 0.1")
     for i, ds in enumerate(cfg.datasets):
         needs_prompt = ds.caption_strategy == "instanceprompt" or ds.prepend_instance_prompt
         if needs_prompt and not ds.instance_prompt:
             raise ConfigError(f"datasets[{i}] ({ds.id}) uses the instance prompt but "
                               "instance_prompt is not set", "set instance_prompt = \"...\"")
         check_sizes(ds)
+        if ds.aspect_bucket_alignment and ds.aspect_bucket_alignment % alignment:
+            raise ConfigError(
+                f"datasets[{i}].aspect_bucket_alignment = {ds.aspect_bucket_alignment} is not a "
+                f"multiple of {alignment}, the family's alignment, so buckets would have sides "
+                "the model cannot take", f"use a multiple of {alignment} (e.g. {alignment * 4}), "
+                "or leave aspect_bucket_alignment out")
         for text in ds.bucket_resolutions or []:
             width, height = parse_size(text, f"datasets[{i}].bucket_resolutions")
             step = ds.aspect_bucket_alignment or alignment

@@ -48,6 +48,12 @@ class Preempted(JobError):
     exit_code = EXIT_PREEMPTED
 
 
+class PeerLost(Preempted):
+    """A collective failed or timed out: another process of the job is gone. The step in
+    flight is abandoned, so no checkpoint is written; the retry resumes from the last
+    periodic one."""
+
+
 class DiskFullError(JobError):
     """The output volume filled up while writing; earlier checkpoints are intact."""
 

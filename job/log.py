@@ -11,6 +11,24 @@ from typing import Any, TextIO
 import structlog
 
 
+_RANK: int | None = None
+
+
+def set_log_rank(rank: int) -> None:
+    """Tag every line with this process's rank; ranks other than 0 log warnings and errors
+    only (rank 0 tells the run's story once)."""
+    global _RANK
+    _RANK = rank
+    if rank != 0:
+        structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def _add_rank(logger: Any, method: str, event: dict) -> dict:
+    if _RANK is not None:
+        event["rank"] = _RANK
+    return event
+
+
 def setup_logging(stream: TextIO | None = None, json_lines: bool | None = None) -> Any:
     """Configure structlog and return the job's logger. Without `stream`, each line goes to
     whatever sys.stderr is when it is written (so a replaced stderr never holds a closed one)."""
@@ -19,7 +37,7 @@ def setup_logging(stream: TextIO | None = None, json_lines: bool | None = None) 
     renderer = (structlog.processors.JSONRenderer() if json_lines
                 else structlog.dev.ConsoleRenderer(colors=False))
     structlog.configure(
-        processors=[structlog.processors.add_log_level,
+        processors=[structlog.processors.add_log_level, _add_rank,
                     structlog.processors.TimeStamper(fmt="iso", utc=True),
                     renderer],
         logger_factory=lambda *args: _LineWriter(stream),
@@ -57,6 +75,9 @@ def quiet_libraries() -> None:
             continue
         module.disable_progress_bar()
         module.set_verbosity_error()
+    # torchao (the int8-torchao extra, imported by diffusers when installed) registers Enum
+    # pytree constants, and torch logs a deprecation line for each in free text.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:
         get_logger().warning("python_warning", category=category.__name__,

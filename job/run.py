@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 import traceback
 from contextlib import contextmanager
+from datetime import timedelta
 from pathlib import Path
 from typing import Iterator
 
@@ -13,11 +15,12 @@ import torch
 
 from job.config import JobConfig
 from job.distill import build_objective, with_method_defaults
-from job.errors import EXIT_PREEMPTED, ConfigError, JobError, Preempted
-from job.log import get_logger, quiet_libraries
+from job.errors import EXIT_PREEMPTED, ConfigError, JobError, PeerLost, Preempted
+from job.log import get_logger, quiet_libraries, set_log_rank
 from job.metrics import MetricsWriter, Summary, versions, write_json_atomic
 from job.models.registry import family_class, spec_for
 from job.signals import StopSignal
+from job.train.distributed import Topology, launched_rank, set_topology
 from job.toml_out import dumps
 
 
@@ -52,8 +55,12 @@ def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
     warnings = [*warnings, *method_notes]
     out = Path(cfg.output_path())
     out.mkdir(parents=True, exist_ok=True)
-    (out / "job.resolved.toml").write_text(dumps(cfg.model_dump(mode="json")), encoding="utf-8")
-    metrics = MetricsWriter(out / "metrics.jsonl")
+    # Rank 0 writes the shared outputs; the launcher (accelerate, torchrun) sets RANK.
+    main = launched_rank() == 0
+    if main:
+        (out / "job.resolved.toml").write_text(dumps(cfg.model_dump(mode="json")),
+                                               encoding="utf-8")
+    metrics = MetricsWriter(out / "metrics.jsonl", enabled=main)
     spec = spec_for(cfg.model.family)
     summary = Summary(cfg.job.name, spec.name, cfg.model.flavour or spec.default_flavour,
                       notes=list(warnings), versions=versions())
@@ -61,13 +68,14 @@ def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
         log.warning("setting_note", note=note)
     phases, stop = Phases(), StopSignal(cfg.job.preemption_grace_s).install()
     metrics.write("start", job=cfg.job.name, family=spec.name, versions=summary.versions)
-    live = LiveRun()
+    live, failure = LiveRun(), None
     try:
         _run(cfg, out, metrics, phases, stop, summary, live)
         summary.status, summary.exit_code = "succeeded", 0
     except Preempted as err:
         _on_preempted(live.trainer, stop, summary, err)
     except JobError as err:
+        failure = err
         summary.exit_code = err.exit_code
         summary.error = {"type": type(err).__name__, "message": err.message, "hint": err.hint}
         log.error("job_failed", error=err.message, hint=err.hint, exit_code=err.exit_code)
@@ -79,7 +87,11 @@ def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
         log.error("job_crashed", error=str(err), traceback=traceback.format_exc())
     finally:
         stop.uninstall()
-    _finish_summary(summary, live.trainer, phases, out, metrics)
+    _finish_summary(summary, live.trainer, phases, out, metrics, main)
+    if failure is not None:
+        # The run ends with the same paragraph as a refused job file (cli.py): what, where,
+        # and the fix, readable after the JSON log lines.
+        print(f"tunejob: {failure}", file=sys.stderr, flush=True)
     return summary.exit_code
 
 
@@ -92,13 +104,15 @@ class LiveRun:
 def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop: StopSignal,
          summary: Summary, live: LiveRun) -> None:
     """Load, cache, resume, train, validate, export."""
-    from job.data.prepare import prepare_data
-    from job.speedups import apply_speedups
-    from job.train.loop import Trainer
-    from job.validate import Validator
-
     with phases.phase("load"):
         device, dtype = preflight(cfg, out)
+        # Imported after preflight, which should answer in seconds: these pull in
+        # diffusers and torchvision.
+        from job.data.prepare import prepare_data
+        from job.speedups import apply_speedups
+        from job.train.loop import Trainer
+        from job.validate import Validator
+
         # Torch's global stream initialises the LoRA weights and drives LoRA dropout; it is
         # seeded here and saved in checkpoints, so runs and resumes repeat exactly.
         torch.manual_seed(cfg.train.seed)
@@ -137,6 +151,8 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
     if stop.should_stop():
         raise Preempted("stopped by signal after training; the final checkpoint is written",
                         "the next run resumes at the last step and validates and exports")
+    if not trainer.topology.main:
+        return  # rank 0 exports; every rank holds the same weights
     with trainer.ema_weights():
         paths = family.save_final(out / "final")
     _write_model_card(cfg, out / "final", trainer)
@@ -146,7 +162,10 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
 
 
 def _validate(trainer, validator, step: int) -> None:
-    """Validation with the EMA weights when asked for."""
+    """Validation with the EMA weights when asked for (rank 0; the others go on to the next
+    step's all-reduce and wait there, within distributed.timeout_s)."""
+    if not trainer.topology.main:
+        return
     use_ema = trainer.cfg.train.use_ema and trainer.cfg.validation.use_ema
     with trainer.ema_weights() if use_ema else _no_swap():
         validator.run(step)
@@ -158,8 +177,15 @@ def _no_swap() -> Iterator[None]:
 
 
 def preflight(cfg: JobConfig, out: Path) -> tuple[torch.device, torch.dtype]:
-    """Device and disk checks before anything heavy; returns (device, frozen weight dtype)."""
+    """Dataset, device and disk checks before anything heavy; returns (device, frozen weight
+    dtype)."""
     from accelerate import PartialState
+
+    from job.data.discovery import check_present
+
+    for ds in cfg.enabled_datasets():
+        if not ds.synthetic_images:  # else a missing or empty folder is filled later
+            check_present(ds)
 
     wants = cfg.job.device
     if wants == "cuda" and not torch.cuda.is_available():
@@ -167,11 +193,14 @@ def preflight(cfg: JobConfig, out: Path) -> tuple[torch.device, torch.dtype]:
                           'run with --gpus all (docker) or set job.device = "auto"')
     # accelerate owns the process topology (it reads what `accelerate launch` set up) and
     # picks this process's device.
-    state = PartialState(cpu=wants == "cpu" or not torch.cuda.is_available())
+    state = PartialState(cpu=wants == "cpu" or not torch.cuda.is_available(),
+                         timeout=timedelta(seconds=cfg.distributed.timeout_s))
     if state.num_processes > 1:
-        raise ConfigError(f"this job was launched as {state.num_processes} processes, but "
-                          "training on several GPUs is not supported yet",
-                          "run one process (plain `tunejob run`) on one GPU")
+        if cfg.distributed.strategy == "fsdp2":
+            raise ConfigError('distributed.strategy = "fsdp2" is not built yet',
+                              'use strategy = "ddp" (every GPU holds the whole model)')
+        set_topology(Topology(state.process_index, state.num_processes))
+        set_log_rank(state.process_index)
     device = state.device
     free = shutil.disk_usage(out).free
     if free < 256 * 2**20:
@@ -180,6 +209,7 @@ def preflight(cfg: JobConfig, out: Path) -> tuple[torch.device, torch.dtype]:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[
         cfg.train.mixed_precision]
     get_logger().info("preflight", device=str(device), weight_dtype=str(dtype),
+                      processes=state.num_processes, rank=state.process_index,
                       free_disk_gib=round(free / 2**30, 2),
                       gpu=torch.cuda.get_device_name(0) if device.type == "cuda" else None)
     return device, dtype
@@ -191,6 +221,11 @@ def _on_preempted(trainer, stop: StopSignal, summary: Summary, err: Preempted) -
     summary.status, summary.exit_code = "preempted", EXIT_PREEMPTED
     if trainer is None:
         log.warning("preempted", during="startup or caching", detail=err.message)
+        return
+    if isinstance(err, PeerLost):
+        summary.notes.append(err.message)
+        log.warning("preempted", step=trainer.state.step, checkpoint="skipped",
+                    reason=err.message)
         return
     written = trainer.checkpoints.written()
     last = written[-1] if written else None
@@ -224,7 +259,7 @@ def checkpoint_time_budget(trainer) -> float:
 
 
 def _finish_summary(summary: Summary, trainer, phases: Phases, out: Path,
-                    metrics: MetricsWriter) -> None:
+                    metrics: MetricsWriter, main: bool = True) -> None:
     """Fill the counters and write summary.json (atomically)."""
     summary.wall_time_s = phases.totals()
     if trainer is not None:
@@ -239,7 +274,8 @@ def _finish_summary(summary: Summary, trainer, phases: Phases, out: Path,
     if torch.cuda.is_available():
         summary.peak_gpu_memory_gib = round(torch.cuda.max_memory_allocated() / 2**30, 3)
     metrics.write("end", status=summary.status, exit_code=summary.exit_code)
-    write_json_atomic(out / "summary.json", summary.to_dict())
+    if main:
+        write_json_atomic(out / "summary.json", summary.to_dict())
 
 
 def _write_model_card(cfg: JobConfig, folder: Path, trainer) -> None:

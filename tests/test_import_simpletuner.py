@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures" / "simpletuner"
 BASE = "base_sdxl.json"  # ours, not from the documents: a family tunejob has, for fragments
 
-CASCADE_LEFT = {"base_model_precision", "hub_model_id", "report_to",
+CASCADE_LEFT = {"hub_model_id", "report_to",
                 "stable_cascade_decoder_model_name_or_path", "stable_cascade_decoder_subfolder",
                 "stable_cascade_use_decoder_for_validation",
                 "stable_cascade_validation_decoder_guidance_scale",
@@ -49,15 +49,15 @@ CASES = [
      set(), None),
     ("001-backends", [BASE], "001_stable_cascade_hi/config/stable_cascade/multidatabackend.json",
      set(), None),
-    ("002-config", [f"{SD3}/config.json"], f"{SD3}/multidatabackend.json", set(), "sd3"),
+    # SimpleTuner's document sets no step count; tunejob needs one.
+    ("002-config", [f"{SD3}/config.json"], f"{SD3}/multidatabackend.json", set(),
+     "max_train_steps"),
     ("002-backends", [BASE], f"{SD3}/multidatabackend.json", set(), None),
+    # Mapped; BASE is an sdxl job, whose family loads unquantised.
     ("002-quantization", [BASE, f"{SD3}/quantization.json"], f"{SD3}/multidatabackend.json",
-     {"base_model_precision"}, None),
+     set(), "base_model_precision"),
     ("002-skip-layer-guidance", [BASE, f"{SD3}/skip_layer_guidance.json"],
-     f"{SD3}/multidatabackend.json",
-     {"validation_guidance_skip_layers", "validation_guidance_skip_layers_start",
-      "validation_guidance_skip_layers_stop", "validation_guidance_skip_scale",
-      "flow_use_uniform_schedule", "flow_schedule_auto_shift"}, None),
+     f"{SD3}/multidatabackend.json", set(), None),
     ("002-validation-preview", [BASE, f"{SD3}/validation_preview.json"],
      f"{SD3}/multidatabackend.json", {"validation_preview", "validation_preview_steps"}, None),
     ("003-backends", [BASE], f"{K5}/multidatabackend.json", set(), None),
@@ -67,7 +67,7 @@ CASES = [
     ("003-prompt-library", [BASE, f"{K5}/prompt_library_setting.json"],
      f"{K5}/multidatabackend.json", set(), None),
     ("003-quantization", [BASE, f"{K5}/quantization.json"], f"{K5}/multidatabackend.json",
-     {"base_model_precision", "base_model_default_dtype"}, None),
+     set(), "base_model_precision"),
     ("003-tread", [BASE, f"{K5}/tread.json"], f"{K5}/multidatabackend.json", TREAD_LEFT, None),
     # The document's aspect_bucket_rounding = 64 is outside 1-9 in SimpleTuner as well.
     ("004-config", [f"{LCM}/config.json"], f"{LCM}/multidatabackend.json",
@@ -75,7 +75,7 @@ CASES = [
      "aspect_bucket_rounding"),
     ("004-backends", [BASE], f"{LCM}/multidatabackend.json", set(), None),
     ("004-quantization", [BASE, f"{LCM}/quantization.json"], f"{LCM}/multidatabackend.json",
-     {"base_model_precision"}, None),
+     set(), "base_model_precision"),
     ("004-validation-resolution", [BASE, f"{LCM}/validation_resolution.json"],
      f"{LCM}/multidatabackend.json", set(), None),
 ]
@@ -169,8 +169,14 @@ EXAMPLES: dict[str, Any] = {
     "datasets.minimum_image_size": 256, "datasets.maximum_image_size": 2048,
     "datasets.target_downsample_size": 1536, "datasets.bucket_resolutions": ["512x512"],
     "datasets.crop_aspect": "preserve", "lora.target_modules": ["to_q"],
+    "validation.guidance_skip_layers": [1, 2],
 }
-NEEDS = {"datasets.prepend_instance_prompt": {"instance_prompt": "sks"}}
+# Quantisation is refused for families that load unquantised (sdxl); sd3 has it.
+SD3_FAMILY = {"model_family": "sd3"}
+NEEDS = {"datasets.prepend_instance_prompt": {"instance_prompt": "sks"},
+         **{f"speedups.{key}": SD3_FAMILY for key in (
+             "base_model_precision", "text_encoder_1_precision", "text_encoder_2_precision",
+             "text_encoder_3_precision")}}
 
 
 def field_info(target: str) -> Any:
@@ -322,7 +328,7 @@ def test_other_entries_and_unknown_keys_are_reported(tmp_path: Path) -> None:
                {"id": "t2", "dataset_type": "text_embeds", "default": True, "cache_dir": "/c2"},
                {"id": "masks", "dataset_type": "conditioning", "instance_data_dir": "/m"}]
     config, mdb = write_pair(tmp_path, {**BASIC, "lycoris_config": "x.json", "lora_alpha": None,
-                                        "base_model_precision": "no_change"}, entries)
+                                        "report_to": "none"}, entries)
     conv = convert(config, mdb)
     assert {(u.where, u.key) for u in conv.unmapped} == {
         ("config.json", "lycoris_config"), ('mdb.json entry "t1"', "dataset_type"),
@@ -330,7 +336,7 @@ def test_other_entries_and_unknown_keys_are_reported(tmp_path: Path) -> None:
     assert conv.unmapped[0].reason == UNKNOWN_REASON
     assert conv.tables["cache"].lines["dir"].value == "/c2"
     written = job_text(conv)
-    assert 'base_model_precision = "no_change": tunejob\'s behaviour already' in written
+    assert 'report_to = "none": tunejob\'s behaviour already' in written
     assert "lora_alpha = null: unset" in written
 
 
@@ -358,7 +364,7 @@ instance_data_dir = "/tmp/none"
 
 @pytest.mark.parametrize("text, rule_key", [
     ('report_to = "wandb"\n' + MINIMAL, "report_to"),
-    (MINIMAL + "[validation]\nguidance_skip_layers = [7, 8, 9]\n", "validation_guidance_skip_layers"),
+    (MINIMAL + "[validation]\npreview_steps = 5\n", "validation_preview_steps"),
     (MINIMAL.replace("max_train_steps = 3", 'max_train_steps = 3\nbase_model_precision = "nf4"'),
      "base_model_precision")], ids=["top-level", "validation-short-name", "train"])
 def test_job_loader_gives_the_importers_reason(text: str, rule_key: str) -> None:

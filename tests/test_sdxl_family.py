@@ -289,13 +289,17 @@ def test_full_fine_tune_exports_a_stock_pipeline_folder(tmp_path: Path, models_d
             assert ours.dtype == theirs.dtype and torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("source", ["tunejob-test/no-such-model", "/nonexistent/sdxl-folder"])
-def test_missing_weights_offline_is_a_config_error(tmp_path: Path, monkeypatch,
-                                                   source: str) -> None:
+@pytest.mark.parametrize("source, says, fix", [
+    ("tunejob-test/no-such-model", "HF_HUB_OFFLINE", "hub_cache_dir"),
+    # A local path: no download advice, the folder is missing.
+    ("/nonexistent/sdxl-folder", "does not exist", "diffusers layout")])
+def test_missing_weights_offline_is_a_config_error(tmp_path: Path, monkeypatch, source: str,
+                                                   says: str, fix: str) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     cfg = tiny_job_config(tmp_path, model={"pretrained_model_name_or_path": source})
     with pytest.raises(ConfigError) as caught:
         SDXLFamily(cfg, torch.device("cpu"), torch.float32).load()
     assert caught.value.exit_code == 2
-    assert source in caught.value.message and "HF_HUB_OFFLINE" in caught.value.message
-    assert "hub_cache_dir" in caught.value.hint
+    assert source in caught.value.message and says in caught.value.message
+    assert fix in caught.value.hint
+    assert ("hf download" in caught.value.hint) == (not source.startswith("/"))

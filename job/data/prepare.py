@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import random
+import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -15,7 +17,7 @@ import torch
 from job.config import DatasetTable, JobConfig
 from job.data.buckets import bucket_for
 from job.data.cache import EntryCache, entry_key
-from job.data.captions import caption_for
+from job.data.captions import caption_for, caption_path
 from job.data.discovery import ImageRecord, discover
 from job.data.sizes import too_small
 from job.data.synthetic import ensure_synthetic
@@ -24,6 +26,7 @@ from job.errors import DataError
 from job.log import Progress, get_logger
 from job.models.base import Family
 from job.models.registry import spec_for
+from job.train import distributed
 
 EMPTY_CAPTION_KEY = entry_key("<tunejob:empty-prompt>")
 
@@ -72,18 +75,51 @@ def prepare_data(cfg: JobConfig, family: Family,
         log.warning("images_skipped", count=len(skipped),
                     files=[f"{rel}: {why}" for rel, why in skipped[:50]])
     if not samples:
-        raise DataError(f"no usable images: all {len(skipped)} found were skipped",
-                        "check the skipped files listed in the log (unreadable, too small, or "
-                        "without a caption)")
+        raise _nothing_usable(cfg, skipped)
     data = PreparedData([], [], "", caches, text_cache, skipped)
     data.train, data.eval, data.eval_source = _split(cfg, samples)
-    _fill_latents(cfg, family, data, records, should_stop)
-    _fill_text(cfg, family, data, should_stop)
+    topology = distributed.topology()
+    if topology.distributed:
+        # Each rank encodes its share, then waits for the others' entries by looking at the
+        # cache folder: no collective, so no process-group timeout however long it takes.
+        def mine(key: str) -> bool:
+            return _shard_of(key, topology.world) == topology.rank
+
+        _fill_latents(cfg, family, data, records, should_stop, mine)
+        _fill_text(cfg, family, data, should_stop, mine)
+        _await_other_ranks(cfg, family, data, records, should_stop)
+    else:
+        _fill_latents(cfg, family, data, records, should_stop)
+        _fill_text(cfg, family, data, should_stop)
     log.info("data_ready", train_samples=len(data.train), eval_samples=len(data.eval),
              eval_source=data.eval_source, skipped=len(skipped),
              buckets=sorted({f"{w}x{h}" for w, h in (s.bucket for s in data.train)}),
              encoded_latents=data.encoded["latents"], encoded_captions=data.encoded["captions"])
     return data
+
+
+def _nothing_usable(cfg: JobConfig, skipped: list[tuple[str, str]]) -> DataError:
+    """Every file was skipped: which datasets and folders, the first files and why, and
+    the fix for the reasons seen."""
+    ids = sorted({rel.split("/", 1)[0] for rel, _ in skipped})
+    where = ", ".join(f"{d.id!r} ({d.instance_data_dir})" for d in cfg.enabled_datasets()
+                      if d.id in ids)
+    listed = "; ".join(f"{rel}: {why}" for rel, why in skipped[:4])
+    more = f"; and {len(skipped) - 4} more (all in the images_skipped log event)" \
+        if len(skipped) > 4 else ""
+    reasons = " ".join(why for _, why in skipped)
+    fixes = []
+    if "unreadable" in reasons:
+        fixes.append("replace or remove the unreadable image files")
+    if "no caption" in reasons:
+        fixes.append("write a .txt caption beside each image, or set caption_strategy = "
+                     '"filename" or "instanceprompt" in [[datasets]]')
+    if "too small" in reasons:
+        fixes.append("lower minimum_image_size or add larger images")
+    noun = "dataset" if len(ids) == 1 else "datasets"
+    return DataError(f"no usable images in {noun} {where}: all {len(skipped)} files found were "
+                     f"skipped: {listed}{more}", "; ".join(fixes) or "see the images_skipped "
+                     "log event for every file and why it was skipped")
 
 
 def _alignment(ds: DatasetTable, cfg: JobConfig) -> int:
@@ -100,7 +136,8 @@ def _samples_of(ds: DatasetTable, cfg: JobConfig, family: Family):
     for record in found.records:
         caption = caption_for(record, ds)
         if caption is None:
-            skipped.append((f"{ds.id}/{record.rel}", "missing caption file"))
+            skipped.append((f"{ds.id}/{record.rel}", f"no caption: "
+                            f"{Path(caption_path(record)).name} is missing, empty or unreadable"))
             continue
         if too_small(record.width, record.height, ds):
             skipped.append((f"{ds.id}/{record.rel}", f"too small ({record.width}x"
@@ -144,12 +181,57 @@ def _split(cfg: JobConfig, samples: list[Sample]):
     return samples, samples[:8], "train_subset"
 
 
-def _fill_latents(cfg, family, data: PreparedData, records, should_stop) -> None:
-    """Encode every image whose latent entry is missing, in same-bucket VAE batches."""
+def _shard_of(key: str, world: int) -> int:
+    """The rank that encodes a cache entry: a stable hash of its key, so ranks agree without
+    talking whatever each of them already finds in the cache."""
+    return int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % world
+
+
+def _missing(data: PreparedData) -> tuple[list[Sample], list[str]]:
+    """Samples whose latent entry is missing, and caption keys whose text entry is."""
+    latents = [s for s in {(s.dataset_id, s.latent_key): s
+                           for s in data.train + data.eval}.values()
+               if not data.latent_caches[s.dataset_id].has(s.latent_key)]
+    texts = sorted({s.text_key for s in data.train + data.eval
+                    if not data.text_cache.has(s.text_key)})
+    return latents, texts
+
+
+def _await_other_ranks(cfg, family, data: PreparedData, records, should_stop) -> None:
+    """Poll the cache until every entry exists; when none has appeared for
+    distributed.cache_stall_s (a rank died, or the cache folder is not shared between
+    hosts), encode the rest here."""
+    log = get_logger()
+    stall_s = cfg.distributed.cache_stall_s
+    latents, texts = _missing(data)
+    remaining = len(latents) + len(texts)
+    last_change = last_log = time.monotonic()
+    while remaining and not should_stop():
+        time.sleep(0.5)
+        latents, texts = _missing(data)
+        now = time.monotonic()
+        if len(latents) + len(texts) < remaining:
+            remaining, last_change = len(latents) + len(texts), now
+        if now - last_log >= 30:
+            last_log = now
+            log.info("waiting_for_other_ranks", missing_entries=remaining)
+        if now - last_change >= stall_s:
+            log.warning("cache_stalled", missing_entries=remaining, stalled_s=round(stall_s),
+                        note="no other rank wrote an entry in that time; encoding the rest "
+                             "here (is the cache folder shared by every host?)")
+            _fill_latents(cfg, family, data, records, should_stop)
+            _fill_text(cfg, family, data, should_stop)
+            return
+
+
+def _fill_latents(cfg, family, data: PreparedData, records, should_stop,
+                  only: Callable[[str], bool] | None = None) -> None:
+    """Encode every image whose latent entry is missing (those `only` accepts), in
+    same-bucket VAE batches."""
     todo: dict[tuple, list[Sample]] = {}
     for s in {(s.dataset_id, s.latent_key): s for s in data.train + data.eval}.values():
         cache = data.latent_caches[s.dataset_id]
-        if not cache.has(s.latent_key):
+        if (only is None or only(s.latent_key)) and not cache.has(s.latent_key):
             todo.setdefault((s.dataset_id, s.bucket), []).append(s)
     total = sum(len(v) for v in todo.values())
     if not total:
@@ -175,13 +257,16 @@ def _fill_latents(cfg, family, data: PreparedData, records, should_stop) -> None
     progress.close()
 
 
-def _fill_text(cfg, family, data: PreparedData, should_stop) -> None:
-    """Encode every caption whose entry is missing, plus the empty prompt."""
+def _fill_text(cfg, family, data: PreparedData, should_stop,
+               only: Callable[[str], bool] | None = None) -> None:
+    """Encode every caption whose entry is missing (those `only` accepts), plus the empty
+    prompt."""
     cache = data.text_cache
     if not cache.has(EMPTY_CAPTION_KEY):
         cache.save(EMPTY_CAPTION_KEY, family.empty_text())
     captions = {s.text_key: s.caption for s in data.train + data.eval}
-    todo = [(k, c) for k, c in captions.items() if not cache.has(k)]
+    todo = [(k, c) for k, c in captions.items()
+            if (only is None or only(k)) and not cache.has(k)]
     if not todo:
         return
     progress = Progress("captions", len(todo))

@@ -32,10 +32,17 @@ def ensure_synthetic(ds: DatasetTable, seed: int = 0) -> bool:
         stem = f"{index:04d}_{caption.replace(' ', '_')}"
         image.save(tmp / f"{stem}.png")
         (tmp / f"{stem}.txt").write_text(caption + "\n", encoding="utf-8")
-    if folder.is_dir():
-        folder.rmdir()  # empty, checked above
     folder.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, folder)
+    try:
+        if folder.is_dir():
+            folder.rmdir()  # empty, checked above (fails if another process filled it)
+        os.replace(tmp, folder)
+    except OSError:
+        # Another process (a rank of the same job) wrote the same images first.
+        shutil.rmtree(tmp, ignore_errors=True)
+        if folder.is_dir() and any(folder.iterdir()):
+            return False
+        raise
     get_logger().info("synthetic_dataset_written", path=str(folder), images=ds.synthetic_images)
     return True
 

@@ -32,6 +32,7 @@ from job.config import JobConfig
 from job.errors import ConfigError
 from job.log import get_logger
 from job.models.base import Family
+from job.train import distributed
 
 # The consistency models' data standard deviation, as LCMScheduler fixes it.
 SIGMA_DATA = 0.5
@@ -160,9 +161,10 @@ class LCMDistillation:
         """Per-sample loss [B] with noise, grid index and w drawn from `generator`."""
         latents, s = batch["latents"], self.settings
         # Drawn on the CPU generator and then moved, so CPU and GPU runs see the same draws.
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-        index = torch.randint(0, s.num_ddim_timesteps, (latents.shape[0],), generator=generator)
-        w = torch.rand(latents.shape[0], generator=generator) * (s.w_max - s.w_min) + s.w_min
+        # Global-batch draws sliced per rank (job/train/distributed.py).
+        noise = distributed.randn(latents.shape, generator)
+        index = distributed.randint(0, s.num_ddim_timesteps, latents.shape[0], generator)
+        w = distributed.rand(latents.shape[0], generator) * (s.w_max - s.w_min) + s.w_min
         device = latents.device
         return self.losses(batch, noise.to(device), index.to(device), w.to(device))
 

@@ -69,28 +69,18 @@ class KeyRule:
         return text
 
 
-_QUANT = ("tunejob has no quantisation; the base model is loaded unquantised in the "
-          "train.mixed_precision dtype")
 _HUB = ("tunejob does not upload to the Hugging Face Hub; the final weights and a model card "
         "are written to <output>/final/, to upload after the job")
 _TRACKER = ("tunejob has no experiment trackers (wandb, tensorboard); metrics go to "
             "metrics.jsonl and summary.json in the job's output folder")
 _CASCADE = ("tunejob has no stable_cascade family yet; its prior/decoder validation "
             "settings come with it")
-_SLG = "tunejob's validation sampling has no skip-layer guidance"
-_FLOW = ("tunejob has no flow-matching family yet (sd3, kandinsky5), so no flow "
-         "timestep schedule")
-_SD3 = "a setting of the sd3 family, which tunejob does not have yet"
 _OFFLOAD = "tunejob has no model offloading; the components stay on the GPU"
 _TYPES = ("image or images: the entry becomes a [[datasets]] table; text_embeds: it becomes "
           "[cache]; other dataset types are reported")
 
 # (section, keys, status, target or equivalent, reason, values that are our behaviour)
 _EXPLICIT: list[tuple[str, str, str, str, str, tuple]] = [
-    (CONFIG, "base_model_precision text_encoder_1_precision text_encoder_2_precision "
-     "text_encoder_3_precision", UNSUPPORTED, "", _QUANT, ("no_change",)),
-    (CONFIG, "base_model_default_dtype", REPLACED, "train.mixed_precision",
-     "the frozen base weights are loaded in that dtype (bf16, fp16, or fp32 for \"no\")", ()),
     (CONFIG, "config_file", REPLACED, "the job file argument (tunejob run JOB.toml)",
      "the job file is named on the command line", ()),
     (CONFIG, "data_backend_config", STRUCTURE, "", "followed: its image entries become "
@@ -104,16 +94,6 @@ _EXPLICIT: list[tuple[str, str, str, str, str, tuple]] = [
      "stable_cascade_use_decoder_for_validation stable_cascade_validation_decoder_guidance_scale "
      "stable_cascade_validation_prior_guidance_scale "
      "stable_cascade_validation_prior_num_inference_steps", UNSUPPORTED, "", _CASCADE, ()),
-    (CONFIG, "validation_guidance_skip_layers validation_guidance_skip_layers_start "
-     "validation_guidance_skip_layers_stop validation_guidance_skip_scale", UNSUPPORTED, "",
-     _SLG, ()),
-    (CONFIG, "flow_schedule_shift", UNSUPPORTED, "", _FLOW, ()),
-    (CONFIG, "flow_schedule_auto_shift flow_use_uniform_schedule", UNSUPPORTED, "", _FLOW,
-     (False,)),
-    (CONFIG, "t5_padding sd3_clip_uncond_behaviour sd3_t5_uncond_behaviour", UNSUPPORTED, "",
-     _SD3, ()),
-    (CONFIG, "attention_mechanism", UNSUPPORTED, "", "the attention backend is not selectable: "
-     "every family uses PyTorch scaled-dot-product attention", ("diffusers",)),
     (CONFIG, "validation_preview", UNSUPPORTED, "", "tunejob streams no previews to webhooks; "
      "validation images are written to validation/step-N/", (False,)),
     (CONFIG, "validation_preview_steps", UNSUPPORTED, "", "tunejob has no validation previews "
@@ -277,7 +257,7 @@ _HOW = [
     "megapixels for that type, so they are converted (1024 px -> 1.0) and the line says so.",
     "- `[job] name` is `tracker_run_name`, else the last folder of `output_dir`, else the config "
     "file's name; tunejob writes into `<output_dir>/<name>/`.",
-    "- A value that is already tunejob's behaviour (`base_model_precision = \"no_change\"`, "
+    "- A value that is already tunejob's behaviour (`report_to = \"none\"`, "
     "`metadata_backend = \"discovery\"`, ...) needs no setting and is listed as a comment.",
     "- A `model_family` tunejob does not have yet is written as it is; `tunejob validate` then "
     "exits 2 naming it.",

@@ -12,7 +12,7 @@ from cached samples:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ContextManager, Protocol
+from typing import Any, Callable, ContextManager, Protocol
 
 import torch
 from torch import nn
@@ -109,3 +109,12 @@ class Family(Protocol):
 
     def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Put checkpointed trained weights back."""
+
+    # Optional features, present where the family's registry spec lists them (features).
+
+    def quantisation_targets(self) -> dict[str, tuple[nn.Module, Callable[[nn.Module, str], bool]]]:
+        """"quantisation": [speedups] precision key -> (frozen module, which of its layers
+        may be quantised), for job/speedups/quantize.py."""
+
+    # "sageattention": an attention processor that sample() swaps in (None: the default).
+    sampling_attention: Any

@@ -25,6 +25,14 @@ class FamilySpec:
     # Whether the family implements what LCM distillation needs (job/distill/lcm.py); the
     # config layer checks [distillation] against this before torch is imported.
     supports_lcm: bool = False
+    # Optional abilities the config layer checks settings against: "quantisation"
+    # ([speedups] *_precision), "skip_layer_guidance" and "sageattention" (validation).
+    features: tuple[str, ...] = ()
+    # The family's own table in the job file ([sd3]); set for another family it is ignored.
+    settings_table: str | None = None
+    # "module:function" of torch-free cross-field rules of the family's settings, called by
+    # config.check_rules with the job; it raises ConfigError or returns warnings.
+    rules: str | None = None
     notes: dict[str, str] = field(default_factory=dict)
 
 
@@ -41,6 +49,23 @@ FAMILIES: dict[str, FamilySpec] = {
         default_flavour="base-1.0",
         alignment=8,
         supports_lcm=True,
+    ),
+    "sd3": FamilySpec(
+        name="sd3",
+        module="job.models.sd3",
+        class_name="SD3Family",
+        flavours={
+            "large": "stabilityai/stable-diffusion-3.5-large",
+            "medium": "stabilityai/stable-diffusion-3.5-medium",
+            "3.0-medium": "stabilityai/stable-diffusion-3-medium-diffusers",
+            "tiny": None,
+        },
+        default_flavour="medium",
+        # 8x VAE times 2x2 patches.
+        alignment=16,
+        features=("quantisation", "skip_layer_guidance", "sageattention"),
+        settings_table="sd3",
+        rules="job.models.sd3_rules:check_sd3",
     ),
 }
 
@@ -60,6 +85,15 @@ def spec_for(name: str) -> FamilySpec:
         if name == spec.name or name in spec.aliases:
             return spec
     raise KeyError(name)
+
+
+def family_rules(name: str):
+    """The family's torch-free rule function (job -> warnings), or None."""
+    spec = spec_for(name)
+    if spec.rules is None:
+        return None
+    module, function = spec.rules.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def family_class(name: str) -> type:

@@ -23,6 +23,7 @@ from job.log import get_logger
 from job.models.base import PreparedImage
 from job.models.registry import spec_for
 from job.models.sdxl_output import SDXLSamplingExport
+from job.train import distributed
 
 _OFFLINE_VALUES = {"1", "true", "yes", "on"}
 
@@ -176,15 +177,27 @@ class SDXLFamily(SDXLSamplingExport):
         """Which model could not be loaded, and where to put it."""
         m = self.cfg.model
         key = ("model.pretrained_model_name_or_path" if m.pretrained_model_name_or_path
-               else f"model.flavour = {m.flavour!r}")
-        offline = " with HF_HUB_OFFLINE=1" if self._hub_kwargs()["local_files_only"] else ""
+               else f"model.flavour = {m.flavour or spec_for(m.family).default_flavour!r}")
+        folder = Path(self.source).expanduser()
+        if folder.is_absolute() or self.source.startswith((".", "~")) or folder.exists():
+            # A path, not a hub id: downloading cannot help, and the hub's text says little.
+            what = ("does not exist" if not folder.exists() else "has no model_index.json"
+                    if not (folder / "model_index.json").is_file() else "is incomplete")
+            return ConfigError(
+                f"cannot load SDXL weights from the local folder {self.source!r} (from {key}): "
+                f"it {what}", "mount the volume that holds the weights or fix the path; the "
+                "folder needs the diffusers layout (model_index.json, unet/, vae/, "
+                "text_encoder/, tokenizer/, ...) that save_pretrained writes")
+        offline = self._hub_kwargs()["local_files_only"]
         detail = (str(err).strip() or type(err).__name__).splitlines()[0]
         return ConfigError(
             f"cannot load SDXL weights {self.source!r} (from {key}, revision "
-            f"{m.revision or 'main'}){offline}: {detail}",
+            f"{m.revision or 'main'}){' with HF_HUB_OFFLINE=1' if offline else ''}: {detail}",
             f"put the weights under model.hub_cache_dir ({m.hub_cache_dir}), e.g. "
-            f"`HF_HOME={m.hub_cache_dir} hf download {self.source}`, or set "
-            "model.pretrained_model_name_or_path to a local folder in the diffusers layout")
+            f"`HF_HOME={m.hub_cache_dir} hf download {self.source}`, "
+            + ("or unset HF_HUB_OFFLINE to download them, " if offline else "")
+            + "or set model.pretrained_model_name_or_path to a local folder in the diffusers "
+            "layout")
 
     def denoiser(self) -> nn.Module:
         """The UNet (trained)."""
@@ -391,10 +404,11 @@ class SDXLFamily(SDXLSamplingExport):
                       generator: torch.Generator) -> torch.Tensor:
         """Per-sample loss [B] at random timesteps, Min-SNR weighted when snr_gamma is set."""
         latents = batch["latents"]
-        # Drawn on the CPU generator and then moved, so CPU and GPU runs see the same draws.
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps,
-                                  (latents.shape[0],), generator=generator)
+        # Drawn on the CPU generator and then moved, so CPU and GPU runs see the same draws;
+        # drawn for the global batch and sliced per rank (job/train/distributed.py).
+        noise = distributed.randn(latents.shape, generator)
+        timesteps = distributed.randint(0, self.noise_scheduler.config.num_train_timesteps,
+                                        latents.shape[0], generator)
         noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
         losses = self._losses(batch, timesteps, noise)
         gamma = self.cfg.train.snr_gamma

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from job.config import JobConfig
+from job.models.registry import spec_for
 from job.speedups.tf32 import apply_tf32
 
 
@@ -10,6 +11,18 @@ def apply_speedups(cfg: JobConfig, family) -> None:
     """Apply the enabled speedups in their documented order.
 
     Order: numeric modes first (TF32), since later steps (compile, in later versions)
-    specialise on them.
+    specialise on them; then weight quantisation, before the text encoders fill the cache
+    and before the LoRA is added on top of the quantised base; then the sampling-only
+    attention backend. A family without a feature never gets here with it set: the
+    config rules refuse quantisation and warn that sageattention is ignored.
     """
+    features = spec_for(cfg.model.family).features
     apply_tf32(family, cfg.speedups)
+    if "quantisation" in features:
+        from job.speedups.quantize import apply_quantization
+
+        apply_quantization(family, cfg.speedups)
+    if "sageattention" in features:
+        from job.speedups.attention import apply_sageattention
+
+        apply_sageattention(family, cfg.speedups)

@@ -21,6 +21,7 @@ from job.errors import ConfigError, DivergedError, Preempted
 from job.log import Progress, get_logger
 from job.metrics import MetricsWriter
 from job.models.base import Family
+from job.train import distributed
 from job.train.checkpoint import Checkpoint, CheckpointManager
 from job.train.ema import EMA
 from job.train.optimizers import build_optimizer
@@ -52,19 +53,27 @@ class Trainer:
         self.log = get_logger()
         self.params = [p for p in family.denoiser().parameters() if p.requires_grad]
         o = cfg.optimizer
-        self.optimizer = build_optimizer(self.params, o.name, o.learning_rate, o.beta1, o.beta2,
-                                         o.weight_decay, o.epsilon)
-        self.sampler = BucketBatchSampler([s.bucket for s in data.train], cfg.train.batch_size,
+        self.topology = distributed.topology()
+        self.learning_rate = o.learning_rate * (
+            self.topology.world if cfg.distributed.scale_lr else 1)
+        self.optimizer = build_optimizer(self.params, o.name, self.learning_rate, o.beta1,
+                                         o.beta2, o.weight_decay, o.epsilon)
+        # Global batches (per-GPU batch x processes) from one bucket each; every rank takes
+        # its slice, so the run does not depend on how many processes share it.
+        self.sampler = BucketBatchSampler([s.bucket for s in data.train],
+                                          cfg.train.batch_size * self.topology.world,
                                           cfg.train.seed, [s.repeats for s in data.train])
         self.total_steps = self._total_steps()
         self.lr_scheduler = build_lr_scheduler(self.optimizer, o.lr_scheduler, o.lr_warmup_steps,
                                                self.total_steps, o.lr_num_cycles, o.lr_power)
         self.ema = self._build_ema()
         self.scaler = torch.amp.GradScaler("cuda") if self._fp16_scaling() else None
-        self.state = TrainState()
+        self.state = TrainState(world_size=self.topology.world)
         self.rng = RandomStreams.seeded(cfg.train.seed)
         self.batches = BatchLoader(data, device)
         self.checkpoints = CheckpointManager(out_dir / "checkpoints", cfg.checkpoint.total_limit)
+        # Set from the per-step agreement, so every rank stops at the same step.
+        self._stop_agreed = False
         self.saved: list[str] = []
         self.train_time_s = 0.0
         self.samples_trained = 0
@@ -99,12 +108,15 @@ class Trainer:
         c = self.cfg
         self.log.info("training", total_steps=self.total_steps, start_step=self.state.step,
                       batch_size=c.train.batch_size, accumulation=c.train.gradient_accumulation_steps,
+                      processes=self.topology.world, effective_batch=self._samples_per_step(),
+                      learning_rate=self.learning_rate,
+                      lr_scaled_by_processes=self.cfg.distributed.scale_lr,
                       trainable_params=sum(p.numel() for p in self.params),
                       dropped_buckets=[f"{w}x{h}: {n}" for (w, h), n in self.sampler.dropped_buckets()])
         progress = Progress("train", self.total_steps - self.state.step)
         window_start, window_samples = time.perf_counter(), 0
         while self.state.step < self.total_steps:
-            if self.should_stop():
+            if self._stop_agreed or (not self.topology.distributed and self.should_stop()):
                 raise Preempted("stopped by signal", "the next run resumes from the checkpoint")
             started = time.perf_counter()
             result = self.train_step()
@@ -128,7 +140,9 @@ class Trainer:
         progress.close()
 
     def _samples_per_step(self) -> int:
-        return self.cfg.train.batch_size * self.cfg.train.gradient_accumulation_steps
+        """Samples of one optimizer step over all processes (the effective batch)."""
+        return (self.cfg.train.batch_size * self.cfg.train.gradient_accumulation_steps
+                * self.topology.world)
 
     def train_step(self) -> StepResult:
         """One optimizer step over `gradient_accumulation_steps` micro-batches."""
@@ -140,7 +154,10 @@ class Trainer:
             self._backward(loss)
             losses.append(loss.detach())
         loss_value = float(torch.stack(losses).sum())
+        loss_value, self._stop_agreed = distributed.agree(loss_value, self.should_stop(),
+                                                          self.device)
         self.state.samples_seen += self._samples_per_step()
+        distributed.average_gradients(self.params)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.max_grad_norm or math.inf
@@ -198,9 +215,10 @@ class Trainer:
             batches = self._batches_of_epoch(self.state.epoch)
         indices = batches[self.state.batch_in_epoch]
         self.state.batch_in_epoch += 1
-        samples = [self.data.train[i] for i in indices]
+        per_rank, rank = self.cfg.train.batch_size, self.topology.rank
+        samples = [self.data.train[i] for i in indices[rank * per_rank:(rank + 1) * per_rank]]
         p = self.cfg.train.caption_dropout_probability
-        drops = (torch.rand(len(samples), generator=self.rng.dropout) < p).tolist()
+        drops = (distributed.rand(len(samples), self.rng.dropout) < p).tolist()
         return self.batches.load(samples, drops)
 
     def _batches_of_epoch(self, epoch: int) -> list[list[int]]:
@@ -231,8 +249,11 @@ class Trainer:
             identity["student"] = self.cfg.distillation.student
         return identity
 
-    def save_checkpoint(self) -> Checkpoint:
-        """Write a complete checkpoint of everything resume needs."""
+    def save_checkpoint(self) -> Checkpoint | None:
+        """Write a complete checkpoint of everything resume needs (rank 0: every rank holds
+        the same weights, optimizer state, counters and random streams)."""
+        if not self.topology.main:
+            return None
         started = time.perf_counter()
         checkpoint = self.checkpoints.save(self.state.step, self._write_checkpoint_files,
                                            self.identity(), self.estimated_checkpoint_bytes())
@@ -311,6 +332,21 @@ class Trainer:
                       samples_seen=self.state.samples_seen, path=str(checkpoint.path))
         return checkpoint
 
+    def _reshard_if_needed(self) -> None:
+        """A checkpoint of another process count: keep samples seen, the optimizer state and
+        the random streams; restart the data position at the same share of the epoch."""
+        saved_world, world = self.state.world_size, self.topology.world
+        if saved_world == world:
+            return
+        old_global = self.cfg.train.batch_size * saved_world
+        done_in_epoch = self.state.batch_in_epoch * old_global
+        self.state.batch_in_epoch = done_in_epoch // (self.cfg.train.batch_size * world)
+        self.state.world_size = world
+        self.log.warning("resharded", checkpoint_processes=saved_world, processes=world,
+                         samples_seen=self.state.samples_seen, epoch=self.state.epoch,
+                         note="the data order of the rest of this epoch differs from an "
+                              "uninterrupted run's; samples seen and the optimizer state are kept")
+
     def _check_identity(self, checkpoint: Checkpoint) -> None:
         theirs, ours = self.checkpoints.identity(checkpoint), self.identity()
         differs = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
@@ -338,6 +374,7 @@ class Trainer:
             self.scaler.load_state_dict(saved["scaler"])
         self.rng.load_state_dict(saved["rng"])
         self.state.load_state_dict(saved["state"])
+        self._reshard_if_needed()
         if self.ema is not None and (folder / "ema.pt").is_file():
             self.ema.load_state_dict(torch.load(folder / "ema.pt", map_location="cpu",
                                                 weights_only=True))

@@ -18,6 +18,8 @@ class TrainState:
     nonfinite_steps: int = 0
     best_loss: float | None = None
     last_loss: float | None = None
+    # Processes the run had when the state was saved; resuming on another count reshards.
+    world_size: int = 1
 
     def state_dict(self) -> dict:
         """JSON-able dict."""

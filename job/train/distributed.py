@@ -1,0 +1,143 @@
+"""Several processes (GPUs, hosts): the topology, rank-consistent random draws, gradient
+averaging, and the per-step agreement on loss and stop.
+
+Data parallel, as DDP computes it: every rank holds the same weights, takes its own slice of
+each global batch (per-GPU batch x world), and the gradients are averaged over ranks before
+the optimizer step, so every rank applies the same update. The average is one all-reduce of
+the flattened trainable gradients per optimizer step (after gradient accumulation), not
+DDP's per-bucket all-reduces during backward: the families call their denoiser directly,
+which the DDP wrapper would hide. For LoRA the gradients are a few MB and the difference is
+small (bench/ measures scaling); overlapping a full fine-tune's all-reduce with backward is
+left to the FSDP2 strategy (not built yet).
+
+Random draws of a step (noise, timesteps, caption dropout) are drawn for the whole global
+batch from the shared seeded generator, and each rank keeps its slice: the run is the same
+as one process with the global batch, whatever the number of ranks.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from job.errors import PeerLost
+
+
+@dataclass(frozen=True)
+class Topology:
+    """This process's place among the job's processes."""
+
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 writes the shared outputs (metrics, summary, checkpoints, images)."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+_current = Topology()
+
+
+def launched_rank() -> int:
+    """This process's rank as the launcher (accelerate launch, torchrun) set it, before any
+    process group exists: 0 when launched alone."""
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def set_topology(topology: Topology) -> None:
+    """Record the topology (run.py, after accelerate set up the process group)."""
+    global _current
+    _current = topology
+
+
+def topology() -> Topology:
+    """The topology of this process (one process until set_topology)."""
+    return _current
+
+
+def _local(drawn: torch.Tensor, local: int) -> torch.Tensor:
+    t = _current
+    return drawn[t.rank * local:(t.rank + 1) * local]
+
+
+def randn(shape: tuple[int, ...] | torch.Size, generator: torch.Generator,
+          dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """torch.randn of a per-rank batch `shape`, drawn for the global batch and sliced."""
+    shape = tuple(shape)
+    drawn = torch.randn((shape[0] * _current.world, *shape[1:]), generator=generator,
+                        dtype=dtype)
+    return _local(drawn, shape[0])
+
+
+def rand(size: int, generator: torch.Generator) -> torch.Tensor:
+    """torch.rand of `size` per-rank samples, drawn for the global batch and sliced."""
+    return _local(torch.rand(size * _current.world, generator=generator), size)
+
+
+def randint(low: int, high: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """torch.randint of `size` per-rank samples, drawn for the global batch and sliced."""
+    return _local(torch.randint(low, high, (size * _current.world,), generator=generator), size)
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of `params` over ranks (one flattened all-reduce)."""
+    if not _current.distributed:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if len(grads) != len(params):
+        # A parameter without a gradient on this rank gets zeros, so every rank reduces
+        # the same buffer layout.
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in params]
+    flat = torch._utils._flatten_dense_tensors(grads)
+    _collective(dist.all_reduce, flat, op=dist.ReduceOp.SUM)
+    flat /= _current.world
+    for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+        grad.copy_(reduced)
+
+
+def agree(loss: float, stop: bool, device: torch.device) -> tuple[float, bool]:
+    """(mean loss over ranks, whether any rank was told to stop): one small all-reduce, so
+    every rank logs the same loss and stops at the same step."""
+    if not _current.distributed:
+        return loss, stop
+    values = torch.tensor([loss, float(stop)], dtype=torch.float64, device=device)
+    _collective(dist.all_reduce, values, op=dist.ReduceOp.SUM)
+    return float(values[0]) / _current.world, bool(values[1] > 0)
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's value of `flag` on every rank."""
+    if not _current.distributed:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    _collective(dist.broadcast, value, src=0)
+    return bool(value[0] > 0)
+
+
+def barrier() -> None:
+    """Wait for every rank (only where no rank can be busy for long: not around caching)."""
+    if _current.distributed:
+        _collective(dist.barrier)
+
+
+def _collective(collective, *args, **kwargs) -> None:
+    """Run a collective; a failure or timeout (a peer process died or hangs) becomes
+    PeerLost: exit 143, so the scheduler's retry resumes from the last checkpoint."""
+    try:
+        collective(*args, **kwargs)
+    except (RuntimeError, dist.DistError) as err:
+        raise PeerLost(f"rank {_current.rank}: a collective with the other processes failed "
+                       f"({type(err).__name__}: {str(err).splitlines()[0][:200]})",
+                       "another process of the job died or hangs; the retry resumes from the "
+                       "last periodic checkpoint (none is written mid-step)") from None

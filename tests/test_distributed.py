@@ -1,0 +1,133 @@
+"""Several processes on the CPU (gloo): the tiny SDXL job through `accelerate launch` equals
+one process with the doubled batch; caching never waits in a collective; resuming on another
+process count reshards and keeps the counters."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from job.models.sdxl_tiny import ensure_tiny_sdxl
+
+ROOT = Path(__file__).resolve().parent.parent
+SMOKE = ROOT / "jobs" / "smoke.toml"
+LORA = "final/pytorch_lora_weights.safetensors"
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    ensure_tiny_sdxl(folder / "tunejob-tiny" / "sdxl")
+    return folder
+
+
+def settings(tmp_path: Path, models_dir: Path, *extra: str) -> list[str]:
+    """--set arguments: the smoke job in tmp_path, on the CPU, short."""
+    items = [f"job.output_dir={json.dumps(str(tmp_path / 'out'))}",
+             f"model.hub_cache_dir={json.dumps(str(models_dir))}",
+             f"cache.dir={json.dumps(str(tmp_path / 'cache'))}",
+             f"datasets.0.instance_data_dir={json.dumps(str(tmp_path / 'data'))}",
+             'job.device="cpu"', "train.max_train_steps=6", "train.log_every=1",
+             "checkpoint.step_interval=3", "validation.step_interval=1000",
+             'validation.resolution=["64x64"]', "validation.num_inference_steps=2",
+             "validation.prompt_library={}", *extra]
+    return [arg for item in items for arg in ("--set", item)]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def rows(out: Path, event: str) -> list[dict]:
+    lines = (out / "smoke" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["event"] == event]
+
+
+def test_two_processes_equal_one_with_the_doubled_batch(tmp_path: Path, models_dir: Path) -> None:
+    one = subprocess.run([sys.executable, "-m", "job", "run", str(SMOKE),
+                          *settings(tmp_path / "one", models_dir, "train.batch_size=4")],
+                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    # --multi_gpu is accelerate's torchrun launcher (its --cpu mode needs MPI); the job's
+    # device "cpu" makes accelerate set up a gloo process group.
+    two = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+         "--main_process_port", str(free_port()), "-m", "job", "run", str(SMOKE),
+         *settings(tmp_path / "two", models_dir, "train.batch_size=2")],
+        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+
+    out = tmp_path / "two" / "out"
+    training = rows(out, "train")
+    assert [r["samples_seen"] for r in training] == [4 * s for s in range(1, 7)]
+    ready = rows(out, "data_ready")[0]
+    # Rank 0 encoded its share only; rank 1 the rest (12 images in all).
+    assert 0 < ready["encoded_latents"] < 12
+    summary = json.loads((out / "smoke" / "summary.json").read_text())
+    assert summary["status"] == "succeeded" and summary["steps_done"] == 6
+    losses_one = [r["loss"] for r in rows(tmp_path / "one" / "out", "train")]
+    assert [r["loss"] for r in training] == pytest.approx(losses_one, rel=1e-4)
+    a = load_file(tmp_path / "one" / "out" / "smoke" / LORA)
+    b = load_file(out / "smoke" / LORA)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+
+    # Resumed by one process: the data is resharded, the counters go on.
+    resumed = subprocess.run([sys.executable, "-m", "job", "run", str(SMOKE),
+                              *settings(tmp_path / "two", models_dir, "train.batch_size=2",
+                                        "train.max_train_steps=8")],
+                             cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert '"resharded"' in resumed.stderr + resumed.stdout
+    assert [r["samples_seen"] for r in rows(out, "train")][-2:] == [26, 28]
+
+
+SLOW_RANK = """
+import os, sys, time
+import job.models.sdxl as sdxl
+encode = sdxl.SDXLFamily.encode_images
+slept = []
+def slow(self, pixels):
+    if os.environ["RANK"] == "1" and not slept:
+        slept.append(True)
+        time.sleep(float(os.environ["SLOW_S"]))  # the first VAE batch of rank 1
+    return encode(self, pixels)
+sdxl.SDXLFamily.encode_images = slow
+from job.cli import entry
+entry()
+"""
+
+
+def test_a_slow_caching_rank_never_times_out_a_collective(tmp_path: Path,
+                                                          models_dir: Path) -> None:
+    """Process-group timeout 10 s; rank 1 caches for about 30 s while rank 0 waits."""
+    port = str(free_port())
+    args = settings(tmp_path, models_dir, "train.batch_size=1", "train.max_train_steps=2",
+                    "distributed.timeout_s=10", "cache.vae_batch_size=1")
+    procs = []
+    for rank in (0, 1):
+        procs.append(subprocess.Popen(
+            [sys.executable, "-c", SLOW_RANK, "run", str(SMOKE), *args], cwd=ROOT,
+            env={**env(), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "SLOW_S": "30"},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
+    phases = json.loads((tmp_path / "out" / "smoke" / "summary.json").read_text())["wall_time_s"]
+    assert phases["cache"] > 10, phases  # rank 0 waited longer than the collective timeout
