@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 from PIL import Image
 
@@ -44,19 +45,26 @@ class Discovery:
     skipped: list[Skipped] = field(default_factory=list)
 
 
-def discover(ds: DatasetTable) -> Discovery:
-    """Every image under instance_data_dir, sorted by relative path."""
+def check_present(ds: DatasetTable) -> None:
+    """ConfigError unless instance_data_dir is a folder with an image file in it (the
+    search stops at the first, so preflight can call this on a large dataset)."""
     root = Path(ds.instance_data_dir)
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
         raise ConfigError(f"dataset {ds.id!r}: instance_data_dir {str(root)!r} {what}",
                           f"create it, mount the volume that holds it, or fix "
                           f"instance_data_dir of [[datasets]] id = {ds.id!r}")
-    rels = image_files(root)
-    if not rels:
+    if next(_image_rels(root), None) is None:
         raise ConfigError(f"dataset {ds.id!r}: no images in {str(root)!r}",
                           f"put {', '.join(sorted(EXTENSIONS))} files there, or disable the "
                           "dataset (disabled = true)")
+
+
+def discover(ds: DatasetTable) -> Discovery:
+    """Every image under instance_data_dir, sorted by relative path."""
+    check_present(ds)
+    root = Path(ds.instance_data_dir)
+    rels = image_files(root)
     found = Discovery()
     for rel in rels:
         # Absolute but not resolved: a symlinked image keeps its caption file beside the link.
@@ -71,16 +79,19 @@ def discover(ds: DatasetTable) -> Discovery:
 
 def image_files(root: Path) -> list[str]:
     """Relative posix paths of the image files under root, sorted as strings."""
-    rels = []
+    # Sorting the strings, not Path objects, makes the order the same on every platform.
+    return sorted(_image_rels(root))
+
+
+def _image_rels(root: Path) -> Iterator[str]:
+    """Relative posix paths of the image files under root, as found."""
     for path in root.rglob("*"):
         rel = path.relative_to(root)
         # Hidden files and folders (.DS_Store, macOS "._x.jpg" forks, .cache) are not data.
         if any(part.startswith(".") for part in rel.parts):
             continue
         if path.suffix.lower() in EXTENSIONS and path.is_file():
-            rels.append(rel.as_posix())
-    # Sorting the strings, not Path objects, makes the order the same on every platform.
-    return sorted(rels)
+            yield rel.as_posix()
 
 
 def _displayed_size(path: str) -> tuple[int, int] | str:
