@@ -25,3 +25,16 @@ docs: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .data
+
+# The container image (Dockerfile): requirements.lock pins its packages with hashes; re-lock
+# after changing dependencies in pyproject.toml (tests/test_deploy.py says when it is stale).
+# container-test builds the image and runs jobs inside it (docker; root or sudo; ~20 GB).
+.PHONY: lock container-test
+lock: $(STAMP)
+	$(PY) -m pip install -q uv
+	$(VENV)/bin/uv pip compile pyproject.toml --extra torchao --python-version 3.11 \
+	    --python-platform x86_64-manylinux_2_28 --generate-hashes --only-binary :all: \
+	    --emit-build-options --custom-compile-command 'make lock' -o requirements.lock
+
+container-test:
+	bash tests/container/run.sh
