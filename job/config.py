@@ -357,6 +357,36 @@ class Sd3Table(Table):
         "sd3_t5_uncond_behaviour")
 
 
+class StableCascadeTable(Table):
+    """[stable_cascade]: Stable Cascade Stage C prior (model.family = "stable_cascade")."""
+
+    effnet_encoder_path: str | None = setting(
+        None, "The release's effnet_encoder.safetensors (EfficientNet latent encoder); None: "
+        "that file of decoder_model_name_or_path (hub or folder). Required to cache latents.")
+    loss_weighting: Literal["p2", "adaptive"] = setting(
+        "p2", "p2: 1 / (1 + SNR); adaptive: the release's per-noise-level inverse running "
+        "loss (its state is saved in checkpoints).")
+    use_decoder_for_validation: bool = setting(
+        True, "Decode validation priors to images with the stock Stage B decoder pipeline; "
+        "off: save the prior latents and a colour preview.",
+        "stable_cascade_use_decoder_for_validation")
+    decoder_model_name_or_path: str = setting(
+        "stabilityai/stable-cascade", "Hub id or folder of the Stage B decoder pipeline.",
+        "stable_cascade_decoder_model_name_or_path")
+    decoder_subfolder: str = setting(
+        "decoder", "Decoder UNet subfolder: decoder, decoder_lite or a custom one.",
+        "stable_cascade_decoder_subfolder")
+    validation_prior_num_inference_steps: int = setting(
+        20, "Prior sampling steps (validation.num_inference_steps sets the decoder's).",
+        "stable_cascade_validation_prior_num_inference_steps", gt=0)
+    validation_prior_guidance_scale: float | None = setting(
+        None, "Prior CFG scale; wins over validation.guidance when both are set (None: "
+        "validation.guidance).", "stable_cascade_validation_prior_guidance_scale", ge=0)
+    validation_decoder_guidance_scale: float = setting(
+        0.0, "Decoder CFG scale (0: photographic; above 0 follows the prompt more).",
+        "stable_cascade_validation_decoder_guidance_scale", ge=0)
+
+
 class JobConfig(Table):
     """The whole job file."""
 
@@ -378,6 +408,8 @@ class JobConfig(Table):
     distributed: DistributedTable = Field(default_factory=DistributedTable,
                                           description="Several GPUs or hosts.")
     sd3: Sd3Table = Field(default_factory=Sd3Table, description="SD3 family settings.")
+    stable_cascade: StableCascadeTable = Field(default_factory=StableCascadeTable,
+                                               description="Stable Cascade family settings.")
 
     def output_path(self) -> str:
         """The job's own output folder."""
@@ -437,7 +469,8 @@ def check_rules(cfg: JobConfig) -> list[str]:
             raise ConfigError(
                 f"validation.resolution {width}x{height} is not divisible by {spec.alignment}",
                 f"{spec.name} needs sizes that are multiples of {spec.alignment}")
-    if cfg.optimizer.name == "adamw_bf16" and cfg.train.mixed_precision != "bf16":
+    if cfg.optimizer.name == "adamw_bf16" and cfg.train.mixed_precision != "bf16" \
+            and "bf16_weights_fp32_compute" not in spec.features:
         raise ConfigError(
             f'optimizer.name = "adamw_bf16" keeps weights in bf16 but train.mixed_precision = '
             f'"{cfg.train.mixed_precision}"', 'set mixed_precision = "bf16" or use "adamw"')
@@ -508,7 +541,9 @@ def _check_datasets(cfg: JobConfig, alignment: int) -> None:
             raise ConfigError(f"datasets[{i}].id = {ds_id!r} is already the id of "
                               f"datasets[{ids.index(ds_id)}]", "give every [[datasets]] its own id")
     if not cfg.enabled_datasets():
-        raise ConfigError("every [[datasets]] entry is disabled", "enable at least one dataset")
+        keys = ", ".join(f"datasets[{i}].disabled" for i in range(len(cfg.datasets)))
+        raise ConfigError(f"every [[datasets]] entry is disabled ({keys} = true)",
+                          "set disabled = false on at least one dataset, or add one")
     held_out = cfg.validation.eval_dataset
     if held_out is not None and held_out not in ids:
         raise ConfigError(f"validation.eval_dataset = {held_out!r} names no "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -193,6 +194,9 @@ def preflight(cfg: JobConfig, out: Path) -> tuple[torch.device, torch.dtype]:
                           'run with --gpus all (docker) or set job.device = "auto"')
     # accelerate owns the process topology (it reads what `accelerate launch` set up) and
     # picks this process's device.
+    # A timed-out NCCL collective then raises in this thread (PeerLost: exit 143) instead of
+    # NCCL's watchdog aborting the process (not verified on GPUs yet; gloo raises anyway).
+    os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
     state = PartialState(cpu=wants == "cpu" or not torch.cuda.is_available(),
                          timeout=timedelta(seconds=cfg.distributed.timeout_s))
     if state.num_processes > 1:

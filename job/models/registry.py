@@ -67,6 +67,25 @@ FAMILIES: dict[str, FamilySpec] = {
         settings_table="sd3",
         rules="job.models.sd3_rules:check_sd3",
     ),
+    "stable_cascade": FamilySpec(
+        name="stable_cascade",
+        module="job.models.stable_cascade",
+        class_name="StableCascadeFamily",
+        # One hub repository; the flavour picks its subfolder (prior, prior_lite).
+        flavours={
+            "stage-c": "stabilityai/stable-cascade-prior",
+            "stage-c-lite": "stabilityai/stable-cascade-prior",
+            "tiny": None,
+        },
+        default_flavour="stage-c",
+        # Any size samples (latent grid ceil(side / 42.67)); 32 keeps buckets tidy.
+        alignment=32,
+        # "bf16_weights_fp32_compute": adamw_bf16 with mixed_precision = "no" (bf16 LoRA
+        # weights in an fp32 prior), the release's recommended Stage C setting.
+        features=("quantisation", "bf16_weights_fp32_compute"),
+        settings_table="stable_cascade",
+        rules="job.models.stable_cascade_rules:check_stable_cascade",
+    ),
 }
 
 

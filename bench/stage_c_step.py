@@ -1,0 +1,234 @@
+"""Stage C LoRA training step: tunejob's stable_cascade family vs a plain diffusers + peft step.
+
+Full-size random-init priors from the release's dims (stage-c 3.6B, stage-c-lite 1B, below),
+LoRA rank 16 on the attention projections, 24x24x16 latents (1024 px), CLIP-G-sized text
+inputs. Two settings per prior: fp32 at the largest batch that fits (searched downwards),
+and the bf16 override (bf16 prior under bf16 autocast, fp32 LoRA weights) at batch 16. Both
+steps run in one process on the same weights (rebuilt from one seed; one prior in memory at
+a time), batch and settings:
+
+  reference  t ~ U(0, 1), DDPMWuerstchenScheduler.add_noise, epsilon target, P2 weight,
+             peft's inject_adapter_in_model, torch AdamW, written out plainly
+  ours       StableCascadeFamily.training_loss + tunejob's optimizer and clipping, as the
+             training loop runs them
+
+    python bench/stage_c_step.py [--priors stage-c,stage-c-lite] [--steps 10] [--warmup 3]
+                                 [--gradient-checkpointing] [--tiny]
+
+Prints JSON and writes it to $OUT/stage_c_bench.json when OUT is set. --tiny runs a toy
+prior on the CPU to check the script itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from diffusers import DDPMWuerstchenScheduler, StableCascadeUNet  # noqa: E402
+from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
+
+from job.config import JobConfig  # noqa: E402
+from job.models.stable_cascade import StableCascadeFamily  # noqa: E402
+from job.train.optimizers import build_optimizer  # noqa: E402
+
+_COMMON = dict(in_channels=16, out_channels=16, timestep_ratio_embedding_dim=64, patch_size=1,
+               clip_text_in_channels=1280, clip_text_pooled_in_channels=1280,
+               clip_image_in_channels=768, clip_seq=4, kernel_size=3, dropout=(0.1, 0.1),
+               self_attn=True, timestep_conditioning_type=("sca", "crp"), switch_level=(False,),
+               block_types_per_layer=(("SDCascadeResBlock", "SDCascadeTimestepBlock",
+                                       "SDCascadeAttnBlock"),) * 2,
+               down_blocks_repeat_mappers=(1, 1), up_blocks_repeat_mappers=(1, 1))
+# stabilityai/stable-cascade-prior prior/config.json and prior_lite/config.json.
+PRIORS = {
+    "stage-c": dict(_COMMON, conditioning_dim=2048, block_out_channels=(2048, 2048),
+                    num_attention_heads=(32, 32), down_num_layers_per_block=(8, 24),
+                    up_num_layers_per_block=(24, 8)),
+    "stage-c-lite": dict(_COMMON, conditioning_dim=1536, block_out_channels=(1536, 1536),
+                         num_attention_heads=(24, 24), down_num_layers_per_block=(4, 12),
+                         up_num_layers_per_block=(12, 4)),
+}
+TINY = dict(_COMMON, conditioning_dim=32, block_out_channels=(32, 32), num_attention_heads=(2, 2),
+            down_num_layers_per_block=(1, 1), up_num_layers_per_block=(1, 1),
+            clip_text_in_channels=32, clip_text_pooled_in_channels=32, clip_image_in_channels=24)
+TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+RANK, LATENT = 16, 24
+FP32_BATCHES = (64, 48, 32, 24, 16, 12, 8, 6, 4, 2, 1)
+
+
+def make_prior(config: dict, device: torch.device, dtype: torch.dtype) -> StableCascadeUNet:
+    torch.manual_seed(0)
+    with torch.device(device):
+        prior = StableCascadeUNet(**config)
+    return prior.to(dtype)
+
+
+def make_batch(config: dict, batch: int, device: torch.device) -> dict:
+    generator = torch.Generator().manual_seed(1)
+    width, pooled = config["clip_text_in_channels"], config["clip_text_pooled_in_channels"]
+    return {"latents": torch.randn(batch, 16, LATENT, LATENT, generator=generator).to(device),
+            "text.prompt_embeds": torch.randn(batch, 77, width, generator=generator)
+            .half().to(device),
+            "text.prompt_embeds_pooled": torch.randn(batch, 1, pooled, generator=generator)
+            .half().to(device)}
+
+
+def job_config(precision: str, checkpointing: bool) -> JobConfig:
+    return JobConfig.model_validate({
+        "job": {"name": "bench", "i_know_what_i_am_doing": precision != "no"},
+        "model": {"family": "stable_cascade", "flavour": "stage-c"},
+        "lora": {"rank": RANK, "alpha": RANK, "target_modules": TARGETS},
+        "train": {"max_train_steps": 1, "mixed_precision": precision,
+                  "gradient_checkpointing": checkpointing},
+        "datasets": [{"id": "d", "instance_data_dir": "/tmp"}]})
+
+
+def timed(step, warmup: int, steps: int, batch: int, device: torch.device) -> dict:
+    for _ in range(warmup):
+        step()
+    sync(device)
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    seconds = (time.perf_counter() - started) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+    return {"ms_per_step": round(seconds * 1000, 2), "samples_per_s": round(batch / seconds, 3),
+            "peak_gpu_memory_gib": round(peak, 3) if peak is not None else None}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def ours(config, batch_size, precision, args, device) -> dict:
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    prior = make_prior(config, device, dtype).train()
+    cfg = job_config(precision, args.gradient_checkpointing)
+    if args.gradient_checkpointing:
+        prior.enable_gradient_checkpointing()
+    family = StableCascadeFamily.around(cfg, prior, device, dtype)
+    family.add_lora()
+    params = [p for p in prior.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, "adamw", 1e-4, 0.9, 0.999, 1e-2, 1e-8)
+    batch, generator = make_batch(config, batch_size, device), torch.Generator().manual_seed(2)
+
+    def step() -> None:
+        family.training_loss(batch, generator).mean().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return timed(step, args.warmup, args.steps, batch_size, device)
+
+
+def reference(config, batch_size, precision, args, device) -> dict:
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    prior = make_prior(config, device, dtype).train().requires_grad_(False)
+    if args.gradient_checkpointing:
+        prior.enable_gradient_checkpointing()
+    inject_adapter_in_model(LoraConfig(r=RANK, lora_alpha=RANK, target_modules=TARGETS,
+                                       init_lora_weights="gaussian"), prior)
+    params = [p for n, p in prior.named_parameters() if "lora_" in n]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    scheduler = DDPMWuerstchenScheduler()
+    batch = make_batch(config, batch_size, device)
+    clip_img = torch.zeros(batch_size, 1, config["clip_image_in_channels"], device=device,
+                           dtype=dtype)
+
+    def step() -> None:
+        latents = batch["latents"]
+        t = torch.rand(batch_size, device=device)
+        noise = torch.randn_like(latents)
+        noisy = scheduler.add_noise(latents, noise, t)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            pred = prior(sample=noisy.to(dtype), timestep_ratio=t.to(dtype),
+                         clip_text_pooled=batch["text.prompt_embeds_pooled"].to(dtype),
+                         clip_text=batch["text.prompt_embeds"].to(dtype), clip_img=clip_img,
+                         return_dict=False)[0]
+        losses = F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3))
+        weights = 1 - scheduler._alpha_cumprod(t, device)
+        (losses * weights).mean().backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return timed(step, args.warmup, args.steps, batch_size, device)
+
+
+def fresh_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def both(config, batch_size, precision, args, device) -> dict:
+    result = {"batch": batch_size, "precision": precision}
+    for name, run in (("ours", ours), ("reference", reference)):
+        fresh_memory(device)
+        result[name] = run(config, batch_size, precision, args, device)
+    fresh_memory(device)
+    result["ratio_samples_per_s"] = round(result["ours"]["samples_per_s"]
+                                          / result["reference"]["samples_per_s"], 4)
+    return result
+
+
+def largest_fp32(config, args, device) -> dict:
+    """The fp32 comparison at the largest batch at which both steps fit."""
+    candidates = [b for b in FP32_BATCHES if b <= args.max_fp32_batch]
+    for batch_size in candidates:
+        try:
+            return both(config, batch_size, "no", args, device)
+        except torch.cuda.OutOfMemoryError:
+            fresh_memory(device)
+    raise RuntimeError("not even batch 1 fits in fp32")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--priors", default="stage-c,stage-c-lite")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--bf16-batch", type=int, default=16)
+    parser.add_argument("--max-fp32-batch", type=int, default=64)
+    parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="toy prior on the CPU")
+    args = parser.parse_args(argv)
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    out = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+           "torch": torch.__version__, "lora_rank": RANK, "latents": [LATENT, LATENT],
+           "gradient_checkpointing": args.gradient_checkpointing, "priors": {}}
+    for name in args.priors.split(","):
+        config = TINY if args.tiny else PRIORS[name]
+        if args.tiny:
+            args.max_fp32_batch = min(args.max_fp32_batch, 2)
+        params = sum(p.numel() for p in make_prior(config, torch.device("meta"),
+                                                   torch.float32).parameters())
+        out["priors"][name] = {"parameters": params, "fp32": largest_fp32(config, args, device),
+                               "bf16": both(config, 2 if args.tiny else args.bf16_batch, "bf16",
+                                            args, device)}
+        print(json.dumps({name: out["priors"][name]}), flush=True)
+    print(json.dumps(out, indent=2))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "stage_c_bench.json").write_text(json.dumps(out, indent=2))
+    return out
+
+
+if __name__ == "__main__":
+    main()
