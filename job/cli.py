@@ -22,13 +22,22 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("run", "train: cache, train, validate, export"),
                        ("validate", "check the job file only (exit 0 or 2)"),
-                       ("cache", "fill the text-embedding and latent caches, then stop")):
+                       ("cache", "fill the text-embedding and latent caches, then stop"),
+                       ("export", "write the job's trained weights in another form: --merge "
+                        "writes the base model with the final LoRA merged in")):
         cmd = sub.add_parser(name, help=text)
         cmd.add_argument("job", help="path of the job's TOML file")
         cmd.add_argument("--set", dest="overrides", action="append", default=[],
                          metavar="TABLE.KEY=VALUE", help="override one setting (repeatable)")
         cmd.add_argument("--json-logs", action="store_true", default=None,
                          help="one JSON object per log line even on a terminal")
+        if name == "export":
+            cmd.add_argument("--merge", action="store_true",
+                             help="merge the LoRA into the base model (a pipeline folder)")
+            cmd.add_argument("--adapter", default=None,
+                             help="folder of the trained LoRA (default: OUTPUT/final)")
+            cmd.add_argument("-o", "--output", default=None,
+                             help="folder to write (default: OUTPUT/final-merged)")
     source = sub.add_parser("import", help="convert another trainer's configuration into a "
                             "job file").add_subparsers(dest="source", required=True)
     simpletuner = source.add_parser(
@@ -65,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "cache":
             return _cache_only(cfg)
+        if args.command == "export":
+            return _export(cfg, args.merge, args.adapter, args.output)
         from job.run import run_job
 
         return run_job(cfg, warnings)
@@ -74,6 +85,41 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _export(cfg, merge: bool, adapter: str | None, output: str | None) -> int:
+    """Merge the final LoRA into the base model and write a pipeline folder (atomically)."""
+    import shutil
+
+    import torch
+
+    from job.errors import ConfigError
+    from job.models.registry import family_class
+
+    if not merge:
+        raise ConfigError("tunejob export needs a form to write", "add --merge")
+    if cfg.model.model_type != "lora":
+        raise ConfigError('tunejob export --merge needs a LoRA job (model.model_type = "lora")',
+                          "a full fine-tune's final/ folder is already a complete model")
+    family = family_class(cfg.model.family)(cfg, torch.device("cpu"), torch.float32)
+    if not hasattr(family, "export_merged"):
+        raise ConfigError(f"tunejob export --merge is not built for family {cfg.model.family!r}",
+                          "load final/ with the stock pipeline's load_lora_weights, then call "
+                          "pipeline.fuse_lora() and save_pretrained()")
+    out = Path(cfg.output_path())
+    source = Path(adapter) if adapter else out / "final"
+    if not (source / "adapter_config.json").is_file():
+        raise ConfigError(f"{source} holds no trained LoRA (adapter_config.json is missing)",
+                          "run the job to its end first, or point --adapter at a final/ folder")
+    target = Path(output) if output else out / "final-merged"
+    scratch = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(scratch, ignore_errors=True)
+    family.load()
+    family.export_merged(source, scratch)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(scratch, target)
+    get_logger().info("exported", form="merged", adapter=str(source), path=str(target))
+    return 0
 
 
 def _cache_only(cfg) -> int:

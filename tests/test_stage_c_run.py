@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from diffusers import StableCascadePriorPipeline
 from safetensors.torch import load_file
 
+from job.cli import main
 from job.jobfile import load_job
 from job.metrics import validate_summary
 from job.run import run_job
@@ -23,6 +25,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def stage_c_job(tmp_path: Path, *overrides: str):
     """jobs/stage_c.toml on the tiny model, on the CPU, at 64 px and a few steps."""
+    return load_job(ROOT / "jobs" / "stage_c.toml", job_overrides(tmp_path, *overrides))
+
+
+def job_overrides(tmp_path: Path, *overrides: str) -> list[str]:
+    """The --set items of stage_c_job."""
     base = [f"job.output_dir={json.dumps(str(tmp_path / 'out'))}",
             f"model.hub_cache_dir={json.dumps(str(tmp_path / 'models'))}",
             f"cache.dir={json.dumps(str(tmp_path / 'cache'))}",
@@ -37,8 +44,7 @@ def stage_c_job(tmp_path: Path, *overrides: str):
             'validation.resolution="64x64"', "validation.num_inference_steps=2",
             "stable_cascade.validation_prior_num_inference_steps=2",
             'stable_cascade.decoder_subfolder="decoder_lite"', "validation.eval_split=0.25"]
-    cfg, warnings = load_job(ROOT / "jobs" / "stage_c.toml", base + list(overrides))
-    return cfg, warnings
+    return base + list(overrides)
 
 
 def rows(out: Path, event: str) -> list[dict]:
@@ -73,6 +79,15 @@ def test_stage_c_job_trains_validates_resumes_and_exports(tmp_path: Path) -> Non
     snippet = runpy.run_path(str(out / "final" / "load_lora.py"))
     pipeline = snippet["load_prior_pipeline"](base=str(prior_folder(tmp_path / "models")))
     assert any("lora_A" in k for k in pipeline.prior.state_dict())
+
+    # `tunejob export --merge`: a prior pipeline folder with the LoRA merged in.
+    overrides = [a for item in job_overrides(tmp_path, "train.max_train_steps=6")
+                 for a in ("--set", item)]
+    assert main(["export", str(ROOT / "jobs" / "stage_c.toml"), *overrides, "--merge"]) == 0
+    merged = StableCascadePriorPipeline.from_pretrained(str(out / "final-merged"))
+    assert not any("lora_" in k for k in merged.prior.state_dict())
+    assert main(["export", str(ROOT / "jobs" / "stage_c.toml"), *overrides, "--merge",
+                 "--adapter", str(tmp_path / "nowhere")]) == 2
 
 
 def test_adaptive_loss_weight_state_is_checkpointed_and_resumed(tmp_path: Path) -> None:

@@ -73,8 +73,6 @@ _HUB = ("tunejob does not upload to the Hugging Face Hub; the final weights and 
         "are written to <output>/final/, to upload after the job")
 _TRACKER = ("tunejob has no experiment trackers (wandb, tensorboard); metrics go to "
             "metrics.jsonl and summary.json in the job's output folder")
-_CASCADE = ("tunejob has no stable_cascade family yet; its prior/decoder validation "
-            "settings come with it")
 _OFFLOAD = "tunejob has no model offloading; the components stay on the GPU"
 _TYPES = ("image or images: the entry becomes a [[datasets]] table; text_embeds: it becomes "
           "[cache]; other dataset types are reported")
@@ -90,10 +88,6 @@ _EXPLICIT: list[tuple[str, str, str, str, str, tuple]] = [
     (CONFIG, "hub_model_id", UNSUPPORTED, "", _HUB, ()),
     (CONFIG, "report_to", UNSUPPORTED, "", _TRACKER, ("none",)),
     (CONFIG, "tracker_project_name", UNSUPPORTED, "", _TRACKER, ()),
-    (CONFIG, "stable_cascade_decoder_model_name_or_path stable_cascade_decoder_subfolder "
-     "stable_cascade_use_decoder_for_validation stable_cascade_validation_decoder_guidance_scale "
-     "stable_cascade_validation_prior_guidance_scale "
-     "stable_cascade_validation_prior_num_inference_steps", UNSUPPORTED, "", _CASCADE, ()),
     (CONFIG, "validation_preview", UNSUPPORTED, "", "tunejob streams no previews to webhooks; "
      "validation images are written to validation/step-N/", (False,)),
     (CONFIG, "validation_preview_steps", UNSUPPORTED, "", "tunejob has no validation previews "
