@@ -370,6 +370,9 @@ class StableCascadeTable(Table):
         True, "Decode validation priors to images with the stock Stage B decoder pipeline; "
         "off: save the prior latents and a colour preview.",
         "stable_cascade_use_decoder_for_validation")
+    previewer_path: str | None = setting(
+        None, "The release's previewer.safetensors: without the decoder, previews come from "
+        "it; None: a colour projection of the latent channels.")
     decoder_model_name_or_path: str = setting(
         "stabilityai/stable-cascade", "Hub id or folder of the Stage B decoder pipeline.",
         "stable_cascade_decoder_model_name_or_path")

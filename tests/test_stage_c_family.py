@@ -146,3 +146,51 @@ def test_prior_guidance_wins_over_validation_guidance(tmp_path: Path, models_dir
         lambda module, args, kwargs: seen.append(kwargs["sample"].shape[0]), with_kwargs=True)
     family.sample("a red circle", "", 64, 64, 7.0, 2, seed=0)
     assert seen == [1, 1]  # guidance 1.0 from [stable_cascade]: no CFG batch of 2
+
+
+def release_previewer_state() -> dict[str, torch.Tensor]:
+    """Random tensors in the key layout and shapes of the release's previewer.safetensors
+    (written out here from the release's architecture, not from our module)."""
+    g = torch.Generator().manual_seed(0)
+    shapes = {"blocks.0.weight": (512, 16, 1, 1), "blocks.3.weight": (512, 512, 3, 3),
+              "blocks.6.weight": (512, 256, 2, 2), "blocks.9.weight": (256, 256, 3, 3),
+              "blocks.12.weight": (256, 128, 2, 2), "blocks.15.weight": (128, 128, 3, 3),
+              "blocks.18.weight": (128, 128, 2, 2), "blocks.21.weight": (128, 128, 3, 3),
+              "blocks.24.weight": (3, 128, 1, 1)}
+    state = {}
+    for key, shape in shapes.items():
+        state[key] = torch.randn(shape, generator=g) * 0.05
+        out = shape[1] if "blocks.6." in key or "blocks.12." in key or "blocks.18." in key \
+            else shape[0]
+        state[key.replace("weight", "bias")] = torch.zeros(out)
+    for index, width in ((2, 512), (5, 512), (8, 256), (11, 256), (14, 128), (17, 128),
+                         (20, 128), (23, 128)):
+        state.update({f"blocks.{index}.weight": torch.ones(width),
+                      f"blocks.{index}.bias": torch.zeros(width),
+                      f"blocks.{index}.running_mean": torch.zeros(width),
+                      f"blocks.{index}.running_var": torch.ones(width),
+                      f"blocks.{index}.num_batches_tracked": torch.tensor(0)})
+    return state
+
+
+def test_release_previewer_weights_make_the_previews(tmp_path: Path, models_dir: Path) -> None:
+    from safetensors.torch import save_file
+
+    from job.errors import ConfigError
+    from job.models.stable_cascade_output import load_previewer
+
+    path = tmp_path / "previewer.safetensors"
+    save_file(release_previewer_state(), str(path))
+    previewer = load_previewer(str(path))
+    assert previewer(torch.randn(1, 16, 24, 24)).shape == (1, 3, 192, 192)
+    family = load_family(tmp_path, models_dir, stable_cascade={
+        "use_decoder_for_validation": False, "previewer_path": str(path)})
+    image = family.sample("a red circle", "", 128, 64, 4.0, 2, seed=0)
+    plain = load_family(tmp_path, models_dir, stable_cascade={"use_decoder_for_validation": False})
+    assert image.size == (128, 64)
+    assert list(image.getdata()) != list(plain.sample("a red circle", "", 128, 64, 4.0, 2,
+                                                      seed=0).getdata())
+    broken = tmp_path / "broken.safetensors"
+    save_file({"blocks.0.weight": torch.zeros(4, 4, 1, 1)}, str(broken))
+    with pytest.raises(ConfigError, match="is not the release's previewer"):
+        load_previewer(str(broken))

@@ -115,3 +115,24 @@ def test_missing_effnet_weights_stop_the_job_with_exit_2(tmp_path: Path) -> None
     summary = json.loads((Path(cfg.output_path()) / "summary.json").read_text())
     assert "effnet_encoder.safetensors" in summary["error"]["message"]
     assert str(missing) in summary["error"]["message"]
+
+
+def test_too_little_space_for_the_text_cache_is_exit_2(tmp_path: Path, monkeypatch) -> None:
+    import shutil
+    from collections import namedtuple
+
+    cfg, _ = stage_c_job(tmp_path, 'speedups.base_model_precision="no_change"',
+                         "validation.enabled=false")
+    real = shutil.disk_usage
+    usage = namedtuple("usage", "total used free")
+
+    def small_cache_volume(path):
+        if str(path).startswith(str(tmp_path / "cache")):
+            return usage(10**9, 10**9 - 4096, 4096)  # 4 KiB free: less than one entry
+        return real(path)
+
+    monkeypatch.setattr(shutil, "disk_usage", small_cache_volume)
+    assert run_job(cfg) == 2
+    summary = json.loads((Path(cfg.output_path()) / "summary.json").read_text())
+    assert "missing text entries need about" in summary["error"]["message"]
+    assert "KiB each" in summary["error"]["hint"] + summary["error"]["message"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import shutil
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -22,7 +23,7 @@ from job.data.discovery import ImageRecord, discover
 from job.data.sizes import too_small
 from job.data.synthetic import ensure_synthetic
 from job.data.transforms import prepare_image
-from job.errors import DataError
+from job.errors import ConfigError, DataError
 from job.log import Progress, get_logger
 from job.models.base import Family
 from job.models.registry import spec_for
@@ -78,6 +79,7 @@ def prepare_data(cfg: JobConfig, family: Family,
         raise _nothing_usable(cfg, skipped)
     data = PreparedData([], [], "", caches, text_cache, skipped)
     data.train, data.eval, data.eval_source = _split(cfg, samples)
+    _check_cache_space(cfg, family, data)
     topology = distributed.topology()
     if topology.distributed:
         # Each rank encodes its share, then waits for the others' entries by looking at the
@@ -179,6 +181,29 @@ def _split(cfg: JobConfig, samples: list[Sample]):
     # Without a held-out set the eval loss is still comparable across steps, but it is
     # measured on training images, and it is labelled so.
     return samples, samples[:8], "train_subset"
+
+
+def _check_cache_space(cfg: JobConfig, family: Family, data: PreparedData) -> None:
+    """Before encoding: refuse (exit 2) when the cache volume cannot hold the missing text
+    entries, for families that know their entry size (logged either way)."""
+    entry_bytes = getattr(family, "text_entry_bytes", None)
+    if entry_bytes is None:
+        return
+    missing = len({s.text_key for s in data.train + data.eval} - {
+        s.text_key for s in data.train + data.eval if data.text_cache.has(s.text_key)})
+    needed = missing * entry_bytes()
+    root = Path(cfg.cache.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    get_logger().info("cache_space", text_entry_kib=round(entry_bytes() / 1024, 1),
+                      missing_text_entries=missing, needed_mib=round(needed / 2**20, 2),
+                      free_gib=round(free / 2**30, 2))
+    if needed > free:
+        raise ConfigError(
+            f"the cache volume has {free / 2**20:.1f} MiB free under {root}, and the "
+            f"{missing} missing text entries need about {needed / 2**20:.1f} MiB "
+            f"({entry_bytes() / 1024:.0f} KiB each)",
+            "free space on the volume, or point cache.dir at a larger one")
 
 
 def _shard_of(key: str, world: int) -> int:

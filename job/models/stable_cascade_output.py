@@ -82,6 +82,59 @@ def colour_preview(latents: torch.Tensor, width: int, height: int):
     return image.resize((width, height), Image.NEAREST)
 
 
+def previewer_module(c_in: int = 16, hidden: int = 512, c_out: int = 3) -> torch.nn.Sequential:
+    """The Stable Cascade release's latent previewer (its previewer.safetensors loads into
+    this, keys blocks.N.*): a 1x1 lift to `hidden` channels, then three 2x upsamplings that
+    halve the width twice, each stage a conv with GELU and BatchNorm, then a 1x1 to RGB;
+    a 24x24 latent becomes a 192x192 image in about [0, 1]."""
+    from torch import nn
+
+    def act(channels: int) -> list[nn.Module]:
+        return [nn.GELU(), nn.BatchNorm2d(channels)]
+
+    widths = [hidden, hidden // 2, hidden // 4, hidden // 4]
+    layers: list[nn.Module] = [nn.Conv2d(c_in, hidden, 1), *act(hidden),
+                               nn.Conv2d(hidden, hidden, 3, padding=1), *act(hidden)]
+    for before, after in zip(widths, widths[1:]):
+        layers += [nn.ConvTranspose2d(before, after, 2, stride=2), *act(after),
+                   nn.Conv2d(after, after, 3, padding=1), *act(after)]
+    layers.append(nn.Conv2d(widths[-1], c_out, 1))
+    return nn.Sequential(*layers)
+
+
+def load_previewer(path: str) -> torch.nn.Sequential:
+    """The previewer with the release's weights from `path` (exit 2 when missing or wrong)."""
+    from safetensors.torch import load_file
+
+    from job.errors import ConfigError
+
+    try:
+        state = load_file(path)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"stable_cascade.previewer_path = {path!r} cannot be read ({err})",
+                          "point it at the release's previewer.safetensors, or leave it unset "
+                          "for colour previews") from None
+    state = {k.removeprefix("blocks."): v for k, v in state.items()}
+    module = previewer_module()
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise ConfigError(f"stable_cascade.previewer_path = {path!r} is not the release's "
+                          f"previewer ({str(err).splitlines()[0]})",
+                          "use previewer.safetensors of the Stable Cascade release") from None
+    return module.eval().requires_grad_(False)
+
+
+def previewer_image(previewer: torch.nn.Module, latents: torch.Tensor, width: int, height: int):
+    """A PIL preview of prior latents [16, h, w] through the release's previewer."""
+    from PIL import Image
+
+    with torch.no_grad():
+        rgb = previewer(latents[None].float().cpu())[0].clamp(0, 1)
+    array = (rgb.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    return Image.fromarray(array, "RGB").resize((width, height), Image.BICUBIC)
+
+
 class StableCascadeSamplingExport:
     """sample() and save_final() of the Stable Cascade family."""
 
@@ -173,9 +226,16 @@ class StableCascadeSamplingExport:
         path = folder / f"{key}-{width}x{height}-{count:04d}.safetensors"
         save_file({"image_embeddings": latents[None].float().cpu().contiguous()}, str(path),
                   metadata={"prompt": prompt, "seed": str(seed)})
+        previewer_path = self.cfg.stable_cascade.previewer_path
         self.log.warning("validation_without_decoder", latents=str(path),
                          note="stable_cascade.use_decoder_for_validation = false: the images "
-                              "are colour previews of the prior's latents, not decoded images")
+                              "are previews of the prior's latents (" + (
+                                  "the release's previewer" if previewer_path else
+                                  "a colour projection") + "), not decoded images")
+        if previewer_path:
+            if getattr(self, "_previewer", None) is None:
+                self._previewer = load_previewer(previewer_path)
+            return previewer_image(self._previewer, latents, width, height)
         return colour_preview(latents, width, height)
 
     # -- export -----------------------------------------------------------------------
