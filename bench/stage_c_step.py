@@ -62,7 +62,7 @@ TINY = dict(_COMMON, conditioning_dim=32, block_out_channels=(32, 32), num_atten
             clip_text_in_channels=32, clip_text_pooled_in_channels=32, clip_image_in_channels=24)
 TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 RANK, LATENT = 16, 24
-FP32_BATCHES = (64, 48, 32, 24, 16, 12, 8, 6, 4, 2, 1)
+FP32_BATCHES = (64, 56, 48, 40, 36, 32, 28, 24, 20, 16, 14, 12, 11, 10, 9, 8, 6, 4, 2, 1)
 
 
 def make_prior(config: dict, device: torch.device, dtype: torch.dtype) -> StableCascadeUNet:

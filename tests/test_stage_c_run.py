@@ -136,3 +136,17 @@ def test_too_little_space_for_the_text_cache_is_exit_2(tmp_path: Path, monkeypat
     summary = json.loads((Path(cfg.output_path()) / "summary.json").read_text())
     assert "missing text entries need about" in summary["error"]["message"]
     assert "KiB each" in summary["error"]["hint"] + summary["error"]["message"]
+
+
+def test_full_fine_tune_exports_a_prior_pipeline_that_differs_from_the_base(
+        tmp_path: Path) -> None:
+    cfg, _ = stage_c_job(tmp_path, 'model.model_type="full"', 'optimizer.name="adamw"',
+                         'speedups.base_model_precision="no_change"', "train.use_ema=false",
+                         "validation.enabled=false", "train.max_train_steps=3")
+    assert run_job(cfg) == 0
+    final = Path(cfg.output_path()) / "final"
+    trained = StableCascadePriorPipeline.from_pretrained(str(final)).prior.state_dict()
+    base = StableCascadePriorPipeline.from_pretrained(
+        str(prior_folder(tmp_path / "models"))).prior.state_dict()
+    assert trained.keys() == base.keys()
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
