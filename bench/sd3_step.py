@@ -111,6 +111,10 @@ def ours(args, config, device, dtype) -> dict:
     family = SD3Family.around(cfg, transformer, FlowMatchEulerDiscreteScheduler(shift=3.0),
                               device, dtype)
     family.add_lora()
+    if args.compile:
+        from job.speedups.compile import apply_regional_compile
+
+        apply_regional_compile(transformer, "aot_eager" if args.tiny else "inductor")
     params = [p for p in transformer.parameters() if p.requires_grad]
     o = cfg.optimizer
     optimizer = build_optimizer(params, o.name, o.learning_rate, o.beta1, o.beta2,
@@ -179,6 +183,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--checkpointing", action="store_true",
                         help="gradient checkpointing in both steps")
+    parser.add_argument("--compile", action="store_true",
+                        help="ours with [speedups] compile_blocks (regional torch.compile)")
     parser.add_argument("--tiny", action="store_true", help="4-layer model on the CPU, 64 px")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -194,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
               "torch": torch.__version__, "batch": args.batch, "size": args.size,
               "latents": [args.batch, 16, args.size // 8, args.size // 8],
               "lora_rank": args.rank, "dtype": str(dtype), "checkpointing": args.checkpointing,
-              "steps": args.steps, "warmup": args.warmup}
+              "compile_blocks": args.compile, "steps": args.steps, "warmup": args.warmup}
     fresh_memory(device)
     result["reference"] = reference(args, config, device, dtype)
     fresh_memory(device)

@@ -267,6 +267,9 @@ class SpeedupsTable(Table):
     text_encoder_3_precision: Precision = setting(
         "no_change", "Weight quantisation of the third text encoder (SD3's T5) while caching.",
         "text_encoder_3_precision")
+    compile_blocks: bool = setting(
+        False, "torch.compile each repeated block of the denoiser (regional compile; the "
+        "first steps are slower while it compiles).")
     base_model_default_dtype: Literal["auto", "bf16", "fp32"] = setting(
         "auto", "dtype of the frozen base's unquantised weights; auto: the "
         "train.mixed_precision dtype.", "base_model_default_dtype")

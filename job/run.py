@@ -133,6 +133,11 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
     if cfg.model.model_type == "lora":
         family.add_lora()
     objective = build_objective(cfg, family, device)
+    if cfg.speedups.compile_blocks:
+        # After the LoRA and any distillation student exist: the graphs include them.
+        from job.speedups.compile import apply_regional_compile
+
+        apply_regional_compile(family.denoiser())
     validator = Validator(cfg, family, data, out, metrics, device, stop.should_stop,
                           getattr(objective, "eval_loss", None))
     trainer = Trainer(cfg, family, data, out, metrics, stop.should_stop,
