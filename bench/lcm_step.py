@@ -194,6 +194,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="ours with [speedups] compile_blocks (regional torch.compile)")
+    parser.add_argument("--targets", default="lcm", choices=["lcm", "attention"],
+                        help="LoRA targets: the LCM-LoRA set, or to_q/to_k/to_v/to_out.0")
     args = parser.parse_args()
     cuda = torch.cuda.is_available() and not args.tiny
     device = torch.device("cuda" if cuda else "cpu")
@@ -205,7 +209,10 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     batch = make_batch(config, args.batch, size, device)
+    if args.targets == "attention":
+        TARGETS[:] = ["to_q", "to_k", "to_v", "to_out.0"]
     results = {"device": torch.cuda.get_device_name(0) if cuda else "cpu",
+               "compile_blocks": args.compile, "lora_targets": list(TARGETS),
                "torch": torch.__version__, "batch": args.batch, "resolution": size,
                "lora_rank": args.rank, "dtype": str(dtype), "steps_timed": args.steps}
 
@@ -238,6 +245,10 @@ def main() -> None:
         params = [p for p in family.unet.parameters() if p.requires_grad]
         opt = build_optimizer(params, "adamw", 1e-4, 0.9, 0.999, 1e-2, 1e-8)
         objective = LCMDistillation(cfg, family, device) if lcm else family.training_loss
+        if args.compile:
+            from job.speedups.compile import apply_regional_compile
+
+            apply_regional_compile(family.unet, "aot_eager" if args.tiny else "inductor")
 
         def step():
             loss = objective(batch, generator).mean()
