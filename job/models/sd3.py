@@ -6,9 +6,7 @@ lives in job/models/sd3_flow.py; sampling and export in job/models/sd3_output.py
 
 from __future__ import annotations
 
-import os
 import warnings
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -20,12 +18,11 @@ from job.errors import ConfigError
 from job.log import get_logger
 from job.models import sd3_flow as flow
 from job.models.base import PreparedImage
+from job.models.common import FamilyCommon, config_hash, tokenizer_hash, weights_source
 from job.models.sd3_output import SD3SamplingExport
 from job.models.sd3_rules import check_skip_layer_guidance
-from job.models.sdxl import config_hash, tokenizer_hash, weights_source
 from job.train import distributed
 
-_OFFLINE_VALUES = {"1", "true", "yes", "on"}
 # Kept unquantised: the input/output projections and embedders are small, and their
 # precision sets the precision of every token (SD3.5 Large is known to destabilise).
 _UNQUANTISED = ("pos_embed", "time_text_embed", "context_embedder", "norm_out", "proj_out")
@@ -39,7 +36,7 @@ def _any_linear(module: nn.Module, name: str) -> bool:
     return isinstance(module, nn.Linear)
 
 
-class SD3Family(SD3SamplingExport):
+class SD3Family(FamilyCommon, SD3SamplingExport):
     """Stable Diffusion 3 / 3.5 through diffusers' StableDiffusion3Pipeline components."""
 
     name = "sd3"
@@ -67,12 +64,6 @@ class SD3Family(SD3SamplingExport):
         return family
 
     # -- loading ----------------------------------------------------------------------
-
-    def _hub_kwargs(self) -> dict[str, Any]:
-        """Revision, cache folder, and offline mode read now (not at import time)."""
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _OFFLINE_VALUES
-        return {"revision": self.revision, "local_files_only": offline,
-                "cache_dir": str(Path(self.cfg.model.hub_cache_dir) / "hub")}
 
     def load(self) -> None:
         """Load every component from the hub id or local folder, frozen and on the device."""
@@ -120,10 +111,6 @@ class SD3Family(SD3SamplingExport):
             return self._trainable_dtype()
         wanted = self.cfg.speedups.base_model_default_dtype
         return {"auto": self.dtype, "bf16": torch.bfloat16, "fp32": torch.float32}[wanted]
-
-    def _trainable_dtype(self) -> torch.dtype:
-        """fp32 master weights, except bf16 ones for the Kahan-compensated adamw_bf16."""
-        return torch.bfloat16 if self.cfg.optimizer.name == "adamw_bf16" else torch.float32
 
     def _place_and_freeze(self) -> None:
         full = self.cfg.model.model_type == "full"
@@ -265,13 +252,7 @@ class SD3Family(SD3SamplingExport):
 
     def add_lora(self) -> None:
         """A peft LoRA on the transformer's [lora] target modules; only it is trainable."""
-        from peft import LoraConfig
-
-        lora = self.cfg.lora
-        self.lora_config = LoraConfig(
-            r=lora.rank, lora_alpha=lora.alpha if lora.alpha is not None else lora.rank,
-            lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
-            init_lora_weights="gaussian")
+        self.lora_config = self._new_lora_config()
         self.transformer.requires_grad_(False)
         with warnings.catch_warnings():
             # peft's note on a torchao-quantised base that merging needs the quantisation
@@ -283,10 +264,6 @@ class SD3Family(SD3SamplingExport):
         for param in self.transformer.parameters():
             if param.requires_grad:
                 param.data = param.data.to(self._trainable_dtype())
-
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype,
-                              enabled=self.dtype != torch.float32)
 
     def training_sigmas(self, batch_size: int, latent_size: tuple[int, int],
                         generator: torch.Generator) -> torch.Tensor:
@@ -344,30 +321,3 @@ class SD3Family(SD3SamplingExport):
                 hidden_states=noisy, timestep=timesteps,
                 encoder_hidden_states=batch["text.prompt_embeds"],
                 pooled_projections=batch["text.pooled_prompt_embeds"], return_dict=False)[0]
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter's peft state dict (LoRA) or the transformer's state dict (full)."""
-        if self.lora_config is None:
-            return self.transformer.state_dict()
-        from peft import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.transformer)
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Put checkpointed trained weights back; other names or shapes are an error."""
-        expected = {k: tuple(v.shape) for k, v in self.trainable_state_dict().items()}
-        given = {k: tuple(v.shape) for k, v in state.items()}
-        if given != expected:
-            missing, extra = len(expected.keys() - given), len(given.keys() - expected)
-            reshaped = sum(1 for k in expected.keys() & given if expected[k] != given[k])
-            raise ConfigError(
-                f"the checkpoint's trained weights do not fit this model ({missing} missing, "
-                f"{extra} unexpected, {reshaped} of another shape)", "resume with the same "
-                '[lora] rank, target_modules and model_type, or set checkpoint.resume_from = '
-                '"none"')
-        if self.lora_config is None:
-            self.transformer.load_state_dict(state, strict=True)
-            return
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.transformer, state)

@@ -6,9 +6,6 @@ the rest of the job reaches it through the protocol in job/models/base.py.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -21,45 +18,10 @@ from job.config import JobConfig
 from job.errors import ConfigError
 from job.log import get_logger
 from job.models.base import PreparedImage
+from job.models.common import FamilyCommon, config_hash, tokenizer_hash, weights_source
 from job.models.registry import spec_for
 from job.models.sdxl_output import SDXLSamplingExport
 from job.train import distributed
-
-_OFFLINE_VALUES = {"1", "true", "yes", "on"}
-
-
-def weights_source(cfg: JobConfig) -> tuple[str, Path | None]:
-    """(hub id or folder to load from, folder to build the tiny model in or None)."""
-    model = cfg.model
-    if model.pretrained_model_name_or_path:
-        return model.pretrained_model_name_or_path, None
-    spec = spec_for(model.family)
-    hub_id = spec.flavours[model.flavour or spec.default_flavour]
-    if hub_id is not None:
-        return hub_id, None
-    folder = Path(model.hub_cache_dir) / "tunejob-tiny" / spec.name
-    return str(folder), folder
-
-
-def config_hash(config: Any) -> str:
-    """Hash of a diffusers/transformers config, without paths and library versions."""
-    items = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-    skip = {"transformers_version", "torch_dtype", "dtype"}
-    kept = {k: v for k, v in items.items() if not k.startswith("_") and k not in skip}
-    return _digest(kept)
-
-
-def tokenizer_hash(tokenizer: Any) -> str:
-    """Hash of everything that decides token ids: vocabulary, merges, rules, length."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    body = backend.to_str() if backend is not None else tokenizer.get_vocab()
-    return _digest({"tokenizer": body, "max_length": tokenizer.model_max_length,
-                    "pad": str(tokenizer.pad_token)})
-
-
-def _digest(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma: float,
@@ -75,7 +37,7 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
     return torch.where(snr > 0, clipped / snr.clamp(min=1e-20), torch.ones_like(snr))
 
 
-class SDXLFamily(SDXLSamplingExport):
+class SDXLFamily(FamilyCommon, SDXLSamplingExport):
     """Stable Diffusion XL through diffusers' StableDiffusionXLPipeline components."""
 
     name = "sdxl"
@@ -93,12 +55,6 @@ class SDXLFamily(SDXLSamplingExport):
         self.teacher_unet = None  # a full LCM student's frozen teacher
 
     # -- loading ----------------------------------------------------------------------
-
-    def _hub_kwargs(self) -> dict[str, Any]:
-        """Revision, cache folder, and offline mode read now (not at import time)."""
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _OFFLINE_VALUES
-        return {"revision": self.revision, "local_files_only": offline,
-                "cache_dir": str(Path(self.cfg.model.hub_cache_dir) / "hub")}
 
     def load(self) -> None:
         """Load every component from the hub id or local folder, frozen and on the device."""
@@ -144,10 +100,6 @@ class SDXLFamily(SDXLSamplingExport):
     def _unet_dtype(self) -> torch.dtype:
         """Frozen base in the weight dtype; a fully trained UNet in its trainable dtype."""
         return self._trainable_dtype() if self.cfg.model.model_type == "full" else self.dtype
-
-    def _trainable_dtype(self) -> torch.dtype:
-        """fp32 master weights, except bf16 ones for the Kahan-compensated adamw_bf16."""
-        return torch.bfloat16 if self.cfg.optimizer.name == "adamw_bf16" else torch.float32
 
     def _prediction_type(self) -> str:
         """The training target: model.prediction_type, or the scheduler config's for auto."""
@@ -280,13 +232,7 @@ class SDXLFamily(SDXLSamplingExport):
 
     def add_lora(self) -> None:
         """A peft LoRA on the UNet's [lora] target modules; only it is trainable."""
-        from peft import LoraConfig
-
-        lora = self.cfg.lora
-        self.lora_config = LoraConfig(
-            r=lora.rank, lora_alpha=lora.alpha if lora.alpha is not None else lora.rank,
-            lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
-            init_lora_weights="gaussian")
+        self.lora_config = self._new_lora_config()
         self.unet.requires_grad_(False)
         self.unet.add_adapter(self.lora_config)
         # The adapter is created in the base weights' dtype (bf16 under mixed precision);
@@ -294,10 +240,6 @@ class SDXLFamily(SDXLSamplingExport):
         for param in self.unet.parameters():
             if param.requires_grad:
                 param.data = param.data.to(self._trainable_dtype())
-
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype,
-                              enabled=self.dtype != torch.float32)
 
     def _losses(self, batch: dict[str, torch.Tensor], timesteps: torch.Tensor,
                 noise: torch.Tensor) -> torch.Tensor:
@@ -422,30 +364,3 @@ class SDXLFamily(SDXLSamplingExport):
         """Per-sample unweighted loss [B] at the given timesteps and noise."""
         device = batch["latents"].device
         return self._losses(batch, timesteps.to(device), noise.to(device, torch.float32))
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter's peft state dict (LoRA) or the UNet's state dict (full)."""
-        if self.lora_config is None:
-            return self.unet.state_dict()
-        from peft import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.unet)
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Put checkpointed trained weights back; other names or shapes are an error."""
-        expected = {k: tuple(v.shape) for k, v in self.trainable_state_dict().items()}
-        given = {k: tuple(v.shape) for k, v in state.items()}
-        if given != expected:
-            missing, extra = len(expected.keys() - given), len(given.keys() - expected)
-            reshaped = sum(1 for k in expected.keys() & given if expected[k] != given[k])
-            raise ConfigError(
-                f"the checkpoint's trained weights do not fit this model ({missing} missing, "
-                f"{extra} unexpected, {reshaped} of another shape)", "resume with the same "
-                '[lora] rank, target_modules and model_type, or set checkpoint.resume_from = '
-                '"none"')
-        if self.lora_config is None:
-            self.unet.load_state_dict(state, strict=True)
-            return
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.unet, state)

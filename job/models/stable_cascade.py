@@ -8,7 +8,6 @@ StableCascadeUNet has no diffusers adapter mixin, so the LoRA is injected with p
 
 from __future__ import annotations
 
-import os
 import warnings
 from pathlib import Path
 from typing import Any, Callable
@@ -22,12 +21,11 @@ from job.errors import ConfigError
 from job.log import get_logger
 from job.models import stable_cascade_diffusion as diffusion
 from job.models.base import PreparedImage
-from job.models.sdxl import config_hash, tokenizer_hash, weights_source
+from job.models.common import FamilyCommon, config_hash, tokenizer_hash, weights_source
 from job.models.stable_cascade_effnet import EFFNET_FILE, load_effnet
 from job.models.stable_cascade_output import StableCascadeSamplingExport
 from job.train import distributed
 
-_OFFLINE_VALUES = {"1", "true", "yes", "on"}
 PRIOR_SUBFOLDERS = {"stage-c": "prior", "stage-c-lite": "prior_lite", "tiny": "prior"}
 RELEASED_DECODER = "stabilityai/stable-cascade"
 # The prompt cache is fp16: CLIP-G's 77 x 1280 hidden states and its pooled 1280, 195 KiB.
@@ -66,7 +64,7 @@ class TrainingObjective:
         return sum(v.numel() * v.element_size() for v in self.state_dict().values())
 
 
-class StableCascadeFamily(StableCascadeSamplingExport):
+class StableCascadeFamily(FamilyCommon, StableCascadeSamplingExport):
     """Stage C through diffusers' StableCascadePriorPipeline components."""
 
     name = "stable_cascade"
@@ -98,11 +96,6 @@ class StableCascadeFamily(StableCascadeSamplingExport):
         return family
 
     # -- loading ----------------------------------------------------------------------
-
-    def _hub_kwargs(self) -> dict[str, Any]:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _OFFLINE_VALUES
-        return {"revision": self.revision, "local_files_only": offline,
-                "cache_dir": str(Path(self.cfg.model.hub_cache_dir) / "hub")}
 
     def decoder_source(self) -> str:
         """The decoder pipeline's hub id or folder (the tiny flavour's own in place of the
@@ -147,10 +140,6 @@ class StableCascadeFamily(StableCascadeSamplingExport):
             return self._trainable_dtype()
         wanted = self.cfg.speedups.base_model_default_dtype
         return {"auto": self.dtype, "bf16": torch.bfloat16, "fp32": torch.float32}[wanted]
-
-    def _trainable_dtype(self) -> torch.dtype:
-        """fp32 master weights, except bf16 ones for the Kahan-compensated adamw_bf16."""
-        return torch.bfloat16 if self.cfg.optimizer.name == "adamw_bf16" else torch.float32
 
     def _load_error(self, err: Exception) -> ConfigError:
         m = self.cfg.model
@@ -264,13 +253,9 @@ class StableCascadeFamily(StableCascadeSamplingExport):
 
     def add_lora(self) -> None:
         """peft injection on the prior's [lora] target modules; only it is trainable."""
-        from peft import LoraConfig, inject_adapter_in_model
+        from peft import inject_adapter_in_model
 
-        lora = self.cfg.lora
-        self.lora_config = LoraConfig(
-            r=lora.rank, lora_alpha=lora.alpha if lora.alpha is not None else lora.rank,
-            lora_dropout=lora.dropout, target_modules=list(lora.target_modules),
-            init_lora_weights="gaussian")
+        self.lora_config = self._new_lora_config()
         self.prior.requires_grad_(False)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass.*")
@@ -279,10 +264,6 @@ class StableCascadeFamily(StableCascadeSamplingExport):
             if "lora_" in name:
                 param.requires_grad_(True)
                 param.data = param.data.to(self._trainable_dtype())
-
-    def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.dtype,
-                              enabled=self.dtype != torch.float32)
 
     def weighted_training_loss(self, batch: dict[str, torch.Tensor],
                                generator: torch.Generator) -> torch.Tensor:
@@ -328,30 +309,6 @@ class StableCascadeFamily(StableCascadeSamplingExport):
             return self.prior(sample=noisy.to(dtype), timestep_ratio=t.to(dtype),
                               clip_text_pooled=batch["text.prompt_embeds_pooled"].to(dtype),
                               clip_text=text, clip_img=image, return_dict=False)[0]
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        if self.lora_config is None:
-            return self.prior.state_dict()
-        from peft import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(self.prior)
-
-    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        expected = {k: tuple(v.shape) for k, v in self.trainable_state_dict().items()}
-        given = {k: tuple(v.shape) for k, v in state.items()}
-        if given != expected:
-            raise ConfigError(
-                f"the checkpoint's trained weights do not fit this prior "
-                f"({len(expected.keys() - given)} missing, {len(given.keys() - expected)} "
-                "unexpected)", "resume with the same [lora] rank, target_modules, flavour and "
-                'model_type, or set checkpoint.resume_from = "none"')
-        if self.lora_config is None:
-            self.prior.load_state_dict(state, strict=True)
-            return
-        from peft import set_peft_model_state_dict
-
-        set_peft_model_state_dict(self.prior, state)
-
 
 def _gathered(t: torch.Tensor, losses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Every rank's (t, loss) in rank order, so the adaptive weight's state stays the same
