@@ -6,8 +6,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -69,6 +70,21 @@ class FamilyCommon:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype,
                               enabled=self.dtype != torch.float32)
+
+    @contextmanager
+    def _encoders_on_device(self) -> Iterator[None]:
+        """The family's text_encoders() on the device for the block, then back where they
+        were (they wait on the CPU after caching)."""
+        homes = [(e, e.device) for e in self.text_encoders()]
+        for encoder, _ in homes:
+            encoder.to(self.device)
+        try:
+            yield
+        finally:
+            for encoder, home in homes:
+                encoder.to(home)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
 
     def _new_lora_config(self):
         """peft's LoraConfig from [lora] (alpha defaults to the rank)."""

@@ -5,9 +5,8 @@ A mixin of SD3Family (job/models/sd3.py), which owns the components it uses.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -32,20 +31,6 @@ class SD3SamplingExport:
                 text_encoder_3=self.text_encoder_3, tokenizer_3=self.tokenizer_3)
             self._pipeline.set_progress_bar_config(disable=True)
         return self._pipeline
-
-    @contextmanager
-    def _encoders_on_device(self) -> Iterator[None]:
-        """Text encoders on the device for the block, then back where they were."""
-        homes = [(e, e.device) for e in self.text_encoders()]
-        for encoder, _ in homes:
-            encoder.to(self.device)
-        try:
-            yield
-        finally:
-            for encoder, home in homes:
-                encoder.to(home)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
 
     def sample(self, prompt: str, negative_prompt: str, width: int, height: int,
                guidance: float, steps: int, seed: int) -> Any:

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from job.models.sdxl_tiny import MERGED_WORDS, build_tokenizer, write_vocab_files
+from job.models.sdxl_tiny import (MERGED_WORDS, build_tokenizer, ensure_model_folder,
+                                   write_vocab_files)
 
 NUM_LAYERS = 4
 CLIP_L_HIDDEN, CLIP_G_HIDDEN = 16, 24
@@ -127,8 +128,7 @@ def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
 
 def ensure_tiny_sd3(folder: Path, seed: int = 0) -> Path:
     """Build the tiny model at `folder` unless a complete one is there (atomic rename)."""
-    if (folder / "model_index.json").is_file():
-        return folder
+    return ensure_model_folder(Path(folder), build_tiny_sd3, seed)
     folder.parent.mkdir(parents=True, exist_ok=True)
     scratch = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     build_tiny_sd3(scratch, seed)

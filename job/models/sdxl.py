@@ -155,6 +155,9 @@ class SDXLFamily(FamilyCommon, SDXLSamplingExport):
         """The UNet (trained)."""
         return self.unet
 
+    def text_encoders(self) -> tuple[nn.Module, nn.Module]:
+        return self.text_encoder, self.text_encoder_2
+
     def fingerprint(self, part: str) -> dict[str, Any]:
         """What changes the cached text embeddings (`text`) or latents (`latent`)."""
         base = {"family": self.name, "model": self.source, "revision": self.revision}

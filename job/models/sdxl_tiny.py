@@ -164,8 +164,25 @@ def build_tiny_sdxl(path: Path, seed: int = 0) -> Path:
 
 def ensure_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
     """Build the tiny model at `folder` unless a complete one is there (atomic rename)."""
+    return ensure_model_folder(Path(folder), build_tiny_sdxl, seed)
+
+
+def ensure_model_folder(folder: Path, build, seed: int = 0) -> Path:
+    """`build(scratch, seed)` a pipeline folder and rename it to `folder`, unless a complete
+    one (with model_index.json) is there already."""
     if (folder / "model_index.json").is_file():
         return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    scratch = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    build(scratch, seed)
+    try:
+        os.rename(scratch, folder)
+    except OSError:
+        # Another process finished first (rename onto a non-empty folder fails): use its copy.
+        shutil.rmtree(scratch, ignore_errors=True)
+        if not (folder / "model_index.json").is_file():
+            raise
+    return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
     scratch = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     build_tiny_sdxl(scratch, seed)

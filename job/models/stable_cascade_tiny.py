@@ -14,15 +14,12 @@ Two folders, as the hub has them:
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import torch
 
-from job.models.sdxl_tiny import build_tokenizer, write_vocab_files
+from job.models.sdxl_tiny import build_tokenizer, ensure_model_folder, write_vocab_files
 from job.models.stable_cascade_effnet import EFFNET_FILE, EfficientNetEncoder, tiny_backbone
 
 CLIP_HIDDEN = 32
@@ -134,25 +131,9 @@ def build_tiny_decoder(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def _ensure(folder: Path, build, seed: int) -> Path:
-    """Build at `folder` unless a complete one is there (atomic rename)."""
-    if (folder / "model_index.json").is_file():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    scratch = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    build(scratch, seed)
-    try:
-        os.rename(scratch, folder)
-    except OSError:
-        shutil.rmtree(scratch, ignore_errors=True)
-        if not (folder / "model_index.json").is_file():
-            raise
-    return folder
-
-
 def ensure_tiny_prior(folder: Path, seed: int = 0) -> Path:
-    return _ensure(Path(folder), build_tiny_prior, seed)
+    return ensure_model_folder(Path(folder), build_tiny_prior, seed)
 
 
 def ensure_tiny_decoder(folder: Path, seed: int = 0) -> Path:
-    return _ensure(Path(folder), build_tiny_decoder, seed)
+    return ensure_model_folder(Path(folder), build_tiny_decoder, seed)
