@@ -3,6 +3,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 export TUNEJOB_DATA ?= $(CURDIR)/.data
+# No wheel cache: torch and its CUDA wheels would take another ~4 GB of the disk.
+export PIP_NO_CACHE_DIR ?= 1
 
 .PHONY: smoke test docs clean
 

@@ -166,6 +166,9 @@ class DatasetTable(Table):
     bucket_resolutions: list[str] | None = setting(
         None, "Explicit buckets as 'WxH'; every image goes to the nearest aspect.",
         "bucket_resolutions")
+    conditioning_data_dir: str | None = setting(
+        None, "Folder of conditioning images paired with this dataset's images by relative "
+        "file name (image-to-image flavours; the extension may differ).")
     cache_dir_vae: str | None = setting(
         None, "Latent cache folder for this dataset; None: under [cache] dir.", "cache_dir_vae")
     synthetic_images: int = setting(
@@ -207,6 +210,9 @@ class ValidationTable(Table):
     seed: int = setting(42, "Seed of every validation image.", "validation_seed")
     use_ema: bool = setting(True, "Sample with the EMA weights when train.use_ema is on.",
                             "ema_validation")
+    conditioning_images: list[str] = setting(
+        [], "Image-to-image flavours: a conditioning image per validation prompt, in order "
+        "(validation.prompt first, then the library's); one image serves every prompt.")
     eval_dataset: str | None = setting(
         None, "Dataset id held out for the eval loss (not trained on).", "eval_dataset_id")
     eval_split: float = setting(
@@ -273,6 +279,27 @@ class SpeedupsTable(Table):
     base_model_default_dtype: Literal["auto", "bf16", "fp32"] = setting(
         "auto", "dtype of the frozen base's unquantised weights; auto: the "
         "train.mixed_precision dtype.", "base_model_default_dtype")
+    enable_group_offload: bool = setting(
+        False, "Keep the frozen transformer blocks in CPU memory and bring each group to the "
+        "GPU only while it runs (diffusers group offloading; families with the offload "
+        "feature). Needs train.gradient_checkpointing to lower training memory.",
+        "enable_group_offload")
+    group_offload_type: Literal["block_level", "leaf_level"] = setting(
+        "block_level", "Offload granularity: groups of transformer blocks, or single layers.",
+        "group_offload_type")
+    group_offload_blocks_per_group: int = setting(
+        1, "Transformer blocks per offload group (block_level).",
+        "group_offload_blocks_per_group", gt=0)
+    group_offload_use_stream: bool = setting(
+        False, "Prefetch the next group on a CUDA stream while the current one runs (CUDA "
+        "only; one block per group).", "group_offload_use_stream")
+    enable_model_cpu_offload: bool = setting(
+        False, "Validation only: each pipeline component moves to the GPU while it runs "
+        "(diffusers model CPU offload). Not together with enable_group_offload.",
+        "enable_model_cpu_offload")
+    offload_during_startup: bool = setting(
+        False, "While caching, the text encoders and the VAE are never on the GPU at the same "
+        "time (each waits in CPU memory while the other works).", "offload_during_startup")
 
 
 class LcmTable(Table):
@@ -393,6 +420,43 @@ class StableCascadeTable(Table):
         "stable_cascade_validation_decoder_guidance_scale", ge=0)
 
 
+class TreadRoute(Table):
+    """One [[tread.routes]] entry: which blocks a share of the image tokens skips."""
+
+    selection_ratio: float = setting(
+        ..., "Share of the image tokens that skip the routed blocks (0 routes none).", ge=0, lt=1)
+    start_layer_idx: int = setting(
+        ..., "First routed block (negative: counted from the end).")
+    end_layer_idx: int = setting(
+        ..., "Last routed block, inclusive (negative: counted from the end).")
+
+
+class TreadTable(Table):
+    """[tread]: TREAD token routing in training (arXiv 2501.04765)."""
+
+    routes: list[TreadRoute] = setting(
+        [], "Routes; during training a random subset of image tokens bypasses each route's "
+        "blocks and rejoins after them. Empty: no routing.")
+
+
+class Kandinsky5Table(Table):
+    """[kandinsky5]: settings of the kandinsky5-image family."""
+
+    flow_schedule_shift: float = setting(
+        1.0, "Static shift of the training sigmas: above 1 more time at high noise (layout and "
+        "colour), below 1 more at low noise (texture).", "flow_schedule_shift", gt=0)
+    flow_use_uniform_schedule: bool = setting(
+        False, "Draw training sigmas uniformly instead of logit-normal.",
+        "flow_use_uniform_schedule")
+    logit_mean: float = setting(0.0, "Mean of the logit-normal sigma distribution.",
+                                "flow_matching_loss_logit_mean")
+    logit_std: float = setting(1.0, "Standard deviation of the logit-normal sigma "
+                               "distribution.", "flow_matching_loss_logit_std", gt=0)
+    tokenizer_max_length: int | None = setting(
+        None, "Qwen2.5-VL tokens kept per caption after the template; None: the stock "
+        "pipeline's (512 t2i, 1024 i2i).", "tokenizer_max_length", gt=0, le=1024)
+
+
 class JobConfig(Table):
     """The whole job file."""
 
@@ -416,6 +480,9 @@ class JobConfig(Table):
     sd3: Sd3Table = Field(default_factory=Sd3Table, description="SD3 family settings.")
     stable_cascade: StableCascadeTable = Field(default_factory=StableCascadeTable,
                                                description="Stable Cascade family settings.")
+    kandinsky5: Kandinsky5Table = Field(default_factory=Kandinsky5Table,
+                                        description="Kandinsky 5 family settings.")
+    tread: TreadTable = Field(default_factory=TreadTable, description="TREAD token routing.")
 
     def output_path(self) -> str:
         """The job's own output folder."""
@@ -509,11 +576,62 @@ def _check_family_features(cfg: JobConfig, spec: Any) -> list[str]:
     if s.attention_mechanism == "sageattention" and "sageattention" not in spec.features:
         notes.append(f'speedups.attention_mechanism = "sageattention" is ignored: family '
                      f"{spec.name!r} samples with PyTorch SDPA")
+    notes += _check_offload_and_routing(cfg, spec)
     for other in FAMILIES.values():
         table = other.settings_table
         if table and other.name != spec.name and table in cfg.model_fields_set:
             notes.append(f"[{table}] is ignored: it holds settings of family {other.name!r}, and "
                          f"this job trains {spec.name!r}")
+    return notes
+
+
+def _check_offload_and_routing(cfg: JobConfig, spec: Any) -> list[str]:
+    """Group offload, model CPU offload, TREAD and conditioning data against the family."""
+    from job.errors import ConfigError
+    from job.models.registry import FAMILIES
+
+    s, notes = cfg.speedups, []
+
+    def able(feature: str) -> str:
+        return ", ".join(f.name for f in FAMILIES.values() if feature in f.features) or "(none)"
+
+    if s.enable_group_offload and s.enable_model_cpu_offload:
+        raise ConfigError("speedups.enable_group_offload and speedups.enable_model_cpu_offload "
+                          "are both on; they move the same weights with different hooks",
+                          "keep enable_group_offload (it also lowers training memory) and set "
+                          "enable_model_cpu_offload = false")
+    if s.enable_group_offload and "offload" not in spec.features:
+        raise ConfigError(f"speedups.enable_group_offload = true but family {spec.name!r} keeps "
+                          "its denoiser on the GPU", f"group offload works with family "
+                          f"{able('offload')}; or set enable_group_offload = false")
+    if s.group_offload_use_stream and cfg.job.device == "cpu":
+        raise ConfigError('speedups.group_offload_use_stream = true needs CUDA, and job.device '
+                          '= "cpu"', "set group_offload_use_stream = false on the CPU")
+    if s.group_offload_use_stream and s.group_offload_type == "block_level" \
+            and s.group_offload_blocks_per_group != 1:
+        raise ConfigError(f"speedups.group_offload_use_stream = true prefetches one block at a "
+                          f"time, but group_offload_blocks_per_group = "
+                          f"{s.group_offload_blocks_per_group}", "set group_offload_blocks_per_group "
+                          "= 1, or group_offload_use_stream = false")
+    if s.enable_group_offload and s.group_offload_use_stream \
+            and s.base_model_precision.endswith("-torchao"):
+        raise ConfigError(f'speedups.group_offload_use_stream = true with base_model_precision = '
+                          f'"{s.base_model_precision}": the stream copies from pinned memory, '
+                          "and torchao's quantised weights cannot be pinned",
+                          "set group_offload_use_stream = false (synchronous offload), or "
+                          'base_model_precision = "no_change"')
+    for key in ("enable_model_cpu_offload", "offload_during_startup"):
+        if getattr(s, key) and "offload" not in spec.features:
+            notes.append(f"speedups.{key} is ignored: family {spec.name!r} does not offload")
+    if cfg.tread.routes and "tread" not in spec.features:
+        raise ConfigError(f"[tread] routes are set but family {spec.name!r} has no token "
+                          f"routing", f"TREAD works with family {able('tread')}; or remove "
+                          "[tread]")
+    if "conditioning" not in spec.features:
+        for i, ds in enumerate(cfg.datasets):
+            if ds.conditioning_data_dir:
+                notes.append(f"datasets[{i}].conditioning_data_dir is ignored: family "
+                             f"{spec.name!r} trains without conditioning images")
     return notes
 
 

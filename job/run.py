@@ -132,6 +132,11 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
         family.unload_encoders()
     if cfg.model.model_type == "lora":
         family.add_lora()
+    if cfg.speedups.enable_group_offload:
+        # After the LoRA exists: the groups are narrowed to the frozen weights.
+        from job.speedups.offload import apply_group_offload
+
+        apply_group_offload(family.denoiser(), cfg.speedups, device)
     objective = build_objective(cfg, family, device)
     if cfg.speedups.compile_blocks:
         # After the LoRA and any distillation student exist: the graphs include them.

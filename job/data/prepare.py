@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import math
 import random
@@ -9,7 +10,7 @@ import shutil
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -19,10 +20,10 @@ from job.config import DatasetTable, JobConfig
 from job.data.buckets import bucket_for
 from job.data.cache import EntryCache, entry_key
 from job.data.captions import caption_for, caption_path
-from job.data.discovery import ImageRecord, discover
+from job.data.discovery import EXTENSIONS, ImageRecord, discover
 from job.data.sizes import too_small
 from job.data.synthetic import ensure_synthetic
-from job.data.transforms import prepare_image
+from job.data.transforms import prepare_conditioning, prepare_image
 from job.errors import ConfigError, DataError
 from job.log import Progress, get_logger
 from job.models.base import Family
@@ -43,6 +44,10 @@ class Sample:
     latent_key: str
     text_key: str
     repeats: int
+    # Image-to-image: the paired conditioning image, and the key of the empty prompt encoded
+    # with it (caption dropout); text-to-image: None and the one empty-prompt entry.
+    cond_path: str | None = None
+    empty_key: str = EMPTY_CAPTION_KEY
 
 
 @dataclass
@@ -88,11 +93,11 @@ def prepare_data(cfg: JobConfig, family: Family,
             return _shard_of(key, topology.world) == topology.rank
 
         _fill_latents(cfg, family, data, records, should_stop, mine)
-        _fill_text(cfg, family, data, should_stop, mine)
+        _fill_text(cfg, family, data, should_stop, mine, records)
         _await_other_ranks(cfg, family, data, records, should_stop)
     else:
         _fill_latents(cfg, family, data, records, should_stop)
-        _fill_text(cfg, family, data, should_stop)
+        _fill_text(cfg, family, data, should_stop, records=records)
     log.info("data_ready", train_samples=len(data.train), eval_samples=len(data.eval),
              eval_source=data.eval_source, skipped=len(skipped),
              buckets=sorted({f"{w}x{h}" for w, h in (s.bucket for s in data.train)}),
@@ -135,6 +140,7 @@ def _samples_of(ds: DatasetTable, cfg: JobConfig, family: Family):
     found = discover(ds)
     skipped = [(f"{ds.id}/{s.rel}", s.reason) for s in found.skipped]
     pairs = []
+    paired = getattr(family, "i2i", False)
     for record in found.records:
         caption = caption_for(record, ds)
         if caption is None:
@@ -147,11 +153,39 @@ def _samples_of(ds: DatasetTable, cfg: JobConfig, family: Family):
             continue
         bucket = bucket_for(record.width, record.height, ds, _alignment(ds, cfg))
         stat = Path(record.path).stat()
-        sample = Sample(ds.id, record.rel, caption, bucket,
-                        entry_key(record.rel, stat.st_size, stat.st_mtime_ns, bucket),
-                        entry_key(caption), ds.repeats)
+        latent_key = entry_key(record.rel, stat.st_size, stat.st_mtime_ns, bucket)
+        sample = Sample(ds.id, record.rel, caption, bucket, latent_key, entry_key(caption),
+                        ds.repeats)
+        if paired:
+            cond = _conditioning_path(ds, record)
+            if cond is None:
+                where = ds.conditioning_data_dir or "(no conditioning_data_dir)"
+                skipped.append((f"{ds.id}/{record.rel}", f"no conditioning image: nothing "
+                                f"named {Path(record.rel).stem}.* in {where}"))
+                continue
+            # The text embedding carries the conditioning image (vision tokens), so both
+            # keys depend on it as prepared for this bucket.
+            c = cond.stat()
+            cond_key = (str(cond), c.st_size, c.st_mtime_ns, bucket)
+            sample = replace(sample, latent_key=entry_key(latent_key, *cond_key),
+                             text_key=entry_key(caption, *cond_key), cond_path=str(cond),
+                             empty_key=entry_key("<tunejob:empty-prompt>", *cond_key))
         pairs.append((sample, record))
     return pairs, skipped
+
+
+def _conditioning_path(ds: DatasetTable, record: ImageRecord) -> Path | None:
+    """The conditioning image of `record`: the same relative path under
+    conditioning_data_dir, with any image extension."""
+    if not ds.conditioning_data_dir:
+        return None
+    rel = Path(record.rel)
+    folder = Path(ds.conditioning_data_dir) / rel.parent
+    if (folder / rel.name).is_file():
+        return folder / rel.name
+    matches = sorted(p for p in folder.glob(f"{glob.escape(rel.stem)}.*")
+                     if p.suffix.lower() in EXTENSIONS)
+    return matches[0] if matches else None
 
 
 def _latent_fingerprint(cfg: JobConfig, ds: DatasetTable, family: Family) -> dict:
@@ -217,8 +251,9 @@ def _missing(data: PreparedData) -> tuple[list[Sample], list[str]]:
     latents = [s for s in {(s.dataset_id, s.latent_key): s
                            for s in data.train + data.eval}.values()
                if not data.latent_caches[s.dataset_id].has(s.latent_key)]
-    texts = sorted({s.text_key for s in data.train + data.eval
-                    if not data.text_cache.has(s.text_key)})
+    keys = {s.text_key for s in data.train + data.eval}
+    keys |= {s.empty_key for s in data.train + data.eval if s.cond_path}
+    texts = sorted(k for k in keys if not data.text_cache.has(k))
     return latents, texts
 
 
@@ -245,7 +280,7 @@ def _await_other_ranks(cfg, family, data: PreparedData, records, should_stop) ->
                         note="no other rank wrote an entry in that time; encoding the rest "
                              "here (is the cache folder shared by every host?)")
             _fill_latents(cfg, family, data, records, should_stop)
-            _fill_text(cfg, family, data, should_stop)
+            _fill_text(cfg, family, data, should_stop, records=records)
             return
 
 
@@ -274,8 +309,15 @@ def _fill_latents(cfg, family, data: PreparedData, records, should_stop,
                                         random.Random(f"{cfg.train.seed}:{s.rel}"))
                           for s in chunk]
                 latents = family.encode_images(torch.stack([im.pixels for im in images]))
-                for s, im, lat in zip(chunk, images, latents):
+                paired = [None] * len(chunk)
+                if chunk[0].cond_path is not None:
+                    paired = family.encode_images(torch.stack([
+                        _conditioning_image(records[(ds_id, s.rel)], s, ds, cfg).pixels
+                        for s in chunk]))
+                for s, im, lat, image_latents in zip(chunk, images, latents, paired):
                     cond = {f"cond.{k}": v for k, v in family.image_conditioning(im).items()}
+                    if image_latents is not None:
+                        cond["cond.image_latents"] = image_latents
                     writer.submit(cache.save, s.latent_key, {"latents": lat, **cond})
                 data.encoded["latents"] += len(chunk)
                 progress.update(len(chunk))
@@ -283,28 +325,46 @@ def _fill_latents(cfg, family, data: PreparedData, records, should_stop,
 
 
 def _fill_text(cfg, family, data: PreparedData, should_stop,
-               only: Callable[[str], bool] | None = None) -> None:
+               only: Callable[[str], bool] | None = None, records=None) -> None:
     """Encode every caption whose entry is missing (those `only` accepts), plus the empty
-    prompt."""
+    prompt (per conditioning image, for image-to-image samples)."""
     cache = data.text_cache
-    if not cache.has(EMPTY_CAPTION_KEY):
+    samples = data.train + data.eval
+    if not any(s.cond_path for s in samples) and not cache.has(EMPTY_CAPTION_KEY):
         cache.save(EMPTY_CAPTION_KEY, family.empty_text())
-    captions = {s.text_key: s.caption for s in data.train + data.eval}
-    todo = [(k, c) for k, c in captions.items()
+    # key -> (caption, sample whose conditioning image goes with it, or None)
+    wanted = {s.text_key: (s.caption, s if s.cond_path else None) for s in samples}
+    wanted.update({s.empty_key: ("", s) for s in samples if s.cond_path})
+    todo = [(k, c, s) for k, (c, s) in wanted.items()
             if (only is None or only(k)) and not cache.has(k)]
     if not todo:
         return
     progress = Progress("captions", len(todo))
+    datasets = {d.id: d for d in cfg.datasets}
     with CacheWriter(cfg.cache.write_batch_size) as writer:
         for start in range(0, len(todo), cfg.cache.text_batch_size):
             if should_stop():
                 return
             chunk = todo[start:start + cfg.cache.text_batch_size]
-            for (key, _), tensors in zip(chunk, family.encode_text([c for _, c in chunk])):
+            captions = [c for _, c, _ in chunk]
+            if chunk[0][2] is None:
+                encoded = family.encode_text(captions)
+            else:
+                encoded = family.encode_text(captions, [
+                    _conditioning_image(records[(s.dataset_id, s.rel)], s,
+                                        datasets[s.dataset_id], cfg).pil()
+                    for _, _, s in chunk])
+            for (key, _, _), tensors in zip(chunk, encoded):
                 writer.submit(cache.save, key, tensors)
             data.encoded["captions"] += len(chunk)
             progress.update(len(chunk))
     progress.close()
+
+
+def _conditioning_image(record: ImageRecord, sample: Sample, ds: DatasetTable, cfg: JobConfig):
+    """The sample's conditioning image, prepared like its training image."""
+    return prepare_conditioning(record, sample.cond_path, ds, sample.bucket,
+                                random.Random(f"{cfg.train.seed}:{sample.rel}"))
 
 
 class CacheWriter:

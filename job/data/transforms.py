@@ -30,11 +30,31 @@ class PreparedImage:
     crop_top_left: tuple[int, int]
     target_size: tuple[int, int]
 
+    def pil(self) -> Image.Image:
+        """The pixels as an 8-bit RGB image (what a pipeline takes as an input image)."""
+        array = self.pixels.add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+        return Image.fromarray(array.permute(1, 2, 0).numpy())
+
 
 def prepare_image(record: ImageRecord, ds: DatasetTable, bucket: tuple[int, int],
                   rng: random.Random) -> PreparedImage:
     """Open, orient, downsample if oversized, resize to cover the bucket, crop to it."""
-    image = open_oriented(record.path)
+    return _fit_to_bucket(open_oriented(record.path), ds, bucket, rng)
+
+
+def prepare_conditioning(record: ImageRecord, path: str, ds: DatasetTable,
+                         bucket: tuple[int, int], rng: random.Random) -> PreparedImage:
+    """The conditioning image paired with `record`, cropped exactly as the training image:
+    brought to the training image's size first, then the same transform with an rng in the
+    same state."""
+    image = open_oriented(path)
+    if image.size != (record.width, record.height):
+        image = image.resize((record.width, record.height), Image.Resampling.LANCZOS)
+    return _fit_to_bucket(image, ds, bucket, rng)
+
+
+def _fit_to_bucket(image: Image.Image, ds: DatasetTable, bucket: tuple[int, int],
+                   rng: random.Random) -> PreparedImage:
     original = (image.height, image.width)
     shrink = downsample_size(image.width, image.height, ds)
     if shrink is not None:

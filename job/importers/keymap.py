@@ -73,7 +73,6 @@ _HUB = ("tunejob does not upload to the Hugging Face Hub; the final weights and 
         "are written to <output>/final/, to upload after the job")
 _TRACKER = ("tunejob has no experiment trackers (wandb, tensorboard); metrics go to "
             "metrics.jsonl and summary.json in the job's output folder")
-_OFFLOAD = "tunejob has no model offloading; the components stay on the GPU"
 _TYPES = ("image or images: the entry becomes a [[datasets]] table; text_embeds: it becomes "
           "[cache]; other dataset types are reported")
 
@@ -92,12 +91,6 @@ _EXPLICIT: list[tuple[str, str, str, str, str, tuple]] = [
      "validation images are written to validation/step-N/", (False,)),
     (CONFIG, "validation_preview_steps", UNSUPPORTED, "", "tunejob has no validation previews "
      "(validation_preview)", ()),
-    (CONFIG, "enable_group_offload enable_model_cpu_offload", UNSUPPORTED, "", _OFFLOAD,
-     (False,)),
-    (CONFIG, "group_offload_type group_offload_blocks_per_group group_offload_use_stream",
-     UNSUPPORTED, "", _OFFLOAD, ()),
-    (CONFIG, "offload_during_startup", UNSUPPORTED, "", "tunejob does not offload encoders while "
-     "the caches fill", (False,)),
     (CONFIG, "distillation_method", UNSUPPORTED, "", "it would become [distillation] method, "
      "and tunejob has no [distillation] table yet (LCM distillation)", ()),
     (CONFIG, "user_prompt_library", MAPPED, "validation.prompt_library",

@@ -86,6 +86,28 @@ FAMILIES: dict[str, FamilySpec] = {
         settings_table="stable_cascade",
         rules="job.models.stable_cascade_rules:check_stable_cascade",
     ),
+    "kandinsky5-image": FamilySpec(
+        name="kandinsky5-image",
+        module="job.models.kandinsky5",
+        class_name="Kandinsky5Family",
+        flavours={
+            "t2i-lite-sft": "kandinskylab/Kandinsky-5.0-T2I-Lite-sft-Diffusers",
+            "t2i-lite-pretrain": "kandinskylab/Kandinsky-5.0-T2I-Lite-pretrain-Diffusers",
+            "i2i-lite-sft": "kandinskylab/Kandinsky-5.0-I2I-Lite-sft-Diffusers",
+            "i2i-lite-pretrain": "kandinskylab/Kandinsky-5.0-I2I-Lite-pretrain-Diffusers",
+            "tiny": None,
+            "tiny-i2i": None,
+        },
+        default_flavour="t2i-lite-sft",
+        aliases=("kandinsky5_image",),
+        # 8x Flux VAE times 2x2 patches.
+        alignment=16,
+        # "offload": [speedups] group offload and offload_during_startup; "tread": [tread];
+        # "conditioning": [[datasets]] conditioning_data_dir (the i2i flavours).
+        features=("quantisation", "offload", "tread", "conditioning"),
+        settings_table="kandinsky5",
+        rules="job.models.kandinsky5_rules:check_kandinsky5",
+    ),
 }
 
 

@@ -183,14 +183,3 @@ def ensure_model_folder(folder: Path, build, seed: int = 0) -> Path:
         if not (folder / "model_index.json").is_file():
             raise
     return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    scratch = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    build_tiny_sdxl(scratch, seed)
-    try:
-        os.rename(scratch, folder)
-    except OSError:
-        # Another process finished first (rename onto a non-empty folder fails): use its copy.
-        shutil.rmtree(scratch, ignore_errors=True)
-        if not (folder / "model_index.json").is_file():
-            raise
-    return folder

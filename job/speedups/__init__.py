@@ -13,7 +13,8 @@ def apply_speedups(cfg: JobConfig, family) -> None:
     Order: numeric modes first (TF32), since later steps (compile, in later versions)
     specialise on them; then weight quantisation, before the text encoders fill the cache
     and before the LoRA is added on top of the quantised base; then the sampling-only
-    attention backend. A family without a feature never gets here with it set: the
+    attention backend; TREAD's routing hooks on the training forward. Group offload
+    comes later, in run.py, once the LoRA exists (job/speedups/offload.py). A family without a feature never gets here with it set: the
     config rules refuse quantisation and warn that sageattention is ignored.
     """
     features = spec_for(cfg.model.family).features
@@ -22,6 +23,10 @@ def apply_speedups(cfg: JobConfig, family) -> None:
         from job.speedups.quantize import apply_quantization
 
         apply_quantization(family, cfg.speedups)
+    if "tread" in features and cfg.tread.routes:
+        from job.speedups.tread import TokenRouter
+
+        family.router = TokenRouter(family.transformer.visual_transformer_blocks, family.routes)
     if "sageattention" in features:
         from job.speedups.attention import apply_sageattention
 

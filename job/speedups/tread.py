@@ -1,0 +1,118 @@
+"""TREAD token routing in training (Krause et al. 2025, arXiv 2501.04765).
+
+For each route (a run of visual blocks), a random subset of each sample's image tokens
+bypasses the blocks: the kept tokens are gathered, with their rope entries, before the
+first routed block and scattered back into the full sequence after the last one, where
+the bypassing tokens rejoin unchanged. The loss still covers every token, and gradients
+reach every token (the kept ones through the blocks, the others around them).
+
+How it rides through the stock forward: the token choice travels as the transformer's
+`sparse_params` argument, which the stock forward hands to every visual block and which
+gradient checkpointing saves with the block's inputs, so the recompute in the backward pass
+routes the same tokens. Forward pre-hooks on the visual blocks read it, gather, and pass
+sparse_params = None to the block itself (None: dense attention, as without routing); a
+forward hook on each route's last block scatters back. Sampling and eval pass None and run
+unrouted. The routes come from [tread] via kandinsky5_rules.resolve_routes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from job.train import distributed
+
+
+class Routing(dict):
+    """One forward's token choice: kept[r] [B, K] sorted token indices per route r. A dict
+    with to_fractal = False, so the stock forward reads it as sparse_params."""
+
+    def __init__(self, kept: list[torch.Tensor]) -> None:
+        super().__init__(to_fractal=False)
+        self.kept = kept
+        self.full: dict[int, torch.Tensor] = {}  # route -> the sequence before it
+
+    def rows(self, rows: list[int]) -> "Routing":
+        """The choice for a subset of the batch's samples."""
+        index = torch.tensor(rows, device=self.kept[0].device) if self.kept else None
+        return Routing([k[index] for k in self.kept])
+
+
+class TokenRouter:
+    """Hooks on the visual blocks of a Kandinsky5Transformer3DModel for `routes`
+    [(first, last, ratio)]; draw() makes a Routing for a batch."""
+
+    def __init__(self, blocks: nn.ModuleList, routes: list[tuple[int, int, float]]) -> None:
+        self.routes = [r for r in routes if r[2] > 0]
+        self.handles = []
+        for r, (first, last, _) in enumerate(self.routes):
+            for i in range(first, last + 1):
+                self.handles.append(blocks[i].register_forward_pre_hook(
+                    _gather_hook(r, first=i == first)))
+            self.handles.append(blocks[last].register_forward_hook(_scatter_hook(r)))
+        for block in blocks:
+            for attention in (block.self_attention, block.cross_attention):
+                self.handles.append(attention.register_forward_pre_hook(
+                    _dense_attention, with_kwargs=True))
+
+    def draw(self, latents: torch.Tensor, generator: torch.Generator,
+             patch: tuple[int, int] = (2, 2)) -> Routing | None:
+        """Per route and sample, the image tokens kept (the others bypass the route), drawn
+        on the CPU for the global batch (so several GPUs match one doing their batches)."""
+        if not self.routes:
+            return None
+        b, _, h, w = latents.shape
+        tokens = (h // patch[0]) * (w // patch[1])
+        kept = []
+        for _, _, ratio in self.routes:
+            keep = max(1, tokens - int(tokens * ratio))
+            scores = distributed.rand(b * tokens, generator).view(b, tokens)
+            choice = scores.argsort(dim=1)[:, :keep].sort(dim=1).values
+            kept.append(choice.to(latents.device))
+        return Routing(kept)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
+def _gather_hook(route: int, first: bool):
+    """Before a routed block: the kept tokens (gathered at the route's first block) and
+    their rope entries."""
+    def hook(module, args):
+        x, text, time, rope, routing = args
+        if not isinstance(routing, Routing):
+            return None
+        kept = routing.kept[route]
+        if first:
+            routing.full[route] = x
+            x = _gather(x, kept)
+        return x, text, time, _gather(rope, kept), routing
+    return hook
+
+
+def _scatter_hook(route: int):
+    """After a route's last block: the kept tokens back in their places in the sequence."""
+    def hook(module, args, output):
+        routing = args[4]
+        if not isinstance(routing, Routing):
+            return None
+        full, kept = routing.full[route], routing.kept[route]
+        index = kept[..., None].expand(*kept.shape, full.shape[-1])
+        return full.scatter(1, index, output.to(full.dtype))
+    return hook
+
+
+def _dense_attention(module, args, kwargs):
+    """The blocks hand sparse_params to their attention, which would take a Routing for
+    NABLA sparse-attention settings: it gets None (dense attention, as without routing)."""
+    if isinstance(kwargs.get("sparse_params"), Routing):
+        return args, {**kwargs, "sparse_params": None}
+    return None
+
+
+def _gather(x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """x[b, kept[b]] along dim 1, for any trailing shape."""
+    index = kept.view(*kept.shape, *([1] * (x.ndim - 2))).expand(*kept.shape, *x.shape[2:])
+    return x.gather(1, index)
