@@ -10,7 +10,8 @@ peak is its own:
   reference  a plain diffusers + peft step: logit-normal sigmas, the pipeline's layout
              ([B, 1, h, w, C] latents, rope positions), velocity MSE
   ours       Kandinsky5Family.training_loss + the project's optimizer, as the loop runs it
-  offload    ours with [speedups] group offload (block_level, 1 block per group, CUDA stream)
+  offload    ours with [speedups] group offload (block_level, 1 block per group, synchronous)
+  offload-stream  the same, prefetching the next block on a CUDA stream
   tread      ours with [[tread.routes]] selection_ratio 0.5, blocks 2..-2
   int8       ours on an int8-torchao base
   job        jobs/kandinsky5.toml's step: int8-torchao base + group offload (no stream)
@@ -51,7 +52,7 @@ LITE = dict(in_visual_dim=16, out_visual_dim=16, in_text_dim=3584, in_text_dim2=
 TINY = dict(in_visual_dim=16, out_visual_dim=16, in_text_dim=32, in_text_dim2=16, time_dim=16,
             patch_size=(1, 2, 2), model_dim=32, ff_dim=64, num_text_blocks=1,
             num_visual_blocks=4, axes_dims=(4, 6, 6))
-MODES = ("reference", "ours", "offload", "tread", "int8", "job")
+MODES = ("reference", "ours", "offload", "offload-stream", "tread", "int8", "job")
 
 
 def make_transformer(config: dict, device: torch.device, dtype: torch.dtype):
@@ -83,10 +84,11 @@ def make_batch(config: dict, batch: int, size: int, tokens: int, device) -> dict
 
 
 def job_config(args, mode: str, dtype: torch.dtype) -> JobConfig:
-    offload = mode in ("offload", "job")
+    offload = mode in ("offload", "offload-stream", "job")
     # jobs/kandinsky5.toml offloads without a stream: torchao's int8 tensors cannot be pinned.
-    speedups = {"enable_group_offload": offload, "group_offload_use_stream": mode == "offload"
-                and not args.tiny, "base_model_precision": "int8-torchao"
+    speedups = {"enable_group_offload": offload,
+                "group_offload_use_stream": mode == "offload-stream" and not args.tiny,
+                "base_model_precision": "int8-torchao"
                 if mode in ("int8", "job") else "no_change"}
     tread = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2,
                          "end_layer_idx": -2}]} if mode == "tread" else {"routes": []}
@@ -103,7 +105,8 @@ def job_config(args, mode: str, dtype: torch.dtype) -> JobConfig:
 
 
 def timed(step, args, device) -> dict:
-    """ms per step and the peak memory of the steps alone (setup's peak reported apart)."""
+    """ms per step and the peak memory of the steps alone (setup's peak reported apart);
+    with --profile, the GPU's busy share of the timed steps and the top kernels."""
     setup_peak = None
     if device.type == "cuda":
         setup_peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -119,8 +122,32 @@ def timed(step, args, device) -> dict:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"ms_per_step": round(seconds * 1000, 1), "samples_per_s": round(args.batch / seconds, 3),
-            "peak_gpu_memory_gib": peak and round(peak, 2), "setup_peak_gib": setup_peak}
+    result = {"ms_per_step": round(seconds * 1000, 1),
+              "samples_per_s": round(args.batch / seconds, 3),
+              "peak_gpu_memory_gib": peak and round(peak, 2), "setup_peak_gib": setup_peak}
+    if args.profile and device.type == "cuda":
+        result.update(profiled(step, args))
+    return result
+
+
+def profiled(step, args) -> dict:
+    """Two steps under torch.profiler: GPU kernel time per step against the wall time (a
+    low share means the step waits on the CPU) and the kernels that take the most."""
+    from torch.profiler import ProfilerActivity, profile
+
+    steps = 2
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / steps
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    gpu = sum(e.self_device_time_total for e in events) / 1e3 / steps
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
+    return {"profiled_wall_ms": round(wall * 1000, 1), "gpu_kernel_ms": round(gpu, 1),
+            "top_kernels_ms": {e.key[:80]: round(e.self_device_time_total / 1e3 / steps, 1)
+                               for e in top}}
 
 
 def ours(args, mode, config, device, dtype) -> dict:
@@ -212,6 +239,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--cap-gib", type=float, default=None)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
     if args.tiny:
         args.size, args.tokens = 64, 8

@@ -151,7 +151,8 @@ def test_captions_of_different_lengths_in_one_batch_match_one_at_a_time(tmp_path
     assert not torch.allclose(padded, together[:1])
 
 
-def lora_steps(tmp_path, offload: bool, steps: int = 3) -> dict:
+def lora_steps(tmp_path, offload: bool, steps: int = 3) -> tuple[dict, dict]:
+    """The LoRA's gradients after the first step and its weights after `steps` AdamW steps."""
     cfg = tiny_job_config(tmp_path, model={"family": "kandinsky5-image"},
                           lora={"rank": 4, "alpha": 4.0},
                           train={"gradient_checkpointing": True},
@@ -166,19 +167,93 @@ def lora_steps(tmp_path, offload: bool, steps: int = 3) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     generator = torch.Generator().manual_seed(0)
+    first_gradients = None
     for _ in range(steps):
         fam.training_loss(batch(), generator).mean().backward()
+        if first_gradients is None:
+            first_gradients = {name: p.grad.clone() for name, p in model.named_parameters()
+                               if p.requires_grad}
         optimizer.step()
         optimizer.zero_grad()
-    return {k: v.detach().clone() for k, v in fam.trainable_state_dict().items()}
+    return first_gradients, {k: v.detach().clone() for k, v in fam.trainable_state_dict().items()}
 
 
 def test_group_offload_keeps_the_lora_out_of_the_groups_and_trains_the_same(tmp_path) -> None:
-    plain = lora_steps(tmp_path / "a", offload=False)
-    offloaded = lora_steps(tmp_path / "b", offload=True)
+    plain_gradients, plain = lora_steps(tmp_path / "a", offload=False)
+    gradients, offloaded = lora_steps(tmp_path / "b", offload=True)
     assert plain.keys() == offloaded.keys() and plain
+    assert plain_gradients.keys() == gradients.keys()
+    for name in plain_gradients:
+        # The same gradients up to float summation order: offload passes the text embedding
+        # to each block as its own alias, which regroups the sum of its gradients.
+        torch.testing.assert_close(gradients[name], plain_gradients[name], rtol=1e-5, atol=1e-7)
     for key in plain:
-        torch.testing.assert_close(offloaded[key], plain[key])
+        # Adam divides by the gradients' root mean square, which amplifies those last-bit
+        # differences where a gradient is near zero.
+        torch.testing.assert_close(offloaded[key], plain[key], rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("per_group", [1, 2])
+def test_group_offload_in_the_backward_pass(tmp_path, per_group: int) -> None:
+    """Each block runs (forward and backward rerun) with its group loaded, and every group
+    is back in CPU memory after the backward pass. On the CPU both devices are the same, so
+    where a group is is tracked by its onload_/offload_ calls (which _offloaded reads).
+
+    diffusers' hooks alone leave every block loaded after the backward pass (torch stops a
+    checkpoint rerun before the post-forward hook) and, with two blocks per group, rerun a
+    group's second block before anything loads the group."""
+    from diffusers.hooks.group_offloading import ModuleGroup
+
+    from job.speedups import offload as offload_module
+
+    loaded: dict[int, bool] = {}
+    onload, offload = ModuleGroup.onload_, ModuleGroup.offload_
+
+    def tracked_onload(group):
+        loaded[id(group)] = True
+        return onload(group)
+
+    def tracked_offload(group):
+        loaded[id(group)] = False
+        return offload(group)
+
+    def run(fixed: bool) -> tuple[list[bool], dict[int, bool]]:
+        cfg = tiny_job_config(tmp_path, model={"family": "kandinsky5-image"},
+                              lora={"rank": 4, "alpha": 4.0},
+                              train={"gradient_checkpointing": True},
+                              speedups={"enable_group_offload": True,
+                                        "group_offload_blocks_per_group": per_group})
+        model = transformer(checkpointing=True)
+        fam = family(cfg, model)
+        fam.add_lora()
+        if fixed:
+            apply_group_offload(model, cfg.speedups, torch.device("cpu"))
+        else:  # diffusers' hooks alone
+            model.enable_group_offload(torch.device("cpu"), torch.device("cpu"),
+                                       offload_type="block_level",
+                                       num_blocks_per_group=per_group)
+        hooks = offload_module._hooks(model)
+        ran_loaded = []
+        for hook in hooks:
+            if hook.group.offload_leader is model:
+                continue
+            for block in hook.group.onload_leader, hook.group.offload_leader:
+                block.self_attention.register_forward_pre_hook(
+                    lambda *_, group=hook.group: ran_loaded.append(loaded[id(group)]))
+        loaded.clear()
+        fam.training_loss(batch(), torch.Generator().manual_seed(0)).mean().backward()
+        return ran_loaded, {id(h.group): loaded[id(h.group)] for h in hooks}
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ModuleGroup, "onload_", tracked_onload)
+        patch.setattr(ModuleGroup, "offload_", tracked_offload)
+        patch.setattr(offload_module, "_offloaded", lambda group: not loaded.get(id(group)))
+        ran_loaded, after = run(fixed=True)
+        assert ran_loaded and all(ran_loaded)
+        assert not any(after.values())
+        ran_loaded, after = run(fixed=False)
+        assert sum(after.values()) == 6 // per_group + 1  # visual groups, the text block
+        assert all(ran_loaded) == (per_group == 1)
 
 
 def test_offload_and_routing_rules(tmp_path) -> None:
@@ -198,9 +273,11 @@ def test_offload_and_routing_rules(tmp_path) -> None:
                                  "end_layer_idx": 9}]})
     assert "4 visual blocks" in caught.value.message
     with pytest.raises(ConfigError):
-        rules(model={"model_type": "full"}, speedups={"enable_group_offload": True})
-    notes = rules(speedups={"enable_group_offload": True})
-    assert any("gradient_checkpointing" in n for n in notes)
+        rules(model={"model_type": "full"}, speedups={"enable_group_offload": True},
+              train={"gradient_checkpointing": True})
+    with pytest.raises(ConfigError) as caught:
+        rules(speedups={"enable_group_offload": True}, train={"gradient_checkpointing": False})
+    assert "gradient_checkpointing = true" in caught.value.hint
     with pytest.raises(ConfigError) as caught:
         check_rules(tiny_job_config(tmp_path, tread={"routes": [
             {"selection_ratio": 0.5, "start_layer_idx": 0, "end_layer_idx": 1}]}))

@@ -60,9 +60,12 @@ def check_kandinsky5(cfg: JobConfig) -> list[str]:
     if not cfg.speedups.enable_group_offload and cfg.speedups.group_offload_use_stream:
         notes.append("speedups.group_offload_use_stream is ignored: enable_group_offload is off")
     if cfg.speedups.enable_group_offload and not cfg.train.gradient_checkpointing:
-        notes.append("speedups.enable_group_offload without train.gradient_checkpointing "
-                     "saves little in training: autograd keeps every block's weights alive "
-                     "for the backward pass; turn gradient_checkpointing on")
+        raise ConfigError("speedups.enable_group_offload = true with "
+                          "train.gradient_checkpointing = false: autograd would keep every "
+                          "block's weights on the GPU for the backward pass, so offloading "
+                          "would save no memory", "set train.gradient_checkpointing = true (the "
+                          "backward pass then reloads one block at a time), or "
+                          "enable_group_offload = false")
     return notes
 
 
