@@ -159,7 +159,8 @@ def _samples_of(ds: DatasetTable, cfg: JobConfig, family: Family):
         if paired:
             cond = _conditioning_path(ds, record)
             if cond is None:
-                where = ds.conditioning_data_dir or "(no conditioning_data_dir)"
+                where = Path(ds.conditioning_data_dir) / Path(record.rel).parent \
+                    if ds.conditioning_data_dir else "(no conditioning_data_dir)"
                 skipped.append((f"{ds.id}/{record.rel}", f"no conditioning image: nothing "
                                 f"named {Path(record.rel).stem}.* in {where}"))
                 continue

@@ -96,17 +96,11 @@ class Kandinsky5Family(FamilyCommon, Kandinsky5SamplingExport):
                                   Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor)
 
         if self.tiny_folder is not None:
-            try:
-                from job.models.kandinsky5_tiny import ensure_tiny_kandinsky5
-            except ModuleNotFoundError:
-                raise ConfigError(
-                    f"model.flavour = {self.cfg.model.flavour!r}: the tiny Kandinsky 5 model "
-                    "is not built yet (issue 5 is in progress)",
-                    'use a hub flavour such as "t2i-lite-sft", or another family\'s tiny '
-                    "flavour for a smoke run") from None
-            ensure_tiny_kandinsky5(self.tiny_folder.with_name(
-                self.tiny_folder.name + ("-i2i" if self.i2i else "")), "i2i" if self.i2i else "t2i")
-            self.source = str(self.tiny_folder) + ("-i2i" if self.i2i else "")
+            from job.models.kandinsky5_tiny import ensure_tiny_kandinsky5
+
+            kind = "i2i" if self.i2i else "t2i"
+            folder = self.tiny_folder.with_name(f"{self.tiny_folder.name}-{kind}")
+            self.source = str(ensure_tiny_kandinsky5(folder, kind))
         hub, src = self._hub_kwargs(), self.source
         try:
             self.pipeline_config = self.pipeline_class.load_config(src, **hub)
@@ -316,9 +310,19 @@ class Kandinsky5Family(FamilyCommon, Kandinsky5SamplingExport):
         if "target_modules" not in self.cfg.lora.model_fields_set:
             self.lora_config.target_modules = set(DEFAULT_LORA_TARGETS)
         self.transformer.requires_grad_(False)
+        from peft.utils.error import NoMatchingPeftModuleError
+
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*get_apply_tensor_subclass.*")
-            self.transformer.add_adapter(self.lora_config)
+            try:
+                self.transformer.add_adapter(self.lora_config)
+            except NoMatchingPeftModuleError:
+                raise ConfigError(
+                    f"[lora] target_modules = {sorted(self.lora_config.target_modules)} matches "
+                    "no layer of the Kandinsky 5 transformer",
+                    "leave target_modules out (the attention projections: "
+                    f"{', '.join(DEFAULT_LORA_TARGETS)}), or name Kandinsky 5 layers such as "
+                    '"feed_forward.in_layer"') from None
         for param in self.transformer.parameters():
             if param.requires_grad:
                 param.data = param.data.to(self.device, self._trainable_dtype())

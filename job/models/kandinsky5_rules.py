@@ -26,8 +26,7 @@ def check_kandinsky5(cfg: JobConfig) -> list[str]:
         raise ConfigError(f'model.prediction_type = "{cfg.model.prediction_type}" does not apply '
                           "to kandinsky5-image, which predicts the flow velocity (noise - x0)",
                           'leave prediction_type out (or "auto")')
-    notes = ["family kandinsky5-image is in progress (issue 5): its training step, TREAD and "
-             "group offload are tested, its end-to-end run on the stock encoders is not yet"]
+    notes = []
     if cfg.train.snr_gamma is not None:
         notes.append(f"train.snr_gamma = {cfg.train.snr_gamma} is ignored: Min-SNR weighting is "
                      "for epsilon/v models, and kandinsky5-image learns a flow velocity")

@@ -32,6 +32,13 @@ class Routing(dict):
         self.kept = kept
         self.full: dict[int, torch.Tensor] = {}  # route -> the sequence before it
 
+    def to(self, device, non_blocking: bool = False) -> "Routing":
+        """Itself, its token indices on `device`. Hooks that move a module's inputs (group
+        offload, via accelerate's send_to_device) call this instead of rebuilding the dict,
+        which would lose the choice and the sequences kept for the scatter."""
+        self.kept = [k.to(device, non_blocking=non_blocking) for k in self.kept]
+        return self
+
     def rows(self, rows: list[int]) -> "Routing":
         """The choice for a subset of the batch's samples."""
         index = torch.tensor(rows, device=self.kept[0].device) if self.kept else None

@@ -1,0 +1,277 @@
+"""The Kandinsky 5 family on the tiny t2i and i2i models: conditioning equal to the stock
+pipelines' encode functions, LoRA training and its export to the stock pipelines, sampling at
+the requested size, and the trained state round trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from helpers import tiny_job_config
+from job.errors import ConfigError
+from job.models.kandinsky5 import Kandinsky5Family
+from job.models.kandinsky5_tiny import ensure_tiny_kandinsky5
+
+CAPTIONS = ["a red cube", "a small house with a tree and a large sky"]
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("models")
+    for kind in ("t2i", "i2i"):
+        tiny_folder(folder, kind)
+    return folder
+
+
+def tiny_folder(models_dir: Path, kind: str) -> Path:
+    """Where the tiny flavours build (and find) their weights under hub_cache_dir."""
+    return ensure_tiny_kandinsky5(models_dir / "tunejob-tiny" / f"kandinsky5-image-{kind}", kind)
+
+
+def load_family(tmp_path: Path, models_dir: Path, kind: str = "t2i",
+                **overrides) -> Kandinsky5Family:
+    model = {"family": "kandinsky5-image", "flavour": "tiny" if kind == "t2i" else "tiny-i2i",
+             "hub_cache_dir": str(models_dir), **overrides.pop("model", {})}
+    cfg = tiny_job_config(tmp_path, model=model, **overrides)
+    family = Kandinsky5Family(cfg, torch.device("cpu"), torch.float32)
+    family.load()
+    return family
+
+
+def stock_pipeline(models_dir: Path, kind: str = "t2i"):
+    from diffusers import Kandinsky5I2IPipeline, Kandinsky5T2IPipeline
+
+    cls = Kandinsky5I2IPipeline if kind == "i2i" else Kandinsky5T2IPipeline
+    pipeline = cls.from_pretrained(str(tiny_folder(models_dir, kind)))
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def source_image(seed: int, size: int = 64) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@pytest.mark.parametrize("kind", ["t2i", "i2i"])
+def test_encode_text_equals_the_stock_encode_prompt(tmp_path: Path, models_dir: Path,
+                                                    kind: str) -> None:
+    family = load_family(tmp_path, models_dir, kind)
+    pipeline = stock_pipeline(models_dir, kind)
+    images = [source_image(i) for i in range(len(CAPTIONS))] if kind == "i2i" else None
+    ours = family.encode_text(CAPTIONS, images)
+    processor = pipeline.tokenizer
+    for i, caption in enumerate(CAPTIONS):
+        extra = {"image": images[i]} if images else {}
+        with torch.no_grad():
+            qwen, clip, cu = pipeline.encode_prompt(prompt=caption, device="cpu",
+                                                    dtype=torch.float32, **extra)
+        length = int(cu[-1])
+        assert int(ours[i]["prompt_length"]) == length == ours[i]["prompt_embeds"].shape[0]
+        torch.testing.assert_close(ours[i]["prompt_embeds"], qwen[0, :length], atol=1e-6, rtol=0)
+        torch.testing.assert_close(ours[i]["pooled_prompt_embeds"], clip[0], atol=1e-6, rtol=0)
+        # The first kept token is the caption's first token: the template cut lands on it.
+        ids = processor(text=[pipeline.prompt_template.format(caption)],
+                        images=[images[i].resize((32, 32))] if images else None,
+                        videos=None, return_tensors="pt")["input_ids"][0]
+        prompt = processor.tokenizer(caption)["input_ids"]
+        start = pipeline.prompt_template_encode_start_idx
+        assert ids[start:start + len(prompt)].tolist() == prompt
+    if kind == "i2i":
+        # The Qwen prompt carries the image: another image, another text embedding.
+        other = family.encode_text(CAPTIONS[:1], [source_image(99)])[0]
+        assert not torch.allclose(other["prompt_embeds"], ours[0]["prompt_embeds"])
+
+
+def test_latents_are_the_posterior_mean_times_the_scaling_factor(tmp_path: Path,
+                                                                 models_dir: Path) -> None:
+    family = load_family(tmp_path, models_dir)
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        mean = family.vae.encode(pixels).latent_dist.mean
+    scaling = family.vae.config.scaling_factor
+    assert family.vae.config.shift_factor != 0  # the Flux VAE has one; the pipelines skip it
+    torch.testing.assert_close(family.encode_images(pixels), mean * scaling)
+
+
+def make_batch(family: Kandinsky5Family, count: int = 2, seed: int = 3) -> dict:
+    """A batch as job/data/batches.py builds it: Qwen rows zero-padded to the longest."""
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.rand(count, 3, 64, 64, generator=g) * 2 - 1
+    captions = [CAPTIONS[i % len(CAPTIONS)] for i in range(count)]
+    images = [source_image(seed + i) for i in range(count)] if family.i2i else None
+    texts = family.encode_text(captions, images)
+    longest = max(t["prompt_embeds"].shape[0] for t in texts)
+    batch = {"latents": family.encode_images(pixels),
+             "text.prompt_embeds": torch.stack([torch.nn.functional.pad(
+                 t["prompt_embeds"], (0, 0, 0, longest - t["prompt_embeds"].shape[0]))
+                 for t in texts]),
+             "text.prompt_length": torch.stack([t["prompt_length"] for t in texts]),
+             "text.pooled_prompt_embeds": torch.stack([t["pooled_prompt_embeds"] for t in texts])}
+    if family.i2i:
+        batch["cond.image_latents"] = family.encode_images(torch.stack([
+            torch.from_numpy(np.asarray(im, dtype=np.float32) / 127.5 - 1).permute(2, 0, 1)
+            for im in images]))
+    return batch
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
+    """A LoRA (rank 4, alpha 8) trained 20 steps on one fixed batch."""
+    tmp_path = tmp_path_factory.mktemp("trained")
+    family = load_family(tmp_path, models_dir, lora={"rank": 4, "alpha": 8.0})
+    family.add_lora()
+    batch = make_batch(family)
+    params = [p for p in family.transformer.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    losses = []
+    torch.manual_seed(0)
+    for _ in range(20):
+        loss = family.training_loss(batch, torch.Generator().manual_seed(0)).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return family, batch, losses
+
+
+def test_lora_overfits_a_fixed_batch(trained) -> None:
+    family, _, losses = trained
+    assert losses[-1] < 0.8 * losses[0], losses
+    trainable = {n for n, p in family.transformer.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    # The default targets: the attention projections of the text and the visual blocks.
+    assert any(n.startswith("text_transformer_blocks") for n in trainable)
+    assert any("cross_attention.to_key" in n for n in trainable)
+    assert not any("feed_forward" in n or "modulation" in n for n in trainable)
+
+
+def test_exported_lora_loads_into_the_stock_pipeline(trained, tmp_path: Path,
+                                                     models_dir: Path) -> None:
+    family = trained[0]
+    [path] = family.save_final(tmp_path / "final")
+    with safe_open(str(path), "pt") as handle:
+        meta = json.loads(handle.metadata()["lora_adapter_metadata"])
+        assert meta["transformer.lora_alpha"] == 8
+        assert all(k.startswith("transformer.") for k in handle.keys())
+    family.unload_encoders()
+    ours = np.asarray(family.sample("a red cube", "", 64, 64, 5.0, 3, seed=7))
+
+    pipeline = stock_pipeline(models_dir)
+    pipeline.resolutions = [(64, 64)]  # the stock list starts at 1024 px
+
+    def stock_image() -> np.ndarray:
+        return np.asarray(pipeline("a red cube", height=64, width=64, guidance_scale=5.0,
+                                   num_inference_steps=3,
+                                   generator=torch.Generator().manual_seed(7)).image[0])
+
+    plain = stock_image()
+    pipeline.load_lora_weights(str(tmp_path / "final"))
+    with_lora = stock_image()
+    assert np.abs(with_lora.astype(int) - plain).max() > 2  # the LoRA acts
+    assert np.abs(with_lora.astype(int) - ours).max() <= 1
+    # A lost alpha (scale 1 instead of 8/4) would give another image.
+    pipeline.set_adapters(pipeline.get_active_adapters(), adapter_weights=[0.5])
+    assert np.abs(stock_image().astype(int) - ours).max() > 2
+
+
+def test_samples_come_out_at_the_requested_size(trained) -> None:
+    family = trained[0]
+    # 96x64 is in no resolution list; the stock pipeline would snap it to an aspect of its
+    # own (1408x640 for this one) with only a warning.
+    for width, height in ((64, 64), (96, 64)):
+        image = family.sample("a red cube", "", width, height, 5.0, 2, seed=1)
+        assert image.size == (width, height)
+
+
+def test_checkpoint_state_round_trips(trained, tmp_path: Path, models_dir: Path) -> None:
+    family, batch, _ = trained
+    timesteps, noise = torch.tensor([100, 700]), torch.randn(batch["latents"].shape)
+    state = {k: v.detach().clone() for k, v in family.trainable_state_dict().items()}
+    fresh = load_family(tmp_path, models_dir,
+                        lora=family.cfg.lora.model_dump(exclude_unset=True))
+    fresh.add_lora()
+    with torch.no_grad():
+        before = fresh.eval_loss(batch, timesteps, noise)
+        fresh.load_trainable_state_dict(state)
+        torch.testing.assert_close(fresh.eval_loss(batch, timesteps, noise),
+                                   family.eval_loss(batch, timesteps, noise))
+        assert not torch.allclose(before, family.eval_loss(batch, timesteps, noise))
+    other = load_family(tmp_path, models_dir, lora={"rank": 8})
+    other.add_lora()
+    with pytest.raises(ConfigError, match="do not fit"):
+        other.load_trainable_state_dict(state)
+
+
+def test_lora_targets_that_match_nothing_are_exit_2(tmp_path: Path, models_dir: Path) -> None:
+    family = load_family(tmp_path, models_dir, lora={"target_modules": ["to_q", "to_k"]})
+    with pytest.raises(ConfigError) as caught:
+        family.add_lora()
+    assert caught.value.exit_code == 2 and "to_query" in caught.value.hint
+
+
+def test_i2i_feeds_the_conditioning_latents_and_a_mask(tmp_path: Path, models_dir: Path) -> None:
+    """The transformer input is cat(noisy, conditioning latents, ones) along the channels, as
+    the I2I pipeline builds it; other conditioning latents change the prediction."""
+    family = load_family(tmp_path, models_dir, "i2i")
+    batch = make_batch(family)
+    seen = []
+    family.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["hidden_states"]), with_kwargs=True)
+    timesteps, noise = torch.tensor([300, 600]), torch.randn(batch["latents"].shape)
+    with torch.no_grad():
+        loss = family.eval_loss(batch, timesteps, noise)
+        # One call per caption length: row 0's caption is the shorter one, so it runs first.
+        assert [x.shape[0] for x in seen] == [1, 1]
+        x = torch.cat(seen)
+        assert x.shape == (2, 1, 8, 8, 16 + 16 + 1)
+        torch.testing.assert_close(x[..., 16:32], batch["cond.image_latents"].permute(0, 2, 3, 1)[:, None])
+        assert torch.equal(x[..., 32], torch.ones_like(x[..., 32]))
+        other = dict(batch, **{"cond.image_latents": torch.zeros_like(batch["cond.image_latents"])})
+        assert not torch.allclose(family.eval_loss(other, timesteps, noise), loss)
+
+
+def test_i2i_lora_loads_into_the_stock_i2i_pipeline(tmp_path: Path, models_dir: Path) -> None:
+    family = load_family(tmp_path, models_dir, "i2i", lora={"rank": 4, "alpha": 4.0},
+                         validation={"conditioning_images": ["unused.png"]})
+    family.add_lora()
+    with torch.no_grad():  # stands in for training: non-zero LoRA up-projections
+        for name, param in family.transformer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    family.save_final(tmp_path / "final")
+    pipeline = stock_pipeline(models_dir, "i2i")
+    pipeline.resolutions = [(64, 64)]
+    source = source_image(5)
+
+    def stock_image() -> np.ndarray:
+        return np.asarray(pipeline(image=source, prompt="a red cube", height=64, width=64,
+                                   num_inference_steps=2,
+                                   generator=torch.Generator().manual_seed(0)).image[0])
+
+    plain = stock_image()
+    pipeline.load_lora_weights(str(tmp_path / "final"))
+    assert np.abs(stock_image().astype(int) - plain).max() > 2
+
+
+def test_full_fine_tune_exports_a_stock_pipeline_folder(tmp_path: Path, models_dir: Path) -> None:
+    from job.models.kandinsky5_output import PIPELINE_PARTS
+
+    family = load_family(tmp_path, models_dir, model={"model_type": "full"})
+    params = list(family.transformer.parameters())
+    assert all(p.requires_grad and p.dtype == torch.float32 for p in params)
+    with torch.no_grad():
+        family.transformer.out_layer.out_layer.bias.add_(0.5)  # stands in for training
+    family.save_final(tmp_path / "final")
+    assert sorted(p.name for p in (tmp_path / "final").iterdir()) == sorted(
+        ("model_index.json", *PIPELINE_PARTS))
+    from diffusers import Kandinsky5T2IPipeline
+
+    loaded = Kandinsky5T2IPipeline.from_pretrained(str(tmp_path / "final"))
+    torch.testing.assert_close(loaded.transformer.out_layer.out_layer.bias,
+                               family.transformer.out_layer.out_layer.bias)
