@@ -294,8 +294,10 @@ class SpeedupsTable(Table):
         False, "Prefetch the next group on a CUDA stream while the current one runs (CUDA "
         "only; one block per group).", "group_offload_use_stream")
     enable_model_cpu_offload: bool = setting(
-        False, "Validation only: each pipeline component moves to the GPU while it runs "
-        "(diffusers model CPU offload). Not together with enable_group_offload.",
+        False, "Components wait in CPU memory except while they run (kandinsky5-image: the "
+        "VAE, which otherwise stays on the GPU after caching, comes only to decode "
+        "validation images; the text encoders always wait there after caching). Not "
+        "together with enable_group_offload.",
         "enable_model_cpu_offload")
     offload_during_startup: bool = setting(
         False, "While caching, the text encoders and the VAE are never on the GPU at the same "

@@ -275,3 +275,48 @@ def test_full_fine_tune_exports_a_stock_pipeline_folder(tmp_path: Path, models_d
     loaded = Kandinsky5T2IPipeline.from_pretrained(str(tmp_path / "final"))
     torch.testing.assert_close(loaded.transformer.out_layer.out_layer.bias,
                                family.transformer.out_layer.out_layer.bias)
+
+
+@pytest.mark.parametrize("preset", ["int8-quanto", "int8-torchao"])
+def test_lora_trains_on_an_int8_base(tmp_path: Path, models_dir: Path, preset: str) -> None:
+    """peft wraps quanto's QLinear (an nn.Linear) and torchao's int8 tensors alike; the LoRA
+    trains on either and exports the same keys as on the unquantised base."""
+    from job.speedups.quantize import apply_quantization
+
+    family = load_family(tmp_path, models_dir, speedups={"base_model_precision": preset})
+    assert apply_quantization(family, family.cfg.speedups) == ["base_model_precision"]
+    layer = family.transformer.visual_transformer_blocks[0].self_attention.to_query
+    kind = type(layer).__module__ + type(layer.weight).__name__
+    assert ("quanto" in kind) if preset.endswith("quanto") else ("Affine" in kind or "Int8" in kind)
+    family.add_lora()
+    batch = make_batch(family)
+    optimizer = torch.optim.AdamW([p for p in family.transformer.parameters()
+                                   if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(6):
+        loss = family.training_loss(batch, torch.Generator().manual_seed(0)).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
+    plain = load_family(tmp_path, models_dir)
+    plain.add_lora()
+    assert family.trainable_state_dict().keys() == plain.trainable_state_dict().keys()
+
+
+def test_model_cpu_offload_keeps_the_vae_in_cpu_memory_except_to_decode(
+        tmp_path: Path, models_dir: Path) -> None:
+    """On the CPU both places are the same device, so the VAE's moves are recorded."""
+    for offload, after_caching in ((False, "meta"), (True, "cpu")):
+        family = load_family(tmp_path, models_dir,
+                             speedups={"enable_model_cpu_offload": offload})
+        family.device = torch.device("meta")  # stands in for the GPU: recorded, never used
+        moves = []
+        family.vae.to = lambda device, *a, **k: moves.append(str(device))
+        family.transformer.to = lambda *a, **k: None
+        family.unload_encoders()
+        assert moves == [after_caching]
+    family.device = torch.device("cpu")
+    family._decode(torch.randn(1, 1, 8, 8, 16), 64, 64)
+    assert moves[1:] == ["cpu", "cpu"]  # to the device, then back home (both the CPU here)

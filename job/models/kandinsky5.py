@@ -288,12 +288,14 @@ class Kandinsky5Family(FamilyCommon, Kandinsky5SamplingExport):
 
     def unload_encoders(self) -> None:
         """Text encoders to the CPU (sampling brings them back for new prompts); the VAE
-        stays for decoding; a deferred transformer joins the GPU now."""
+        stays for decoding (with enable_model_cpu_offload it waits in CPU memory too); a
+        deferred transformer joins the GPU now."""
         for encoder in self.text_encoders():
             encoder.to("cpu")
+        # enable_model_cpu_offload: the VAE too waits in CPU memory (_decode brings it).
+        self.vae.to("cpu" if self.cfg.speedups.enable_model_cpu_offload else self.device)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
-        self.vae.to(self.device)
         if not self.cfg.speedups.enable_group_offload:
             self.transformer.to(self.device)
         self.log.info("encoders_unloaded", moved=["text_encoder", "text_encoder_2"], to="cpu")

@@ -110,9 +110,14 @@ class Kandinsky5SamplingExport:
         """The stock pipeline's decode ([B, 1, h, w, C] -> unscale -> VAE), in fp32."""
         pipeline = self._sampling_pipeline()
         channels = self.transformer.config.out_visual_dim
-        latents = latents[..., :channels].to(self.vae.device, torch.float32)
-        latents = latents[:, 0].permute(0, 3, 1, 2) / self.vae.config.scaling_factor
-        image = self.vae.decode(latents, return_dict=False)[0]
+        home = self.vae.device
+        self.vae.to(self.device)  # from CPU memory with enable_model_cpu_offload
+        try:
+            latents = latents[..., :channels].to(self.device, torch.float32)
+            latents = latents[:, 0].permute(0, 3, 1, 2) / self.vae.config.scaling_factor
+            image = self.vae.decode(latents, return_dict=False)[0]
+        finally:
+            self.vae.to(home)
         return pipeline.image_processor.postprocess(image, output_type="pil")[0]
 
     def save_final(self, out_dir: Path) -> list[Path]:
