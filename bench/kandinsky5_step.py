@@ -14,6 +14,8 @@ peak is its own:
   offload-stream  the same, prefetching the next block on a CUDA stream
   tread      ours with [[tread.routes]] selection_ratio 0.5, blocks 2..-2
   int8       ours on an int8-torchao base
+  compile    ours with [speedups] compile_blocks (regional torch.compile, inductor)
+  tread-compile  TREAD 0.5 with compiled blocks
   job        jobs/kandinsky5.toml's step: int8-torchao base + group offload (no stream)
 
     python bench/kandinsky5_step.py --mode ours [--cap-gib 24] [--batch 1] [--tiny]
@@ -52,7 +54,8 @@ LITE = dict(in_visual_dim=16, out_visual_dim=16, in_text_dim=3584, in_text_dim2=
 TINY = dict(in_visual_dim=16, out_visual_dim=16, in_text_dim=32, in_text_dim2=16, time_dim=16,
             patch_size=(1, 2, 2), model_dim=32, ff_dim=64, num_text_blocks=1,
             num_visual_blocks=4, axes_dims=(4, 6, 6))
-MODES = ("reference", "ours", "offload", "offload-stream", "tread", "int8", "job")
+MODES = ("reference", "ours", "offload", "offload-stream", "tread", "int8", "job", "compile",
+         "tread-compile")
 
 
 def make_transformer(config: dict, device: torch.device, dtype: torch.dtype):
@@ -91,7 +94,7 @@ def job_config(args, mode: str, dtype: torch.dtype) -> JobConfig:
                 "base_model_precision": "int8-torchao"
                 if mode in ("int8", "job") else "no_change"}
     tread = {"routes": [{"selection_ratio": 0.5, "start_layer_idx": 2,
-                         "end_layer_idx": -2}]} if mode == "tread" else {"routes": []}
+                         "end_layer_idx": -2}]} if mode.startswith("tread") else {"routes": []}
     return JobConfig.model_validate({
         "job": {"name": "bench", "output_dir": "/tmp/bench-out"},
         "model": {"family": "kandinsky5-image", "model_type": "lora"},
@@ -99,7 +102,7 @@ def job_config(args, mode: str, dtype: torch.dtype) -> JobConfig:
         "train": {"max_train_steps": 1, "gradient_checkpointing": True,
                   "mixed_precision": "bf16" if dtype == torch.bfloat16 else "no"},
         "optimizer": {"name": "adamw", "learning_rate": 1e-4},
-        "speedups": speedups, "tread": tread,
+        "speedups": {**speedups, "compile_blocks": mode.endswith("compile")}, "tread": tread,
         "datasets": [{"id": "x", "instance_data_dir": "/tmp/none", "synthetic_images": 1}],
     })
 
@@ -172,6 +175,10 @@ def ours(args, mode, config, device, dtype) -> dict:
     if cfg.tread.routes:
         family.router = TokenRouter(transformer.visual_transformer_blocks,
                                     resolve_routes(cfg.tread.routes, config["num_visual_blocks"]))
+    if cfg.speedups.compile_blocks:
+        from job.speedups.compile import apply_regional_compile
+
+        apply_regional_compile(transformer, backend="aot_eager" if args.tiny else "inductor")
     params = [p for p in transformer.parameters() if p.requires_grad]
     o = cfg.optimizer
     optimizer = build_optimizer(params, o.name, o.learning_rate, o.beta1, o.beta2,

@@ -41,3 +41,20 @@ def tiny_job_config(tmp_path: Path, **overrides: Any) -> JobConfig:
         "checkpoint": {"step_interval": 2},
     }
     return JobConfig.model_validate(_merge(base, overrides))
+
+
+def fit_fixed_batch(family: Any, module: Any, batch: dict, steps: int, lr: float) -> list[float]:
+    """`steps` AdamW steps of `family`'s training loss on one batch and noise (the
+    trainable parameters of `module`); returns the losses."""
+    import torch
+
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = family.training_loss(batch, torch.Generator().manual_seed(0)).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from helpers import tiny_job_config
+from helpers import fit_fixed_batch, tiny_job_config
 from job.errors import ConfigError
 from job.models.kandinsky5 import Kandinsky5Family
 from job.models.kandinsky5_tiny import ensure_tiny_kandinsky5
@@ -127,16 +127,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
     family = load_family(tmp_path, models_dir, lora={"rank": 4, "alpha": 8.0})
     family.add_lora()
     batch = make_batch(family)
-    params = [p for p in family.transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    losses = []
-    torch.manual_seed(0)
-    for _ in range(20):
-        loss = family.training_loss(batch, torch.Generator().manual_seed(0)).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = fit_fixed_batch(family, family.transformer, batch, 20, lr=1e-2)
     return family, batch, losses
 
 
@@ -289,16 +280,7 @@ def test_lora_trains_on_an_int8_base(tmp_path: Path, models_dir: Path, preset: s
     kind = type(layer).__module__ + type(layer.weight).__name__
     assert ("quanto" in kind) if preset.endswith("quanto") else ("Affine" in kind or "Int8" in kind)
     family.add_lora()
-    batch = make_batch(family)
-    optimizer = torch.optim.AdamW([p for p in family.transformer.parameters()
-                                   if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(6):
-        loss = family.training_loss(batch, torch.Generator().manual_seed(0)).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = fit_fixed_batch(family, family.transformer, make_batch(family), 6, lr=1e-2)
     assert losses[-1] < 0.9 * losses[0], losses
     plain = load_family(tmp_path, models_dir)
     plain.add_lora()

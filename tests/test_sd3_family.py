@@ -12,6 +12,7 @@ import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 from safetensors import safe_open
 
+from helpers import fit_fixed_batch
 from job.data.batches import BatchLoader
 from job.data.prepare import prepare_data
 from job.errors import ConfigError
@@ -134,15 +135,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
                          lora={"rank": 4, "alpha": 8.0, "target_modules": targets})
     family.add_lora()
     batch = make_batch(family)
-    params = [p for p in family.transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    losses = []
-    for _ in range(20):
-        loss = family.training_loss(batch, torch.Generator().manual_seed(0)).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = fit_fixed_batch(family, family.transformer, batch, 20, lr=1e-2)
     return family, batch, losses
 
 

@@ -18,7 +18,7 @@ from job.errors import ConfigError
 from job.models.sdxl import SDXLFamily
 from job.models.sdxl_output import PIPELINE_PARTS
 from job.models.sdxl_tiny import build_tiny_sdxl, ensure_tiny_sdxl
-from helpers import tiny_job_config
+from helpers import fit_fixed_batch, tiny_job_config
 
 CAPTIONS = ["a photo of the red circle", "a yellow square on a black background, " * 12]
 
@@ -191,15 +191,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, models_dir: Path):
                          lora={"rank": 4, "alpha": 8.0})
     family.add_lora()
     batch = make_batch(family, SIZES)
-    params = [p for p in family.unet.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-3)
-    losses = []
-    for _ in range(30):
-        loss = family.training_loss(batch, torch.Generator().manual_seed(0)).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = fit_fixed_batch(family, family.unet, batch, 30, lr=1e-3)
     return family, batch, losses
 
 

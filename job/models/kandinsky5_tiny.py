@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from job.models.sd3_tiny import sixteen_channel_vae
 from job.models.sdxl_tiny import (MERGED_WORDS, build_tokenizer, byte_unicode_table,
                                    ensure_model_folder, write_vocab_files)
 
@@ -166,19 +167,6 @@ def _clip(vocab: dict[str, int]):
         pad_token_id=vocab["<|endoftext|>"]))
 
 
-def _vae():
-    """The Flux VAE's shape (16 latent channels, 8x downsampling) at toy width."""
-    from diffusers import AutoencoderKL
-
-    # Four blocks give the 8x downsampling of the Flux VAE, which has no quant convs either.
-    return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1,
-        block_out_channels=(16, 16, 16, 16), norm_num_groups=8, sample_size=64,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        scaling_factor=SCALING_FACTOR, shift_factor=SHIFT_FACTOR, use_quant_conv=False,
-        use_post_quant_conv=False, force_upcast=True)
-
-
 def _transformer(i2i: bool):
     """The DiT at toy size, its modulations made non-zero."""
     from diffusers import Kandinsky5Transformer3DModel
@@ -211,7 +199,7 @@ def build_tiny_kandinsky5(path: Path, seed: int = 0, kind: str = "t2i") -> Path:
         torch.manual_seed(seed)
         transformer = _transformer(kind == "i2i")
         torch.manual_seed(seed + 1)
-        vae = _vae()
+        vae = sixteen_channel_vae(SCALING_FACTOR, SHIFT_FACTOR)
         torch.manual_seed(seed + 2)
         text_encoder = _qwen(processor.tokenizer)
         torch.manual_seed(seed + 3)

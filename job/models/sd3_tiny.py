@@ -83,15 +83,18 @@ def _transformer():
         pos_embed_max_size=32, qk_norm="rms_norm", dual_attention_layers=(0,))
 
 
-def _vae():
+def sixteen_channel_vae(scaling_factor: float = SCALING_FACTOR,
+                        shift_factor: float = SHIFT_FACTOR):
+    """The 16-channel VAE of SD3 and Flux (also Kandinsky 5's) at toy width, with the given
+    latent statistics."""
     from diffusers import AutoencoderKL
 
-    # Four blocks give the 8x downsampling of the real VAE; no quant convs, as in SD3's.
+    # Four blocks give the 8x downsampling of the real VAEs; no quant convs, as in theirs.
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=16, layers_per_block=1,
         block_out_channels=(16, 16, 16, 16), norm_num_groups=8, sample_size=64,
         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        scaling_factor=SCALING_FACTOR, shift_factor=SHIFT_FACTOR, use_quant_conv=False,
+        scaling_factor=scaling_factor, shift_factor=shift_factor, use_quant_conv=False,
         use_post_quant_conv=False, force_upcast=True)
 
 
@@ -109,7 +112,7 @@ def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
         torch.manual_seed(seed)
         transformer = _transformer()
         torch.manual_seed(seed + 1)
-        vae = _vae()
+        vae = sixteen_channel_vae()
         torch.manual_seed(seed + 2)
         text_encoder = _clip(vocab, CLIP_L_HIDDEN, "quick_gelu")
         torch.manual_seed(seed + 3)

@@ -18,6 +18,7 @@ BLOCK_CLASSES = frozenset({
     "BasicTransformerBlock", "ResnetBlock2D",                            # SDXL UNet
     "JointTransformerBlock",                                             # SD3 transformer
     "SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock",  # Stage C prior
+    "Kandinsky5TransformerEncoderBlock", "Kandinsky5TransformerDecoderBlock",  # Kandinsky 5
 })
 
 

@@ -30,8 +30,6 @@ Training adds a backward pass, and these changes make the hooks fit it:
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
