@@ -4,16 +4,15 @@ the requested size, and the trained state round trip."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from safetensors import safe_open
 
-from helpers import fit_fixed_batch, tiny_job_config
+from helpers import (assert_exported_lora_acts_in_the_stock_pipeline,
+                     assert_trained_state_round_trips, fit_fixed_batch, tiny_job_config)
 from job.errors import ConfigError
 from job.models.kandinsky5 import Kandinsky5Family
 from job.models.kandinsky5_tiny import ensure_tiny_kandinsky5
@@ -145,30 +144,17 @@ def test_lora_overfits_a_fixed_batch(trained) -> None:
 def test_exported_lora_loads_into_the_stock_pipeline(trained, tmp_path: Path,
                                                      models_dir: Path) -> None:
     family = trained[0]
-    [path] = family.save_final(tmp_path / "final")
-    with safe_open(str(path), "pt") as handle:
-        meta = json.loads(handle.metadata()["lora_adapter_metadata"])
-        assert meta["transformer.lora_alpha"] == 8
-        assert all(k.startswith("transformer.") for k in handle.keys())
-    family.unload_encoders()
-    ours = np.asarray(family.sample("a red cube", "", 64, 64, 5.0, 3, seed=7))
-
     pipeline = stock_pipeline(models_dir)
     pipeline.resolutions = [(64, 64)]  # the stock list starts at 1024 px
 
-    def stock_image() -> np.ndarray:
-        return np.asarray(pipeline("a red cube", height=64, width=64, guidance_scale=5.0,
-                                   num_inference_steps=3,
-                                   generator=torch.Generator().manual_seed(7)).image[0])
+    def stock_image(pipe) -> np.ndarray:
+        return np.asarray(pipe("a red cube", height=64, width=64, guidance_scale=5.0,
+                               num_inference_steps=3,
+                               generator=torch.Generator().manual_seed(7)).image[0])
 
-    plain = stock_image()
-    pipeline.load_lora_weights(str(tmp_path / "final"))
-    with_lora = stock_image()
-    assert np.abs(with_lora.astype(int) - plain).max() > 2  # the LoRA acts
-    assert np.abs(with_lora.astype(int) - ours).max() <= 1
-    # A lost alpha (scale 1 instead of 8/4) would give another image.
-    pipeline.set_adapters(pipeline.get_active_adapters(), adapter_weights=[0.5])
-    assert np.abs(stock_image().astype(int) - ours).max() > 2
+    assert_exported_lora_acts_in_the_stock_pipeline(
+        family, tmp_path / "final", lambda: family.sample("a red cube", "", 64, 64, 5.0, 3, 7),
+        pipeline, stock_image)
 
 
 def test_samples_come_out_at_the_requested_size(trained) -> None:
@@ -182,21 +168,8 @@ def test_samples_come_out_at_the_requested_size(trained) -> None:
 
 def test_checkpoint_state_round_trips(trained, tmp_path: Path, models_dir: Path) -> None:
     family, batch, _ = trained
-    timesteps, noise = torch.tensor([100, 700]), torch.randn(batch["latents"].shape)
-    state = {k: v.detach().clone() for k, v in family.trainable_state_dict().items()}
-    fresh = load_family(tmp_path, models_dir,
-                        lora=family.cfg.lora.model_dump(exclude_unset=True))
-    fresh.add_lora()
-    with torch.no_grad():
-        before = fresh.eval_loss(batch, timesteps, noise)
-        fresh.load_trainable_state_dict(state)
-        torch.testing.assert_close(fresh.eval_loss(batch, timesteps, noise),
-                                   family.eval_loss(batch, timesteps, noise))
-        assert not torch.allclose(before, family.eval_loss(batch, timesteps, noise))
-    other = load_family(tmp_path, models_dir, lora={"rank": 8})
-    other.add_lora()
-    with pytest.raises(ConfigError, match="do not fit"):
-        other.load_trainable_state_dict(state)
+    assert_trained_state_round_trips(family, batch, torch.tensor([100, 700]),
+                                     lambda **extra: load_family(tmp_path, models_dir, **extra))
 
 
 def test_lora_targets_that_match_nothing_are_exit_2(tmp_path: Path, models_dir: Path) -> None:

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
-from safetensors import safe_open
 
-from helpers import fit_fixed_batch
+from helpers import (assert_exported_lora_acts_in_the_stock_pipeline,
+                     assert_trained_state_round_trips, fit_fixed_batch)
 from job.data.batches import BatchLoader
 from job.data.prepare import prepare_data
 from job.errors import ConfigError
@@ -151,46 +151,21 @@ def test_lora_overfits_a_fixed_batch(trained) -> None:
 def test_exported_lora_loads_into_the_stock_pipeline(trained, tmp_path: Path,
                                                      models_dir: Path) -> None:
     family = trained[0]
-    [path] = family.save_final(tmp_path / "final")
-    with safe_open(str(path), "pt") as handle:
-        meta = json.loads(handle.metadata()["lora_adapter_metadata"])
-        assert meta["transformer.lora_alpha"] == 8
-        assert all(k.startswith("transformer.") for k in handle.keys())
-    family.unload_encoders()
-    ours = np.asarray(family.sample("a red circle", "", 64, 64, 4.0, 2, seed=7))
 
     def stock_image(pipe) -> np.ndarray:
         return np.asarray(pipe("a red circle", width=64, height=64, guidance_scale=4.0,
                                num_inference_steps=2, max_sequence_length=154,
                                generator=torch.Generator().manual_seed(7)).images[0])
 
-    pipe = stock_pipeline(tiny_folder(models_dir))
-    plain = stock_image(pipe)
-    pipe.load_lora_weights(str(tmp_path / "final"))
-    with_lora = stock_image(pipe)
-    assert np.abs(with_lora.astype(int) - plain).max() > 2  # the LoRA acts
-    assert np.abs(with_lora.astype(int) - ours).max() <= 1
-    # What a lost alpha would give (scale 1 instead of 8/4): another image.
-    pipe.set_adapters(pipe.get_active_adapters(), adapter_weights=[0.5])
-    assert np.abs(stock_image(pipe).astype(int) - ours).max() > 2
+    assert_exported_lora_acts_in_the_stock_pipeline(
+        family, tmp_path / "final", lambda: family.sample("a red circle", "", 64, 64, 4.0, 2, 7),
+        stock_pipeline(tiny_folder(models_dir)), stock_image)
 
 
 def test_checkpoint_state_round_trips(trained, tmp_path: Path, models_dir: Path) -> None:
     family, batch, _ = trained
-    timesteps, noise = torch.tensor([100, 700]), torch.randn(batch["latents"].shape)
-    state = {k: v.detach().clone() for k, v in family.trainable_state_dict().items()}
-    fresh = load_family(tmp_path, models_dir, lora=family.cfg.lora.model_dump())
-    fresh.add_lora()
-    with torch.no_grad():
-        before = fresh.eval_loss(batch, timesteps, noise)
-        fresh.load_trainable_state_dict(state)
-        torch.testing.assert_close(fresh.eval_loss(batch, timesteps, noise),
-                                   family.eval_loss(batch, timesteps, noise))
-        assert not torch.allclose(before, family.eval_loss(batch, timesteps, noise))
-    other = load_family(tmp_path, models_dir, lora={"rank": 8})
-    other.add_lora()
-    with pytest.raises(ConfigError, match="do not fit"):
-        other.load_trainable_state_dict(state)
+    assert_trained_state_round_trips(family, batch, torch.tensor([100, 700]),
+                                     lambda **extra: load_family(tmp_path, models_dir, **extra))
 
 
 def slg_validation(**extra) -> dict:

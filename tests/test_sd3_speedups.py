@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from helpers import fit_fixed_batch
 from job.errors import ConfigError
 from job.speedups import apply_speedups
 from job.speedups.attention import JointAttentionProcessor, apply_sageattention
@@ -35,17 +36,7 @@ def quantised_family(tmp_path: Path, models_dir: Path, preset: str, **speedups):
 
 
 def train_steps(family, steps: int) -> list[float]:
-    batch = make_batch(family)
-    params = [p for p in family.transformer.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    losses = []
-    for _ in range(steps):
-        loss = family.training_loss(batch, torch.Generator().manual_seed(0)).mean()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses
+    return fit_fixed_batch(family, family.transformer, make_batch(family), steps, lr=1e-2)
 
 
 def test_int8_torchao_base_trains_a_plain_lora(tmp_path: Path, models_dir: Path) -> None:

@@ -18,7 +18,7 @@ from job.errors import ConfigError
 from job.models.sdxl import SDXLFamily
 from job.models.sdxl_output import PIPELINE_PARTS
 from job.models.sdxl_tiny import build_tiny_sdxl, ensure_tiny_sdxl
-from helpers import fit_fixed_batch, tiny_job_config
+from helpers import assert_trained_state_round_trips, fit_fixed_batch, tiny_job_config
 
 CAPTIONS = ["a photo of the red circle", "a yellow square on a black background, " * 12]
 
@@ -229,20 +229,8 @@ def test_exported_lora_keeps_alpha_in_the_stock_pipeline(trained, tmp_path: Path
 
 def test_checkpoint_state_round_trips(trained, tmp_path: Path, models_dir: Path) -> None:
     family, batch, _ = trained
-    timesteps, noise = torch.tensor([10, 700]), torch.randn(batch["latents"].shape)
-    state = {k: v.detach().clone() for k, v in family.trainable_state_dict().items()}
-    fresh = load_family(tmp_path, models_dir, lora={"rank": 4, "alpha": 8.0})
-    fresh.add_lora()
-    with torch.no_grad():
-        before = fresh.eval_loss(batch, timesteps, noise)
-        fresh.load_trainable_state_dict(state)
-        torch.testing.assert_close(fresh.eval_loss(batch, timesteps, noise),
-                                   family.eval_loss(batch, timesteps, noise))
-    assert not torch.allclose(before, family.eval_loss(batch, timesteps, noise).detach())
-    other = load_family(tmp_path, models_dir, lora={"rank": 8})
-    other.add_lora()
-    with pytest.raises(ConfigError, match="do not fit"):
-        other.load_trainable_state_dict(state)
+    assert_trained_state_round_trips(family, batch, torch.tensor([10, 700]),
+                                     lambda **extra: load_family(tmp_path, models_dir, **extra))
 
 
 def test_bf16_keeps_lora_fp32_and_fingerprints_the_dtype(tmp_path: Path,
