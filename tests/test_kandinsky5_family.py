@@ -275,3 +275,31 @@ def test_model_cpu_offload_keeps_the_vae_in_cpu_memory_except_to_decode(
     family.device = torch.device("cpu")
     family._decode(torch.randn(1, 1, 8, 8, 16), 64, 64)
     assert moves[1:] == ["cpu", "cpu"]  # to the device, then back home (both the CPU here)
+
+
+def test_offload_during_startup_never_has_the_encoders_and_the_vae_on_the_gpu_together(
+        tmp_path: Path, models_dir: Path) -> None:
+    """Where each component is, tracked through its .to() calls ("meta" stands in for the
+    GPU and is only recorded): the text encoders and the VAE take turns."""
+    family = load_family(tmp_path, models_dir, "i2i",
+                         speedups={"offload_during_startup": True},
+                         validation={"conditioning_images": ["unused.png"]})
+    family.device = torch.device("meta")
+    where = {"text_encoder": "cpu", "text_encoder_2": "cpu", "vae": "cpu"}
+    both = []
+
+    def tracking(name):
+        def to(device, *args, **kwargs):
+            where[name] = str(device)
+            encoders = where["text_encoder"] == "meta" or where["text_encoder_2"] == "meta"
+            both.append(encoders and where["vae"] == "meta")
+        return to
+
+    for name in where:
+        getattr(family, name).to = tracking(name)
+    family.encode_text(CAPTIONS[:1], [source_image(0)])
+    assert where == {"text_encoder": "meta", "text_encoder_2": "meta", "vae": "cpu"}
+    family.encode_images(torch.zeros(1, 3, 64, 64))
+    assert where == {"text_encoder": "cpu", "text_encoder_2": "cpu", "vae": "meta"}
+    family.encode_text(CAPTIONS[:1], [source_image(0)])
+    assert both and not any(both)

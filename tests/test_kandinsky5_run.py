@@ -121,6 +121,19 @@ def test_i2i_job_pairs_conditioning_images_and_validates_from_one(tmp_path: Path
     images = [Path(p) for p in summary["images"] if Path(p).name != "grid.png"]
     assert images and all(Image.open(p).size == (64, 64) for p in images)
 
+    # The text embedding carries the conditioning image, so another image for one sample
+    # means its caption (and the empty prompt with that image) and its latents are encoded
+    # again; the other samples' entries are reused.
+    Image.new("RGB", (64, 64), (0, 0, 255)).save(cond / "set" / "img0.jpg")
+    assert run_job(k5_job(tmp_path, 'model.flavour="tiny-i2i"',
+                          f"datasets.0.instance_data_dir={json.dumps(str(data))}",
+                          f"datasets.0.conditioning_data_dir={json.dumps(str(cond))}",
+                          "datasets.0.synthetic_images=0", 'validation.resolution=["64x64"]',
+                          f"validation.conditioning_images=[{json.dumps(str(source))}]",
+                          "train.max_train_steps=5")) == 0
+    again = rows(out, "data_ready")[-1]
+    assert (again["encoded_captions"], again["encoded_latents"]) == (2, 1)
+
     [final] = summary["final_weights"]
     pipeline = stock(tmp_path / "models", "i2i")
 

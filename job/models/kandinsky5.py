@@ -7,6 +7,13 @@ as the stock pipelines scale them (no shift factor). The flow-matching math is S
 (job/models/sd3_flow.py: the same rectified flow, x_t = (1 - t) x0 + t noise, velocity
 noise - x0, timestep t * 1000). Sampling and export live in kandinsky5_output.py, token
 routing in job/speedups/tread.py, group offload in job/speedups/offload.py.
+
+Known upstream behaviour kept on purpose: the stock I2I pipeline cuts 54 leading Qwen tokens
+while its template's prefix is about 49 tokens with the real tokenizer, so the first ~5
+tokens of an i2i prompt never reach the model (kandinskylab/kandinsky-5 issue #92). Training
+encodes through the same encode_prompt, so it sees what inference sees; an i2i caption's
+first words are best kept unimportant. The tiny i2i model's tokenizer is built so that the
+cut lands on the prompt's first token (job/models/kandinsky5_tiny.py).
 """
 
 from __future__ import annotations
