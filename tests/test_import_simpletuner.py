@@ -25,13 +25,14 @@ from job.jobfile import load_job
 ROOT = Path(__file__).resolve().parent.parent
 FIX = ROOT / "tests" / "fixtures" / "simpletuner"
 BASE = "base_sdxl.json"  # ours, not from the documents: a family tunejob has, for fragments
+K5_BASE = "base_kandinsky5.json"  # ours: the family the Kandinsky 5 fragments are for
 
 CASCADE_LEFT = {"hub_model_id", "report_to"}
 # [distillation] and [tread] are reported while the schema lacks them and mapped once it has them.
 DISTILL_LEFT = set() if "distillation" in JobConfig.model_fields else {
     "distillation_method", "distillation_config"}
-# [tread] exists, but the importer does not convert tread_config's list of routes yet.
-TREAD_LEFT = {"tread_config.routes"}
+# tread_config's routes become [[tread.routes]] tables.
+TREAD_LEFT: set[str] = set()
 SD3, K5, LCM = "002_sd3_ja", "003_kandinsky5_ja", "004_sdxl_lcm_ja"
 
 # id, config files laid over each other, multidatabackend (None: data_backend_config),
@@ -62,7 +63,12 @@ CASES = [
      f"{K5}/multidatabackend.json", set(), None),
     ("003-quantization", [BASE, f"{K5}/quantization.json"], f"{K5}/multidatabackend.json",
      set(), "base_model_precision"),
-    ("003-tread", [BASE, f"{K5}/tread.json"], f"{K5}/multidatabackend.json", TREAD_LEFT, None),
+    ("003-tread", [BASE, f"{K5}/tread.json"], f"{K5}/multidatabackend.json", TREAD_LEFT,
+     "no token routing"),
+    ("003-tread-k5", [K5_BASE, f"{K5}/tread.json"], f"{K5}/multidatabackend.json", TREAD_LEFT,
+     None),
+    ("003-group-offload-k5", [K5_BASE, f"{K5}/group_offload.json"],
+     f"{K5}/multidatabackend.json", set(), None),
     # The document's aspect_bucket_rounding = 64 is outside 1-9 in SimpleTuner as well.
     ("004-config", [f"{LCM}/config.json"], f"{LCM}/multidatabackend.json",
      {"push_to_hub", "hub_model_id", "report_to", "tracker_project_name"} | DISTILL_LEFT,

@@ -182,12 +182,36 @@ def _convert_nested(value: Any, path: str, where: str, conv: Conversion) -> None
         if name is None:
             conv.unmapped.append(Unmapped("config.json", f"{where}.{key}", inner,
                                           f"[{path}] has no such setting (docs/config.md)"))
+        elif sub is not None and isinstance(inner, list):
+            _convert_list(inner, f"{path}.{name}", f"{where}.{key}", conv)
         elif sub is not None:
             _convert_nested(inner, f"{path}.{name}", f"{where}.{key}", conv)
         elif inner is None:
             conv.notes.append(f"{where}.{key} = null: unset, left out")
         else:
             conv.put(path, name, inner, f"{where}.{key}")
+
+
+def _convert_list(value: list, path: str, where: str, conv: Conversion) -> None:
+    """A list of objects as a list of tables ([[tread.routes]]): every entry's keys must be
+    settings of that table, else the list is reported whole."""
+    table = dict(schema_tables())[path]
+    entries = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            conv.unmapped.append(Unmapped("config.json", where, value,
+                                          f"entry {i} is not an object of [[{path}]] settings"))
+            return
+        names = {key: field_for(table, key)[0] for key in undashed(entry, f"{where}[{i}]")}
+        unknown = [key for key, name in names.items() if name is None]
+        if unknown:
+            conv.unmapped.append(Unmapped("config.json", where, value,
+                                          f"entry {i}: [[{path}]] has no setting "
+                                          f"{', '.join(unknown)} (docs/config.md)"))
+            return
+        entries.append({names[key]: inner for key, inner in undashed(entry, where).items()})
+    parent, _, leaf = path.rpartition(".")
+    conv.put(parent, leaf, entries, where)
 
 
 def _backends_file(config_path: Path, settings: dict[str, Any], given: Path | None,
