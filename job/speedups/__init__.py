@@ -24,9 +24,9 @@ def apply_speedups(cfg: JobConfig, family) -> None:
 
         apply_quantization(family, cfg.speedups)
     if "tread" in features and cfg.tread.routes:
-        from job.speedups.tread import TokenRouter
+        from job.speedups.tread import apply_tread
 
-        family.router = TokenRouter(family.transformer.visual_transformer_blocks, family.routes)
+        apply_tread(family)
     if "sageattention" in features:
         from job.speedups.attention import apply_sageattention
 

@@ -23,6 +23,18 @@ from torch import nn
 from job.train import distributed
 
 
+def apply_tread(family) -> "TokenRouter":
+    """TREAD's hooks on the family's visual blocks for its resolved [tread] routes; the
+    family draws each step's token choice from the router (family.router)."""
+    from job.log import get_logger
+
+    family.router = TokenRouter(family.transformer.visual_transformer_blocks, family.routes)
+    get_logger().info("speedup_active", speedup="tread",
+                      routes=[{"blocks": f"{first}..{last}", "selection_ratio": ratio}
+                              for first, last, ratio in family.router.routes])
+    return family.router
+
+
 class Routing(dict):
     """One forward's token choice: kept[r] [B, K] sorted token indices per route r. A dict
     with to_fractal = False, so the stock forward reads it as sparse_params."""
