@@ -26,3 +26,16 @@ def test_stage_c_bench_tiny_writes_its_json(tmp_path: Path, monkeypatch: pytest.
             entry = written["priors"][name][mode]
             assert entry["ours"]["samples_per_s"] > 0 and entry["reference"]["samples_per_s"] > 0
             assert entry["ratio_samples_per_s"] > 0
+
+
+def test_text_caching_bench_tiny_writes_every_prompt(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = importlib.util.spec_from_file_location("text_caching", ROOT / "bench" / "text_caching.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert (bench.CLIP_G["hidden_size"], bench.CLIP_G["num_hidden_layers"]) == (1280, 32)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    [result] = bench.main(["--tiny", "--batch", "16"])
+    assert json.loads((tmp_path / "text_caching.json").read_text()) == [result]
+    assert result["written"] == result["prompts"] == 64
+    assert result["ours_prompts_per_s"] > 0 and result["reference_prompts_per_s"] > 0
