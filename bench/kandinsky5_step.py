@@ -32,13 +32,13 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diffusers import FlowMatchEulerDiscreteScheduler, Kandinsky5Transformer3DModel  # noqa: E402
 from diffusers.training_utils import compute_density_for_timestep_sampling  # noqa: E402
@@ -47,6 +47,7 @@ from peft import LoraConfig  # noqa: E402
 from job.config import JobConfig  # noqa: E402
 from job.models.kandinsky5 import DEFAULT_LORA_TARGETS, Kandinsky5Family  # noqa: E402
 from job.train.optimizers import build_optimizer  # noqa: E402
+from timing import timed  # noqa: E402
 
 LITE = dict(in_visual_dim=16, out_visual_dim=16, in_text_dim=3584, in_text_dim2=768,
             time_dim=512, patch_size=(1, 2, 2), model_dim=2560, ff_dim=10240,
@@ -107,52 +108,6 @@ def job_config(args, mode: str, dtype: torch.dtype) -> JobConfig:
     })
 
 
-def timed(step, args, device) -> dict:
-    """ms per step and the peak memory of the steps alone (setup's peak reported apart);
-    with --profile, the GPU's busy share of the timed steps and the top kernels."""
-    setup_peak = None
-    if device.type == "cuda":
-        setup_peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
-        torch.cuda.reset_peak_memory_stats()
-    for _ in range(args.warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / args.steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    result = {"ms_per_step": round(seconds * 1000, 1),
-              "samples_per_s": round(args.batch / seconds, 3),
-              "peak_gpu_memory_gib": peak and round(peak, 2), "setup_peak_gib": setup_peak}
-    if args.profile and device.type == "cuda":
-        result.update(profiled(step, args))
-    return result
-
-
-def profiled(step, args) -> dict:
-    """Two steps under torch.profiler: GPU kernel time per step against the wall time (a
-    low share means the step waits on the CPU) and the kernels that take the most."""
-    from torch.profiler import ProfilerActivity, profile
-
-    steps = 2
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        torch.cuda.synchronize()
-        wall = (time.perf_counter() - start) / steps
-    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
-    gpu = sum(e.self_device_time_total for e in events) / 1e3 / steps
-    top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
-    return {"profiled_wall_ms": round(wall * 1000, 1), "gpu_kernel_ms": round(gpu, 1),
-            "top_kernels_ms": {e.key[:80]: round(e.self_device_time_total / 1e3 / steps, 1)
-                               for e in top}}
-
-
 def ours(args, mode, config, device, dtype) -> dict:
     """The family's step as job/train/loop.py runs it, with the mode's speedups applied in
     the job's order (quantise, LoRA, group offload; TREAD hooks)."""
@@ -192,7 +147,7 @@ def ours(args, mode, config, device, dtype) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, args, device)
+    return timed(step, args.warmup, args.steps, args.batch, device, args.profile)
 
 
 def reference(args, config, device, dtype) -> dict:
@@ -232,7 +187,7 @@ def reference(args, config, device, dtype) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, args, device)
+    return timed(step, args.warmup, args.steps, args.batch, device, args.profile)
 
 
 def main(argv: list[str] | None = None) -> dict:

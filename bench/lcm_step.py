@@ -20,13 +20,13 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diffusers import DDPMScheduler, UNet2DConditionModel  # noqa: E402
 from peft import LoraConfig  # noqa: E402
@@ -35,6 +35,7 @@ from job.config import JobConfig  # noqa: E402
 from job.distill.lcm import LCMDistillation  # noqa: E402
 from job.models.sdxl import SDXLFamily  # noqa: E402
 from job.train.optimizers import build_optimizer  # noqa: E402
+from timing import timed  # noqa: E402
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, the dims that matter.
 SDXL_UNET = dict(
@@ -100,22 +101,6 @@ def our_family(cfg: JobConfig, unet, device, dtype) -> SDXLFamily:
     family.prediction_type = "epsilon"
     family.add_lora()
     return family
-
-
-def timed(step, warmup: int, steps: int, device: torch.device) -> dict:
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"ms_per_step": round(seconds * 1000, 2), "peak_gib": peak and round(peak, 2)}
 
 
 def reference_lora_step(unet, batch, scheduler, dtype, optimizer, generator):
@@ -194,6 +179,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile two steps (GPU busy share, top kernels)")
     parser.add_argument("--compile", action="store_true",
                         help="ours with [speedups] compile_blocks (regional torch.compile)")
     parser.add_argument("--targets", default="lcm", choices=["lcm", "attention"],
@@ -232,10 +219,11 @@ def main() -> None:
     unet = lora_unet()
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
     results["ref_lora"] = timed(lambda: reference_lora_step(unet, batch, scheduler, dtype, opt,
-                                                            generator), args.warmup, args.steps, device)
+                                                            generator),
+                                args.warmup, args.steps, args.batch, device, args.profile)
     results["ref_lcm"] = timed(lambda: reference_lcm_step(unet, batch, scheduler.alphas_cumprod,
                                                           dtype, opt, generator),
-                               args.warmup, args.steps, device)
+                               args.warmup, args.steps, args.batch, device, args.profile)
     del unet, opt
     torch.cuda.empty_cache() if cuda else None
 
@@ -256,7 +244,8 @@ def main() -> None:
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        results["ours_lcm" if lcm else "ours_lora"] = timed(step, args.warmup, args.steps, device)
+        results["ours_lcm" if lcm else "ours_lora"] = timed(
+            step, args.warmup, args.steps, args.batch, device, args.profile)
         del family, opt, objective
         torch.cuda.empty_cache() if cuda else None
 

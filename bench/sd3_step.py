@@ -26,13 +26,13 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel  # noqa: E402
 from diffusers.training_utils import compute_density_for_timestep_sampling  # noqa: E402
@@ -41,6 +41,7 @@ from peft import LoraConfig  # noqa: E402
 from job.config import JobConfig  # noqa: E402
 from job.models.sd3 import SD3Family  # noqa: E402
 from job.train.optimizers import build_optimizer  # noqa: E402
+from timing import timed  # noqa: E402
 
 # stabilityai/stable-diffusion-3.5-medium transformer/config.json.
 SD35_MEDIUM = dict(
@@ -86,22 +87,6 @@ def job_config(rank: int, precision: str, checkpointing: bool) -> JobConfig:
     })
 
 
-def timed(step, warmup: int, steps: int, batch: int, device: torch.device) -> dict:
-    for _ in range(warmup):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = (time.perf_counter() - start) / steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"ms_per_step": round(seconds * 1000, 2), "samples_per_s": round(batch / seconds, 3),
-            "peak_gpu_memory_gib": peak and round(peak, 2)}
-
-
 def ours(args, config, device, dtype) -> dict:
     """The sd3 family's step as job/train/loop.py runs it: loss, backward, clip, step."""
     cfg = job_config(args.rank, "bf16" if dtype == torch.bfloat16 else "no", args.checkpointing)
@@ -128,7 +113,7 @@ def ours(args, config, device, dtype) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, args.warmup, args.steps, args.batch, device)
+    return timed(step, args.warmup, args.steps, args.batch, device, args.profile)
 
 
 def reference(args, config, device, dtype) -> dict:
@@ -164,7 +149,7 @@ def reference(args, config, device, dtype) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, args.warmup, args.steps, args.batch, device)
+    return timed(step, args.warmup, args.steps, args.batch, device, args.profile)
 
 
 def fresh_memory(device: torch.device) -> None:
@@ -186,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true",
                         help="ours with [speedups] compile_blocks (regional torch.compile)")
     parser.add_argument("--tiny", action="store_true", help="4-layer model on the CPU, 64 px")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile two steps (GPU busy share, top kernels)")
     args = parser.parse_args(argv)
     if args.tiny:
         args.batch, args.size = min(args.batch, 2), 64

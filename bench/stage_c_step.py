@@ -26,13 +26,13 @@ import gc
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from diffusers import DDPMWuerstchenScheduler, StableCascadeUNet  # noqa: E402
 from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
@@ -40,6 +40,7 @@ from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
 from job.config import JobConfig  # noqa: E402
 from job.models.stable_cascade import StableCascadeFamily  # noqa: E402
 from job.train.optimizers import build_optimizer  # noqa: E402
+from timing import timed  # noqa: E402
 
 _COMMON = dict(in_channels=16, out_channels=16, timestep_ratio_embedding_dim=64, patch_size=1,
                clip_text_in_channels=1280, clip_text_pooled_in_channels=1280,
@@ -92,20 +93,6 @@ def job_config(precision: str, checkpointing: bool) -> JobConfig:
         "datasets": [{"id": "d", "instance_data_dir": "/tmp"}]})
 
 
-def timed(step, warmup: int, steps: int, batch: int, device: torch.device) -> dict:
-    for _ in range(warmup):
-        step()
-    sync(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        step()
-    sync(device)
-    seconds = (time.perf_counter() - started) / steps
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    return {"ms_per_step": round(seconds * 1000, 2), "samples_per_s": round(batch / seconds, 3),
-            "peak_gpu_memory_gib": round(peak, 3) if peak is not None else None}
-
-
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -129,7 +116,7 @@ def ours(config, batch_size, precision, args, device) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, args.warmup, args.steps, batch_size, device)
+    return timed(step, args.warmup, args.steps, batch_size, device, args.profile)
 
 
 def reference(config, batch_size, precision, args, device) -> dict:
@@ -166,7 +153,7 @@ def reference(config, batch_size, precision, args, device) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, args.warmup, args.steps, batch_size, device)
+    return timed(step, args.warmup, args.steps, batch_size, device, args.profile)
 
 
 def fresh_memory(device: torch.device) -> None:
@@ -207,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-fp32-batch", type=int, default=64)
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--tiny", action="store_true", help="toy prior on the CPU")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile two steps (GPU busy share, top kernels)")
     args = parser.parse_args(argv)
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     if device.type == "cuda":

@@ -1,0 +1,61 @@
+"""Timing of a training step for the bench scripts: one definition of ms/step, samples/s and
+the step's peak memory, and an optional profile of where the step's time goes.
+
+The peak is `max_memory_allocated` over the warm-up and timed steps only: the statistics are
+reset after setup (building the weights), whose own peak is reported as setup_peak_gib.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+
+
+def timed(step: Callable[[], None], warmup: int, steps: int, batch: int,
+          device: torch.device, profile: bool = False) -> dict:
+    """Run `warmup` then `steps` steps; with `profile` (CUDA), two more under the profiler."""
+    cuda = device.type == "cuda"
+    setup_peak = None
+    if cuda:
+        torch.cuda.synchronize()
+        setup_peak = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
+    result = {"ms_per_step": round(seconds * 1000, 2), "samples_per_s": round(batch / seconds, 3),
+              "peak_gpu_memory_gib": peak and round(peak, 2), "setup_peak_gib": setup_peak}
+    if profile and cuda:
+        result.update(profiled(step))
+    return result
+
+
+def profiled(step: Callable[[], None], steps: int = 2) -> dict:
+    """`steps` steps under torch.profiler: GPU kernel time per step against the wall time (a
+    low share means the step waits on the CPU: launches, Python, syncs) and the kernels that
+    take the most."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / steps
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    gpu = sum(e.self_device_time_total for e in events) / 1e3 / steps
+    top = sorted(events, key=lambda e: -e.self_device_time_total)[:12]
+    return {"profiled_wall_ms": round(wall * 1000, 1), "gpu_kernel_ms": round(gpu, 1),
+            "gpu_busy_share": round(gpu / (wall * 1000), 3),
+            "top_kernels_ms": {e.key[:80]: round(e.self_device_time_total / 1e3 / steps, 1)
+                               for e in top}}
