@@ -179,6 +179,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--tiny", action="store_true")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="ours with [speedups] channels_last (the UNet's convolutions)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile two steps (GPU busy share, top kernels)")
     parser.add_argument("--compile", action="store_true",
@@ -233,6 +235,10 @@ def main() -> None:
         params = [p for p in family.unet.parameters() if p.requires_grad]
         opt = build_optimizer(params, "adamw", 1e-4, 0.9, 0.999, 1e-2, 1e-8)
         objective = LCMDistillation(cfg, family, device) if lcm else family.training_loss
+        if args.channels_last:
+            from job.speedups.memory_format import apply_channels_last
+
+            apply_channels_last(family.unet)
         if args.compile:
             from job.speedups.compile import apply_regional_compile
 

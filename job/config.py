@@ -276,6 +276,9 @@ class SpeedupsTable(Table):
     compile_blocks: bool = setting(
         False, "torch.compile each repeated block of the denoiser (regional compile; the "
         "first steps are slower while it compiles).")
+    channels_last: bool = setting(
+        False, "Convolutional denoisers (sdxl's UNet, the Stage C prior) in channels_last "
+        "memory format, which cuDNN's tensor-core convolutions prefer; the same numbers.")
     base_model_default_dtype: Literal["auto", "bf16", "fp32"] = setting(
         "auto", "dtype of the frozen base's unquantised weights; auto: the "
         "train.mixed_precision dtype.", "base_model_default_dtype")
@@ -622,6 +625,9 @@ def _check_offload_and_routing(cfg: JobConfig, spec: Any) -> list[str]:
                           "and torchao's quantised weights cannot be pinned",
                           "set group_offload_use_stream = false (synchronous offload), or "
                           'base_model_precision = "no_change"')
+    if s.channels_last and "channels_last" not in spec.features:
+        notes.append(f"speedups.channels_last is ignored: family {spec.name!r} has no "
+                     "convolutional denoiser")
     for key in ("enable_model_cpu_offload", "offload_during_startup"):
         if getattr(s, key) and "offload" not in spec.features:
             notes.append(f"speedups.{key} is ignored: family {spec.name!r} does not offload")

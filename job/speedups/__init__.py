@@ -10,12 +10,13 @@ from job.speedups.tf32 import apply_tf32
 def apply_speedups(cfg: JobConfig, family) -> None:
     """Apply the enabled speedups in their documented order.
 
-    Order: numeric modes first (TF32), since later steps (compile, in later versions)
-    specialise on them; then weight quantisation, before the text encoders fill the cache
-    and before the LoRA is added on top of the quantised base; then the sampling-only
-    attention backend; TREAD's routing hooks on the training forward. Group offload
-    comes later, in run.py, once the LoRA exists (job/speedups/offload.py). A family without a feature never gets here with it set: the
-    config rules refuse quantisation and warn that sageattention is ignored.
+    Order: numeric modes first (TF32), since later steps specialise on them; then weight
+    quantisation, before the text encoders fill the cache and before the LoRA is added on
+    top of the quantised base; channels_last for convolutional denoisers; TREAD's routing
+    hooks on the training forward; the sampling-only attention backend. Later, in run.py:
+    group offload once the LoRA exists (job/speedups/offload.py), then regional compile
+    (job/speedups/compile.py). A family without a feature never gets here with it set: the
+    config rules refuse it or say that it is ignored.
     """
     features = spec_for(cfg.model.family).features
     apply_tf32(family, cfg.speedups)
@@ -23,6 +24,10 @@ def apply_speedups(cfg: JobConfig, family) -> None:
         from job.speedups.quantize import apply_quantization
 
         apply_quantization(family, cfg.speedups)
+    if "channels_last" in features and cfg.speedups.channels_last:
+        from job.speedups.memory_format import apply_channels_last
+
+        apply_channels_last(family.denoiser())
     if "tread" in features and cfg.tread.routes:
         from job.speedups.tread import apply_tread
 
