@@ -21,3 +21,5 @@ echo "smoke exit $? in $(( $(date +%s) - start ))s" | tee "$OUT/smoke_exit.txt"
 cp /tmp/data/output/smoke/summary.json "$OUT/summary.json" 2>/dev/null
 tail -5 "$OUT/smoke_log.jsonl"
 python3 -m pytest -q -p no:cacheprovider tests 2>&1 | tee "$OUT/pytest.txt" | tail -25
+# The GPU-only tests (marked gpu; CI deselects them).
+python3 -m pytest -q -p no:cacheprovider -m gpu tests 2>&1 | tee "$OUT/pytest_gpu.txt" | tail -15
