@@ -4,6 +4,7 @@ the requested size, and the trained state round trip."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -303,3 +304,35 @@ def test_offload_during_startup_never_has_the_encoders_and_the_vae_on_the_gpu_to
     assert where == {"text_encoder": "cpu", "text_encoder_2": "cpu", "vae": "meta"}
     family.encode_text(CAPTIONS[:1], [source_image(0)])
     assert both and not any(both)
+
+
+def test_i2i_sampling_has_the_vae_on_the_device_for_the_pipeline_call(
+        tmp_path: Path, models_dir: Path) -> None:
+    """With enable_model_cpu_offload the VAE waits in CPU memory, and the I2I pipeline
+    encodes the conditioning image with it inside its call: it comes to the device for the
+    call ("meta" stands in for the GPU; moves are recorded, the pipeline is a stand-in)."""
+    source = tmp_path / "source.png"
+    source_image(1).save(source)
+    family = load_family(tmp_path, models_dir, "i2i",
+                         speedups={"enable_model_cpu_offload": True},
+                         validation={"conditioning_images": [str(source)],
+                                     "prompt": "a red cube"})
+    family.device = torch.device("meta")
+    where = {"vae": "cpu"}
+    family.vae.to = lambda device, *a, **k: where.update(vae=str(device))
+    for encoder in family.text_encoders():
+        encoder.to = lambda *a, **k: None
+    seen = []
+
+    class Pipeline:
+        resolutions: list = []
+
+        def __call__(self, **kwargs):
+            seen.append(where["vae"])
+            return type("Out", (), {"image": torch.zeros(1, 1, 8, 8, 33)})()
+
+    family._pipeline = Pipeline()
+    family._decode = lambda latents, height, width: seen.append("decoded")
+    family._autocast = contextlib.nullcontext
+    family.sample("a red cube", "", 64, 64, 5.0, 2, seed=0)
+    assert seen == ["meta", "decoded"] and where["vae"] == "cpu"

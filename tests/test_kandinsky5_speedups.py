@@ -193,67 +193,105 @@ def test_group_offload_keeps_the_lora_out_of_the_groups_and_trains_the_same(tmp_
         torch.testing.assert_close(offloaded[key], plain[key], rtol=1e-3, atol=1e-3)
 
 
+class Residency:
+    """Which offload groups are loaded, tracked through their onload_/offload_ calls (on the
+    CPU both devices are the same, so _offloaded reads this instead), and the most loaded
+    at once during backward passes."""
+
+    def __init__(self, patch: pytest.MonkeyPatch) -> None:
+        from diffusers.hooks.group_offloading import ModuleGroup
+
+        from job.speedups import offload as offload_module
+
+        self.loaded: dict[int, bool] = {}
+        self.most_in_backward = 0
+        onload, offload = ModuleGroup.onload_, ModuleGroup.offload_
+
+        def tracked_onload(group):
+            self.loaded[id(group)] = True
+            if offload_module.in_backward_pass():
+                self.most_in_backward = max(self.most_in_backward, sum(self.loaded.values()))
+            return onload(group)
+
+        def tracked_offload(group):
+            self.loaded[id(group)] = False
+            return offload(group)
+
+        patch.setattr(ModuleGroup, "onload_", tracked_onload)
+        patch.setattr(ModuleGroup, "offload_", tracked_offload)
+        patch.setattr(offload_module, "_offloaded", lambda group: not self.loaded.get(id(group)))
+
+
+def offloaded_step(tmp_path, residency: Residency, fixed: bool, lengths=(5, 5),
+                   **speedups) -> tuple[list[bool], dict[int, bool]]:
+    """One LoRA training step with group offload (ours, or diffusers' hooks alone); returns
+    whether each block ran with its group loaded, and each group's state afterwards."""
+    from job.speedups.offload import _hooks
+
+    cfg = tiny_job_config(tmp_path, model={"family": "kandinsky5-image"},
+                          lora={"rank": 4, "alpha": 4.0},
+                          train={"gradient_checkpointing": True},
+                          speedups={"enable_group_offload": True, **speedups})
+    model = transformer(checkpointing=True)
+    fam = family(cfg, model)
+    fam.add_lora()
+    if fixed:
+        apply_group_offload(model, cfg.speedups, torch.device("cpu"))
+    else:
+        model.enable_group_offload(torch.device("cpu"), torch.device("cpu"),
+                                   offload_type="block_level",
+                                   num_blocks_per_group=cfg.speedups.group_offload_blocks_per_group)
+    hooks = _hooks(model)
+    ran_loaded = []
+    for hook in hooks:
+        for layer in {hook.group.onload_leader, hook.group.offload_leader} - {model}:
+            if hasattr(layer, "self_attention"):  # a block
+                layer.self_attention.register_forward_pre_hook(
+                    lambda *_, group=hook.group: ran_loaded.append(residency.loaded[id(group)]))
+    residency.loaded.clear()
+    residency.most_in_backward = 0
+    fam.training_loss(batch(lengths), torch.Generator().manual_seed(0)).mean().backward()
+    return ran_loaded, {id(h.group): residency.loaded.get(id(h.group), False) for h in hooks}
+
+
 @pytest.mark.parametrize("per_group", [1, 2])
 def test_group_offload_in_the_backward_pass(tmp_path, per_group: int) -> None:
-    """Each block runs (forward and backward rerun) with its group loaded, and every group
-    is back in CPU memory after the backward pass. On the CPU both devices are the same, so
-    where a group is is tracked by its onload_/offload_ calls (which _offloaded reads).
+    """Each block runs (forward and backward rerun) with its group loaded, every group is
+    back in CPU memory after the backward pass, and the backward pass holds few at once.
 
     diffusers' hooks alone leave every block loaded after the backward pass (torch stops a
     checkpoint rerun before the post-forward hook) and, with two blocks per group, rerun a
     group's second block before anything loads the group."""
-    from diffusers.hooks.group_offloading import ModuleGroup
-
-    from job.speedups import offload as offload_module
-
-    loaded: dict[int, bool] = {}
-    onload, offload = ModuleGroup.onload_, ModuleGroup.offload_
-
-    def tracked_onload(group):
-        loaded[id(group)] = True
-        return onload(group)
-
-    def tracked_offload(group):
-        loaded[id(group)] = False
-        return offload(group)
-
-    def run(fixed: bool) -> tuple[list[bool], dict[int, bool]]:
-        cfg = tiny_job_config(tmp_path, model={"family": "kandinsky5-image"},
-                              lora={"rank": 4, "alpha": 4.0},
-                              train={"gradient_checkpointing": True},
-                              speedups={"enable_group_offload": True,
-                                        "group_offload_blocks_per_group": per_group})
-        model = transformer(checkpointing=True)
-        fam = family(cfg, model)
-        fam.add_lora()
-        if fixed:
-            apply_group_offload(model, cfg.speedups, torch.device("cpu"))
-        else:  # diffusers' hooks alone
-            model.enable_group_offload(torch.device("cpu"), torch.device("cpu"),
-                                       offload_type="block_level",
-                                       num_blocks_per_group=per_group)
-        hooks = offload_module._hooks(model)
-        ran_loaded = []
-        for hook in hooks:
-            if hook.group.offload_leader is model:
-                continue
-            for block in hook.group.onload_leader, hook.group.offload_leader:
-                block.self_attention.register_forward_pre_hook(
-                    lambda *_, group=hook.group: ran_loaded.append(loaded[id(group)]))
-        loaded.clear()
-        fam.training_loss(batch(), torch.Generator().manual_seed(0)).mean().backward()
-        return ran_loaded, {id(h.group): loaded[id(h.group)] for h in hooks}
-
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ModuleGroup, "onload_", tracked_onload)
-        patch.setattr(ModuleGroup, "offload_", tracked_offload)
-        patch.setattr(offload_module, "_offloaded", lambda group: not loaded.get(id(group)))
-        ran_loaded, after = run(fixed=True)
+        residency = Residency(patch)
+        ran_loaded, after = offloaded_step(tmp_path, residency, True,
+                                           group_offload_blocks_per_group=per_group)
         assert ran_loaded and all(ran_loaded)
         assert not any(after.values())
-        ran_loaded, after = run(fixed=False)
+        assert residency.most_in_backward <= 2
+        ran_loaded, after = offloaded_step(tmp_path, residency, False,
+                                           group_offload_blocks_per_group=per_group)
         assert sum(after.values()) == 6 // per_group + 1  # visual groups, the text block
         assert all(ran_loaded) == (per_group == 1)
+
+
+def test_captions_of_different_lengths_keep_few_groups_loaded(tmp_path) -> None:
+    """One forward pass per caption length: each group is offloaded after each pass's
+    share of the backward pass, not after both (which would load them all at once)."""
+    with pytest.MonkeyPatch.context() as patch:
+        residency = Residency(patch)
+        ran_loaded, after = offloaded_step(tmp_path, residency, True, lengths=(3, 5, 7))
+        assert all(ran_loaded) and not any(after.values())
+        assert residency.most_in_backward <= 2
+
+
+def test_leaf_level_offload_leaves_nothing_loaded_after_the_backward_pass(tmp_path) -> None:
+    """Layers that a block's rerun runs but no gradient flows through (the modulations read
+    the timestep only) are offloaded at the end of their rerun."""
+    with pytest.MonkeyPatch.context() as patch:
+        residency = Residency(patch)
+        _, after = offloaded_step(tmp_path, residency, True, group_offload_type="leaf_level")
+        assert len(after) > 50 and not any(after.values())
 
 
 def test_offload_and_routing_rules(tmp_path) -> None:

@@ -3,7 +3,9 @@
 cuDNN runs convolutions on tensor cores in NHWC; with NCHW weights each convolution pays
 for layout transposes. The 4-D weights are converted once; activations follow the weights'
 format through the convolutions. The numbers are the same (a test compares the loss and
-gradients); whether it is faster is measured per family (bench/RESULTS.md).
+gradients); whether it is faster is measured per family (bench/RESULTS.md). It is applied
+before the LoRA exists: a LoRA on convolutions (not the default targets) keeps the default
+layout for its own small weights.
 """
 
 from __future__ import annotations

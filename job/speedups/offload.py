@@ -10,9 +10,11 @@ Training adds a backward pass, and these changes make the hooks fit it:
   its updates or wander to the CPU with its gradients. After the hooks are applied, each
   group is narrowed to its frozen parameters and its buffers; the LoRA stays on the GPU.
 - Gradient checkpointing is required (the config rules say so). Autograd keeps what a
-  backward pass needs, and a saved weight keeps its GPU storage alive after the hook has
-  pointed the parameter back at its CPU copy, so without checkpointing every block's weights
-  stay on the GPU until the backward pass. Checkpointed blocks save only their inputs.
+  backward pass needs: a linear layer saves a view of its weight, which keeps the GPU copy
+  alive after the hook has pointed the parameter back at its CPU copy, so without
+  checkpointing every block's weights stay on the GPU until the backward pass (and a weight
+  saved as itself would move away under its backward). Checkpointed blocks save only their
+  inputs.
 - In the backward pass, each checkpointed block reruns its forward to recompute what its
   gradients need. That rerun is not a forward pass to the hooks:
   - it loads the block's whole group if it is in CPU memory (blocks rerun in reverse, so a
@@ -20,15 +22,18 @@ Training adds a backward pass, and these changes make the hooks fit it:
   - it does not offload at its end (torch may stop a rerun early, before any post-forward
     hook, and some saved tensors are the parameters themselves, which must stay on the GPU
     until the block's gradients are done);
-  - the group goes back to CPU memory once the gradients of its inputs and of its trained
-    weights are computed (an autograd multi-grad hook, set during the forward pass, on
-    aliases of the inputs: an input shared by all blocks, such as the text embedding, has
-    its own gradient complete only after the last block);
+  - the group goes back to CPU memory once the gradients of its inputs are computed, or
+    of its trained weights where no input needs one (an autograd multi-grad hook set
+    during the forward pass; _offload_when_gradients_are_done says why aliases);
+  - a rerun group that no gradient flows through (nothing for that hook to wait on) is
+    offloaded at the end of its rerun, as in the forward pass;
   - with a stream, a rerun prefetches the group that ran before it in the forward pass,
     which is the next one the backward pass needs (diffusers' prefetch goes the other way).
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from torch import nn
@@ -59,8 +64,9 @@ def apply_group_offload(module: nn.Module, settings: SpeedupsTable, device: torc
     for group in groups:
         _frozen_only(group)
     blocks = [hook for hook in hooks if hook.group.offload_leader is not module]
+    shared = _Groups(blocks, trained_in)
     for hook in blocks:
-        _train_aware(hook, blocks, trained_in)
+        _train_aware(hook, shared)
     for param in trained:
         param.data = param.data.to(device)
     get_logger().info("speedup_active", speedup="group_offload", groups=len(groups),
@@ -117,18 +123,28 @@ def _offloaded(group) -> bool:
     return where != home
 
 
-def _train_aware(hook, blocks: list, trained_in: dict[int, list]) -> None:
+class _Groups:
+    """What the hooks share: each group's trained parameters, whether its last forward
+    pass set a gradient hook to offload it ("armed"), and the forward order."""
+
+    def __init__(self, blocks: list, trained_in: dict[int, list]) -> None:
+        self.blocks, self.trained_in = blocks, trained_in
+        self.armed: dict[int, bool] = {}
+        self._previous: dict[int, Any] = {}
+
+    def previous(self, group) -> Any:
+        """The group that ran before `group` in the forward pass (diffusers records the
+        order as each hook's next_group during the first forward pass, with a stream)."""
+        if not self._previous:
+            self._previous = {id(h.next_group): h.group for h in self.blocks
+                              if h.next_group is not None}
+        return self._previous.get(id(group))
+
+
+def _train_aware(hook, groups: _Groups) -> None:
     """Replace the hook's pre- and post-forward (through its fn_ref, which diffusers' hook
     registry calls) with versions that know about the backward pass."""
     group, forward_pre, forward_post = hook.group, hook.fn_ref.pre_forward, hook.fn_ref.post_forward
-
-    def previous_group():
-        """The group that ran before this one in the forward pass (diffusers records the
-        order as each hook's next_group during the first forward pass, with a stream)."""
-        for other in blocks:
-            if other.next_group is group and trained_in[id(other.group)]:
-                return other.group
-        return None
 
     def pre_forward(module, *args, **kwargs):
         if in_backward_pass():
@@ -136,33 +152,45 @@ def _train_aware(hook, blocks: list, trained_in: dict[int, list]) -> None:
                 group.onload_()
             if group.stream is not None:
                 group.stream.synchronize()
-                previous = previous_group()
-                if previous is not None and _offloaded(previous):
+                previous = groups.previous(group)
+                # Only a group whose gradient hook will offload it again.
+                if previous is not None and groups.armed.get(id(previous)) \
+                        and _offloaded(previous):
                     previous.onload_()
             return args, kwargs
         args, kwargs = forward_pre(module, *args, **kwargs)
-        if torch.is_grad_enabled() and module is group.onload_leader:
-            args, kwargs = _offload_when_gradients_are_done(group, args, kwargs,
-                                                            trained_in[id(group)])
+        if module is group.onload_leader:
+            armed = False
+            if torch.is_grad_enabled():
+                args, kwargs, armed = _offload_when_gradients_are_done(
+                    group, args, kwargs, groups.trained_in[id(group)])
+            groups.armed[id(group)] = armed
         return args, kwargs
 
     def post_forward(module, output):
-        if in_backward_pass():
-            return output
+        if in_backward_pass() and groups.armed.get(id(group)):
+            return output  # its gradient hook offloads it
+        # Forward pass; or a rerun of a group no gradient flows through (e.g. a leaf_level
+        # layer of a rerun block that reads the timestep only), which nothing else offloads.
         return forward_post(module, output)
 
     hook.fn_ref.pre_forward, hook.fn_ref.post_forward = pre_forward, post_forward
 
 
 def _offload_when_gradients_are_done(group, args: tuple, kwargs: dict,
-                                     trained: list[nn.Parameter]) -> tuple[tuple, dict]:
-    """Offload `group` once the backward pass has computed its first module's input
-    gradients and its trained weights' gradients: then nothing in the group is needed.
+                                     trained: list[nn.Parameter]) -> tuple[tuple, dict, bool]:
+    """Set an autograd hook that offloads `group` once the backward pass is done with it;
+    returns the arguments to call the module with, and whether a hook was set.
 
-    Inputs that need a gradient are passed on as aliases (views) owned by this call: an
-    input such as the text embedding feeds every block, and its own gradient is complete
-    only after the last of them, while the alias's gradient is this block's share.
-    Returns the arguments to call the module with."""
+    Done means: the gradients of the group's first module's inputs, when some input needs
+    one, else those of its trained weights. Inputs are passed on as aliases (views) owned by
+    this call: an input such as the text embedding feeds every block, and its own gradient
+    is complete only after the last of them, while the alias's gradient is this call's
+    share. The trained weights are watched only without such inputs: a batch whose captions
+    differ in length runs one forward pass per length, and a weight's gradient is complete
+    only after all of them, which would keep every group loaded through the backward pass.
+    The training loop follows every forward pass that needs gradients with its backward
+    pass; a hook whose forward pass is never back-propagated stays registered."""
     def alias(value):
         return value.view_as(value) if isinstance(value, torch.Tensor) \
             and value.requires_grad else value
@@ -170,9 +198,9 @@ def _offload_when_gradients_are_done(group, args: tuple, kwargs: dict,
     args = tuple(alias(value) for value in args)
     kwargs = {key: alias(value) for key, value in kwargs.items()}
     watched = [t for t in (*args, *kwargs.values())
-               if isinstance(t, torch.Tensor) and t.requires_grad] + trained
+               if isinstance(t, torch.Tensor) and t.requires_grad] or trained
     if not watched:
-        return args, kwargs
+        return args, kwargs, False
     handle = None
 
     def done(_grads) -> None:
@@ -180,4 +208,4 @@ def _offload_when_gradients_are_done(group, args: tuple, kwargs: dict,
         group.offload_()
 
     handle = torch.autograd.graph.register_multi_grad_hook(watched, done, mode="all")
-    return args, kwargs
+    return args, kwargs, True
