@@ -57,6 +57,8 @@ def entrypoint(bin_dir: Path, tmp_path: Path, *args: str, gpus: int = 0,
     full = {**base, "PATH": f"{bin_dir}:{base['PATH']}", "FAKE_GPUS": str(gpus),
             "FAKE_DRIVER": driver, "TUNEJOB_ACCELERATOR": "cuda",
             "TUNEJOB_ACCELERATOR_VERSION": "13.0", "TUNEJOB_DATA": str(tmp_path / "data"),
+            # The job file written from TUNEJOB_JOB_TOML goes under the test's folder.
+            "TMPDIR": str(tmp_path),
             "HF_HUB_OFFLINE": "1", **({"TUNEJOB_DRY_RUN": "1"} if dry_run else {}), **env}
     if gpus == 0:
         (bin_dir / "nvidia-smi").unlink(missing_ok=True)  # a machine without NVIDIA GPUs
