@@ -48,6 +48,11 @@ def tokenizer_hash(tokenizer: Any) -> str:
                     "pad": str(tokenizer.pad_token)})
 
 
+def error_detail(err: Exception) -> str:
+    """The first line of an exception's message (its type when it has none)."""
+    return (str(err).strip() or type(err).__name__).splitlines()[0]
+
+
 def _digest(value: Any) -> str:
     text = json.dumps(value, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
@@ -72,19 +77,38 @@ class FamilyCommon:
                               enabled=self.dtype != torch.float32)
 
     @contextmanager
-    def _encoders_on_device(self) -> Iterator[None]:
-        """The family's text_encoders() on the device for the block, then back where they
-        were (they wait on the CPU after caching)."""
-        homes = [(e, e.device) for e in self.text_encoders()]
-        for encoder, _ in homes:
-            encoder.to(self.device)
+    def _on_device(self, modules) -> Iterator[None]:
+        """`modules` on the device for the block, then back where they were (e.g. text
+        encoders, which wait on the CPU after caching)."""
+        homes = [(m, m.device) for m in modules]
+        for module, _ in homes:
+            module.to(self.device)
         try:
             yield
         finally:
-            for encoder, home in homes:
-                encoder.to(home)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            for module, home in homes:
+                module.to(home)
+            if self.device.type == "cuda" and any(h.type != "cuda" for _, h in homes):
+                torch.cuda.empty_cache()  # what went back to CPU memory
+
+    def _encoders_on_device(self):
+        """The family's text_encoders() on the device for the block (_on_device)."""
+        return self._on_device(self.text_encoders())
+
+    def _base_dtype(self) -> torch.dtype:
+        """Frozen base: base_model_default_dtype (auto: the weight dtype); a fully trained
+        denoiser: its trainable dtype."""
+        if self.cfg.model.model_type == "full":
+            return self._trainable_dtype()
+        wanted = self.cfg.speedups.base_model_default_dtype
+        return {"auto": self.dtype, "bf16": torch.bfloat16, "fp32": torch.float32}[wanted]
+
+    def _weights_setting(self) -> str:
+        """The job setting that named the weights, for load errors."""
+        m = self.cfg.model
+        if m.pretrained_model_name_or_path:
+            return "model.pretrained_model_name_or_path"
+        return f"model.flavour = {m.flavour or spec_for(m.family).default_flavour!r}"
 
     def _new_lora_config(self):
         """peft's LoraConfig from [lora] (alpha defaults to the rank)."""

@@ -31,7 +31,8 @@ from job.errors import ConfigError
 from job.log import get_logger
 from job.models import sd3_flow as flow
 from job.models.base import PreparedImage
-from job.models.common import FamilyCommon, config_hash, tokenizer_hash, weights_source
+from job.models.common import (FamilyCommon, config_hash, error_detail, tokenizer_hash,
+                               weights_source)
 from job.models.kandinsky5_output import Kandinsky5SamplingExport
 from job.models.kandinsky5_rules import is_i2i, resolve_routes
 from job.train import distributed
@@ -159,12 +160,6 @@ class Kandinsky5Family(FamilyCommon, Kandinsky5SamplingExport):
                               "point model.pretrained_model_name_or_path at a complete "
                               "Kandinsky 5 folder (tokenizer/ and tokenizer_2/ included)")
 
-    def _base_dtype(self) -> torch.dtype:
-        if self.cfg.model.model_type == "full":
-            return self._trainable_dtype()
-        wanted = self.cfg.speedups.base_model_default_dtype
-        return {"auto": self.dtype, "bf16": torch.bfloat16, "fp32": torch.float32}[wanted]
-
     def _place_and_freeze(self) -> None:
         s = self.cfg.speedups
         full = self.cfg.model.model_type == "full"
@@ -182,10 +177,9 @@ class Kandinsky5Family(FamilyCommon, Kandinsky5SamplingExport):
 
     def _load_error(self, err: Exception) -> ConfigError:
         m = self.cfg.model
-        key = ("model.pretrained_model_name_or_path" if m.pretrained_model_name_or_path
-               else f"model.flavour = {(m.flavour or 't2i-lite-sft')!r}")
+        key = self._weights_setting()
         offline = " with HF_HUB_OFFLINE=1" if self._hub_kwargs()["local_files_only"] else ""
-        detail = (str(err).strip() or type(err).__name__).splitlines()[0]
+        detail = error_detail(err)
         return ConfigError(
             f"cannot load Kandinsky 5 weights {self.source!r} (from {key}, revision "
             f"{m.revision or 'main'}){offline}: {detail}",

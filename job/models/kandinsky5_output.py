@@ -6,9 +6,9 @@ A mixin of Kandinsky5Family (job/models/kandinsky5.py), which owns the component
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -59,8 +59,9 @@ class Kandinsky5SamplingExport:
             else {"height": height, "width": width}
         generator = torch.Generator("cpu").manual_seed(seed)
         device = self.device
-        with self._autocast(), self._vae_on_device(self.i2i):
-            # The I2I pipeline encodes the conditioning image with the VAE itself.
+        # The I2I pipeline encodes the conditioning image with the VAE itself (which waits in
+        # CPU memory with enable_model_cpu_offload).
+        with self._autocast(), self._on_device([self.vae]) if self.i2i else nullcontext():
             latents = pipeline(
                 prompt_embeds_qwen=positive["prompt_embeds"][None].to(device),
                 prompt_embeds_clip=positive["pooled_prompt_embeds"][None].to(device),
@@ -107,26 +108,12 @@ class Kandinsky5SamplingExport:
             self._conditioning[key] = image.resize((width, height), Image.Resampling.LANCZOS)
         return self._conditioning[key]
 
-    @contextmanager
-    def _vae_on_device(self, wanted: bool = True) -> Iterator[None]:
-        """The VAE on the device for the block (it waits in CPU memory with
-        enable_model_cpu_offload), then back where it was."""
-        if not wanted:
-            yield
-            return
-        home = self.vae.device
-        self.vae.to(self.device)
-        try:
-            yield
-        finally:
-            self.vae.to(home)
-
     @torch.no_grad()
     def _decode(self, latents: torch.Tensor, height: int, width: int) -> Any:
         """The stock pipeline's decode ([B, 1, h, w, C] -> unscale -> VAE), in fp32."""
         pipeline = self._sampling_pipeline()
         channels = self.transformer.config.out_visual_dim
-        with self._vae_on_device():
+        with self._on_device([self.vae]):  # in CPU memory with enable_model_cpu_offload
             latents = latents[..., :channels].to(self.device, torch.float32)
             latents = latents[:, 0].permute(0, 3, 1, 2) / self.vae.config.scaling_factor
             image = self.vae.decode(latents, return_dict=False)[0]

@@ -18,7 +18,8 @@ from job.errors import ConfigError
 from job.log import get_logger
 from job.models import sd3_flow as flow
 from job.models.base import PreparedImage
-from job.models.common import FamilyCommon, config_hash, tokenizer_hash, weights_source
+from job.models.common import (FamilyCommon, config_hash, error_detail, tokenizer_hash,
+                               weights_source)
 from job.models.sd3_output import SD3SamplingExport
 from job.models.sd3_rules import check_skip_layer_guidance
 from job.train import distributed
@@ -104,14 +105,6 @@ class SD3Family(FamilyCommon, SD3SamplingExport):
         check_skip_layer_guidance(self.cfg, self.transformer.config.num_layers)
         self._place_and_freeze()
 
-    def _base_dtype(self) -> torch.dtype:
-        """Frozen base: base_model_default_dtype (auto: the weight dtype); a fully trained
-        transformer: its trainable dtype."""
-        if self.cfg.model.model_type == "full":
-            return self._trainable_dtype()
-        wanted = self.cfg.speedups.base_model_default_dtype
-        return {"auto": self.dtype, "bf16": torch.bfloat16, "fp32": torch.float32}[wanted]
-
     def _place_and_freeze(self) -> None:
         full = self.cfg.model.model_type == "full"
         for module in (self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.vae):
@@ -127,10 +120,9 @@ class SD3Family(FamilyCommon, SD3SamplingExport):
     def _load_error(self, err: Exception) -> ConfigError:
         """Which model could not be loaded, and where to put it."""
         m = self.cfg.model
-        key = ("model.pretrained_model_name_or_path" if m.pretrained_model_name_or_path
-               else f"model.flavour = {(m.flavour or 'medium')!r}")
+        key = self._weights_setting()
         offline = " with HF_HUB_OFFLINE=1" if self._hub_kwargs()["local_files_only"] else ""
-        detail = (str(err).strip() or type(err).__name__).splitlines()[0]
+        detail = error_detail(err)
         return ConfigError(
             f"cannot load SD3 weights {self.source!r} (from {key}, revision "
             f"{m.revision or 'main'}){offline}: {detail}",

@@ -18,8 +18,8 @@ from job.config import JobConfig
 from job.errors import ConfigError
 from job.log import get_logger
 from job.models.base import PreparedImage
-from job.models.common import FamilyCommon, config_hash, tokenizer_hash, weights_source
-from job.models.registry import spec_for
+from job.models.common import (FamilyCommon, config_hash, error_detail, tokenizer_hash,
+                               weights_source)
 from job.models.sdxl_output import SDXLSamplingExport
 from job.train import distributed
 
@@ -128,8 +128,7 @@ class SDXLFamily(FamilyCommon, SDXLSamplingExport):
     def _load_error(self, err: Exception) -> ConfigError:
         """Which model could not be loaded, and where to put it."""
         m = self.cfg.model
-        key = ("model.pretrained_model_name_or_path" if m.pretrained_model_name_or_path
-               else f"model.flavour = {m.flavour or spec_for(m.family).default_flavour!r}")
+        key = self._weights_setting()
         folder = Path(self.source).expanduser()
         if folder.is_absolute() or self.source.startswith((".", "~")) or folder.exists():
             # A path, not a hub id: downloading cannot help, and the hub's text says little.
@@ -141,7 +140,7 @@ class SDXLFamily(FamilyCommon, SDXLSamplingExport):
                 "folder needs the diffusers layout (model_index.json, unet/, vae/, "
                 "text_encoder/, tokenizer/, ...) that save_pretrained writes")
         offline = self._hub_kwargs()["local_files_only"]
-        detail = (str(err).strip() or type(err).__name__).splitlines()[0]
+        detail = error_detail(err)
         return ConfigError(
             f"cannot load SDXL weights {self.source!r} (from {key}, revision "
             f"{m.revision or 'main'}){' with HF_HUB_OFFLINE=1' if offline else ''}: {detail}",

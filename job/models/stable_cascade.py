@@ -21,7 +21,8 @@ from job.errors import ConfigError
 from job.log import get_logger
 from job.models import stable_cascade_diffusion as diffusion
 from job.models.base import PreparedImage
-from job.models.common import FamilyCommon, config_hash, tokenizer_hash, weights_source
+from job.models.common import (FamilyCommon, config_hash, error_detail, tokenizer_hash,
+                               weights_source)
 from job.models.stable_cascade_effnet import EFFNET_FILE, load_effnet
 from job.models.stable_cascade_output import StableCascadeSamplingExport
 from job.train import distributed
@@ -135,17 +136,10 @@ class StableCascadeFamily(FamilyCommon, StableCascadeSamplingExport):
         if self.cfg.train.gradient_checkpointing:
             self.prior.enable_gradient_checkpointing()
 
-    def _base_dtype(self) -> torch.dtype:
-        if self.cfg.model.model_type == "full":
-            return self._trainable_dtype()
-        wanted = self.cfg.speedups.base_model_default_dtype
-        return {"auto": self.dtype, "bf16": torch.bfloat16, "fp32": torch.float32}[wanted]
-
     def _load_error(self, err: Exception) -> ConfigError:
         m = self.cfg.model
-        key = ("model.pretrained_model_name_or_path" if m.pretrained_model_name_or_path
-               else f"model.flavour = {self.flavour!r}")
-        detail = (str(err).strip() or type(err).__name__).splitlines()[0]
+        key = self._weights_setting()
+        detail = error_detail(err)
         return ConfigError(
             f"cannot load the Stage C prior {self.source!r} (subfolder {self.subfolder}, from "
             f"{key}, revision {m.revision or 'main'}): {detail}",

@@ -20,14 +20,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from job.log import get_logger
 from job.train import distributed
 
 
 def apply_tread(family) -> "TokenRouter":
     """TREAD's hooks on the family's visual blocks for its resolved [tread] routes; the
     family draws each step's token choice from the router (family.router)."""
-    from job.log import get_logger
-
     family.router = TokenRouter(family.transformer.visual_transformer_blocks, family.routes)
     get_logger().info("speedup_active", speedup="tread",
                       routes=[{"blocks": f"{first}..{last}", "selection_ratio": ratio}
