@@ -11,11 +11,12 @@ same weights (rebuilt from one seed; one model in memory at a time), batch and s
   ours       tunejob's SD3Family.training_loss (its sigma sampling, shift 3, the same
              target) + its optimizer and gradient clipping, as the training loop runs it
 
-    python bench/sd3_step.py [--batch 4] [--size 1024] [--steps 10] [--warmup 3] [--tiny]
+    python bench/sd3_step.py [--model medium|large] [--batch 4] [--size 1024] [--steps 10]
+        [--warmup 3] [--compile] [--checkpointing] [--sdpa cudnn] [--tiny]
 
-Prints JSON (samples/s, ms per step, peak GPU memory, ours/reference ratio) and writes it
-to $OUT/sd3_bench.json when OUT is set. --tiny runs a 4-layer transformer on the CPU to
-check the script itself.
+Prints one JSON line (samples/s, ms per step, peak GPU memory, ours/reference ratio) and
+appends it to $OUT/sd3_bench.jsonl when OUT is set. --tiny runs a 4-layer transformer on
+the CPU to check the script itself.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ SD35_MEDIUM = dict(
     attention_head_dim=64, num_attention_heads=24, joint_attention_dim=4096,
     caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
     dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+# stabilityai/stable-diffusion-3.5-large transformer/config.json.
+SD35_LARGE = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=38,
+    attention_head_dim=64, num_attention_heads=38, joint_attention_dim=4096,
+    caption_projection_dim=2432, pooled_projection_dim=2048, pos_embed_max_size=192,
+    qk_norm="rms_norm")
 TINY = dict(
     sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=4,
     attention_head_dim=8, num_attention_heads=4, joint_attention_dim=48,
@@ -61,8 +68,16 @@ TEXT_TOKENS = 77 + 154  # CLIP tokens, then tunejob's default T5 length
 
 
 def make_transformer(config: dict, device: torch.device, dtype: torch.dtype):
+    """Random weights built on the device in `dtype` (Large's 8B parameters initialise slowly
+    on a CPU, and in fp32 would need 32 GB first)."""
     torch.manual_seed(0)
-    return SD3Transformer2DModel(**config).to(device, dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return SD3Transformer2DModel(**config)
+    finally:
+        torch.set_default_dtype(default)
 
 
 def make_batch(config: dict, batch: int, size: int, device: torch.device) -> dict:
@@ -170,6 +185,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="gradient checkpointing in both steps")
     parser.add_argument("--compile", action="store_true",
                         help="ours with [speedups] compile_blocks (regional torch.compile)")
+    parser.add_argument("--model", choices=("medium", "large"), default="medium")
+    parser.add_argument("--sdpa", choices=("default", "cudnn", "flash", "efficient"),
+                        default="default", help="SDPA restricted to (preferring) one backend")
     parser.add_argument("--tiny", action="store_true", help="4-layer model on the CPU, 64 px")
     parser.add_argument("--profile", action="store_true",
                         help="also profile two steps (GPU busy share, top kernels)")
@@ -181,24 +199,29 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if cuda else torch.float32
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True  # as job/speedups/tf32.py sets it
-    config = TINY if args.tiny else SD35_MEDIUM
-    result = {"model": "tiny" if args.tiny else "sd3.5-medium transformer (random init)",
+    config = TINY if args.tiny else {"medium": SD35_MEDIUM, "large": SD35_LARGE}[args.model]
+    result = {"model": "tiny" if args.tiny else f"sd3.5-{args.model} transformer (random init)",
               "device": torch.cuda.get_device_name(0) if cuda else "cpu",
               "torch": torch.__version__, "batch": args.batch, "size": args.size,
               "latents": [args.batch, 16, args.size // 8, args.size // 8],
               "lora_rank": args.rank, "dtype": str(dtype), "checkpointing": args.checkpointing,
-              "compile_blocks": args.compile, "steps": args.steps, "warmup": args.warmup}
-    fresh_memory(device)
-    result["reference"] = reference(args, config, device, dtype)
-    fresh_memory(device)
-    result["ours"] = ours(args, config, device, dtype)
+              "compile_blocks": args.compile, "sdpa": args.sdpa, "steps": args.steps,
+              "warmup": args.warmup}
+    from sdxl_step import sdpa_context
+
+    with sdpa_context(args.sdpa):
+        fresh_memory(device)
+        result["reference"] = reference(args, config, device, dtype)
+        fresh_memory(device)
+        result["ours"] = ours(args, config, device, dtype)
     result["ratio_samples_per_s"] = round(result["ours"]["samples_per_s"]
                                           / result["reference"]["samples_per_s"], 3)
-    text = json.dumps(result, indent=2)
+    text = json.dumps(result)
     print(text)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
-        (Path(os.environ["OUT"]) / "sd3_bench.json").write_text(text + "\n")
+        with open(Path(os.environ["OUT"]) / "sd3_bench.jsonl", "a") as f:
+            f.write(text + "\n")
     return result
 
 

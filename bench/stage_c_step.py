@@ -8,12 +8,13 @@ steps run in one process on the same weights (rebuilt from one seed; one prior i
 a time), batch and settings:
 
   reference  t ~ U(0, 1), DDPMWuerstchenScheduler.add_noise, epsilon target, P2 weight,
-             peft's inject_adapter_in_model, torch AdamW, written out plainly
+             peft's inject_adapter_in_model, torch's fused AdamW, written out plainly
   ours       StableCascadeFamily.training_loss + tunejob's optimizer and clipping, as the
              training loop runs them
 
     python bench/stage_c_step.py [--priors stage-c,stage-c-lite] [--steps 10] [--warmup 3]
-                                 [--gradient-checkpointing] [--tiny]
+                                 [--gradient-checkpointing] [--compile] [--channels-last]
+                                 [--precisions no,bf16] [--tiny]
 
 Prints JSON and writes it to $OUT/stage_c_bench.json when OUT is set. --tiny runs a toy
 prior on the CPU to check the script itself.
@@ -104,8 +105,16 @@ def ours(config, batch_size, precision, args, device) -> dict:
     cfg = job_config(precision, args.gradient_checkpointing)
     if args.gradient_checkpointing:
         prior.enable_gradient_checkpointing()
+    if args.channels_last:
+        from job.speedups.memory_format import apply_channels_last
+
+        apply_channels_last(prior)
     family = StableCascadeFamily.around(cfg, prior, device, dtype)
     family.add_lora()
+    if args.compile:
+        from job.speedups.compile import apply_regional_compile
+
+        apply_regional_compile(prior, "aot_eager" if args.tiny else "inductor")
     params = [p for p in prior.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, "adamw", 1e-4, 0.9, 0.999, 1e-2, 1e-8)
     batch, generator = make_batch(config, batch_size, device), torch.Generator().manual_seed(2)
@@ -130,7 +139,8 @@ def reference(config, batch_size, precision, args, device) -> dict:
     for p in params:
         p.data = p.data.float()
         p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2,
+                                  fused=device.type == "cuda" or None)
     scheduler = DDPMWuerstchenScheduler()
     batch = make_batch(config, batch_size, device)
     clip_img = torch.zeros(batch_size, 1, config["clip_image_in_channels"], device=device,
@@ -193,6 +203,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bf16-batch", type=int, default=16)
     parser.add_argument("--max-fp32-batch", type=int, default=64)
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    parser.add_argument("--compile", action="store_true",
+                        help="ours with [speedups] compile_blocks (regional torch.compile)")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="ours with [speedups] channels_last")
+    parser.add_argument("--precisions", default="no,bf16",
+                        help="no (fp32, largest batch that fits) and/or bf16")
     parser.add_argument("--tiny", action="store_true", help="toy prior on the CPU")
     parser.add_argument("--profile", action="store_true",
                         help="also profile two steps (GPU busy share, top kernels)")
@@ -202,16 +218,19 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     out = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "lora_rank": RANK, "latents": [LATENT, LATENT],
-           "gradient_checkpointing": args.gradient_checkpointing, "priors": {}}
+           "gradient_checkpointing": args.gradient_checkpointing, "compile_blocks": args.compile,
+           "channels_last": args.channels_last, "priors": {}}
     for name in args.priors.split(","):
         config = TINY if args.tiny else PRIORS[name]
         if args.tiny:
             args.max_fp32_batch = min(args.max_fp32_batch, 2)
         params = sum(p.numel() for p in make_prior(config, torch.device("meta"),
                                                    torch.float32).parameters())
-        out["priors"][name] = {"parameters": params, "fp32": largest_fp32(config, args, device),
-                               "bf16": both(config, 2 if args.tiny else args.bf16_batch, "bf16",
-                                            args, device)}
+        row = out["priors"][name] = {"parameters": params}
+        if "no" in args.precisions.split(","):
+            row["fp32"] = largest_fp32(config, args, device)
+        if "bf16" in args.precisions.split(","):
+            row["bf16"] = both(config, 2 if args.tiny else args.bf16_batch, "bf16", args, device)
         print(json.dumps({name: out["priors"][name]}), flush=True)
     print(json.dumps(out, indent=2))
     if os.environ.get("OUT"):

@@ -160,13 +160,15 @@ class LCMDistillation:
                  generator: torch.Generator) -> torch.Tensor:
         """Per-sample loss [B] with noise, grid index and w drawn from `generator`."""
         latents, s = batch["latents"], self.settings
+        device = latents.device
         # Drawn on the CPU generator and then moved, so CPU and GPU runs see the same draws.
         # Global-batch draws sliced per rank (job/train/distributed.py).
-        noise = distributed.randn(latents.shape, generator)
-        index = distributed.randint(0, s.num_ddim_timesteps, latents.shape[0], generator)
-        w = distributed.rand(latents.shape[0], generator) * (s.w_max - s.w_min) + s.w_min
-        device = latents.device
-        return self.losses(batch, noise.to(device), index.to(device), w.to(device))
+        noise = distributed.randn(latents.shape, generator, device=device)
+        index = distributed.randint(0, s.num_ddim_timesteps, latents.shape[0], generator,
+                                    device=device)
+        w = distributed.rand(latents.shape[0], generator, device=device) * (s.w_max - s.w_min) \
+            + s.w_min
+        return self.losses(batch, noise, index, w)
 
     def losses(self, batch: dict[str, torch.Tensor], noise: torch.Tensor, index: torch.Tensor,
                w: torch.Tensor) -> torch.Tensor:

@@ -339,9 +339,9 @@ class Kandinsky5Family(FamilyCommon, Kandinsky5SamplingExport):
         sigmas = flow.static_shift(
             flow.sample_sigmas(latents.shape[0], generator, s.flow_use_uniform_schedule,
                                s.logit_mean, s.logit_std), s.flow_schedule_shift)
-        noise = distributed.randn(latents.shape, generator)
+        noise = distributed.randn(latents.shape, generator, device=latents.device)
         routing = self.router.draw(latents, generator) if self.router else None
-        return self._losses(batch, sigmas.to(latents.device), noise.to(latents.device), routing)
+        return self._losses(batch, distributed.to_device(sigmas, latents.device), noise, routing)
 
     def eval_loss(self, batch: dict[str, torch.Tensor], timesteps: torch.Tensor,
                   noise: torch.Tensor) -> torch.Tensor:

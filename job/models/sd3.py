@@ -282,10 +282,10 @@ class SD3Family(FamilyCommon, SD3SamplingExport):
         and GPU runs see the same draws), weighted by [sd3] loss_weighting."""
         latents = batch["latents"]
         sigmas = self.training_sigmas(latents.shape[0], tuple(latents.shape[-2:]), generator)
-        noise = distributed.randn(latents.shape, generator)
-        losses = self._losses(batch, sigmas.to(latents.device), noise.to(latents.device))
+        noise = distributed.randn(latents.shape, generator, device=latents.device)
+        losses = self._losses(batch, distributed.to_device(sigmas, latents.device), noise)
         weights = flow.loss_weights(self.settings.loss_weighting, sigmas)
-        return losses * weights.to(losses.device)
+        return losses * distributed.to_device(weights, losses.device)
 
     def eval_loss(self, batch: dict[str, torch.Tensor], timesteps: torch.Tensor,
                   noise: torch.Tensor) -> torch.Tensor:

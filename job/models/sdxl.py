@@ -350,10 +350,9 @@ class SDXLFamily(FamilyCommon, SDXLSamplingExport):
         latents = batch["latents"]
         # Drawn on the CPU generator and then moved, so CPU and GPU runs see the same draws;
         # drawn for the global batch and sliced per rank (job/train/distributed.py).
-        noise = distributed.randn(latents.shape, generator)
+        noise = distributed.randn(latents.shape, generator, device=latents.device)
         timesteps = distributed.randint(0, self.noise_scheduler.config.num_train_timesteps,
-                                        latents.shape[0], generator)
-        noise, timesteps = noise.to(latents.device), timesteps.to(latents.device)
+                                        latents.shape[0], generator, device=latents.device)
         losses = self._losses(batch, timesteps, noise)
         gamma = self.cfg.train.snr_gamma
         if gamma is not None:

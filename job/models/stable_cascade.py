@@ -264,16 +264,16 @@ class StableCascadeFamily(FamilyCommon, StableCascadeSamplingExport):
         """Per-sample loss [B]: t ~ U(0, 1), then noise, drawn from `generator` on the CPU
         for the global batch, weighted by P2 or the adaptive weight."""
         latents = batch["latents"]
-        t = distributed.rand(latents.shape[0], generator)
-        noise = distributed.randn(latents.shape, generator)
-        losses = self._losses(batch, t.to(latents.device), noise.to(latents.device))
+        t = distributed.rand(latents.shape[0], generator)  # stays on the CPU for the weights
+        noise = distributed.randn(latents.shape, generator, device=latents.device)
+        losses = self._losses(batch, distributed.to_device(t, latents.device), noise)
         if self.adaptive_weight is None:
             weights = diffusion.p2_weight(t)
         else:
             weights = self.adaptive_weight.weight(t)
             all_t, all_losses = _gathered(t, losses.detach().float())
             self.adaptive_weight.update(all_t, all_losses)
-        return losses * weights.to(losses.device)
+        return losses * distributed.to_device(weights, losses.device)
 
     def eval_loss(self, batch: dict[str, torch.Tensor], timesteps: torch.Tensor,
                   noise: torch.Tensor) -> torch.Tensor:

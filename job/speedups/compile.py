@@ -1,14 +1,22 @@
 """Regional torch.compile: each repeated block of the denoiser compiled on its own.
 
 Compiling the blocks rather than the whole model keeps compile time to one graph per block
-kind (the blocks of a kind share their code, so the compiled graph is reused), leaves the
-family's Python around the blocks (conditioning, LoRA toggles, checkpoint saving) as it is,
-and keeps a graph break in one place from costing the whole model. Off by default
-(`[speedups] compile_blocks`): bench/RESULTS.md records what it measures per family.
+kind and shape (blocks of a kind share their code, so a compiled graph is reused by every
+block of the same shapes), leaves the family's Python around the blocks (conditioning, LoRA
+toggles, checkpoint saving) as it is, and keeps a graph break in one place from costing the
+whole model. Off by default (`[speedups] compile_blocks`): bench/RESULTS.md records what it
+measures per family.
+
+Shapes are compiled static. A UNet's blocks come in many shapes (SDXL: its ResnetBlock2D
+runs at three resolutions with a dozen channel counts), and torch's default turns a block
+dynamic at the second shape it sees; inductor's dynamic-shape kernels for convolutions and
+group norms are slower than static ones. Each shape therefore gets its own graph, within a
+recompile limit raised to fit them (past it a block runs eagerly, with torch's warning).
 """
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from job.log import get_logger
@@ -20,14 +28,27 @@ BLOCK_CLASSES = frozenset({
     "SDCascadeResBlock", "SDCascadeTimestepBlock", "SDCascadeAttnBlock",  # Stage C prior
     "Kandinsky5TransformerEncoderBlock", "Kandinsky5TransformerDecoderBlock",  # Kandinsky 5
 })
+# A UNet's stages (its down, middle and up blocks): larger regions than its resnet and
+# transformer blocks, so less of its Python runs eagerly between compiled graphs.
+UNET_STAGE_CLASSES = frozenset({
+    "CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D",
+    "UpBlock2D",
+})
+# Graphs per block kind: training shapes plus validation's (CFG doubles the batch).
+RECOMPILE_LIMIT = 64
 
 
-def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor") -> int:
-    """Compile every repeated block of `denoiser` in place; returns how many."""
-    blocks = [m for m in denoiser.modules() if type(m).__name__ in BLOCK_CLASSES]
+def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
+                           classes: frozenset[str] = BLOCK_CLASSES) -> int:
+    """Compile every module of `denoiser` whose class is in `classes` (the repeated blocks by
+    default) in place, with static shapes; returns how many."""
+    blocks = [m for m in denoiser.modules() if type(m).__name__ in classes]
+    dynamo = torch._dynamo.config
+    limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, limit, max(getattr(dynamo, limit), RECOMPILE_LIMIT))
     for block in blocks:
-        block.compile(backend=backend)
+        block.compile(backend=backend, dynamic=False)
     kinds = sorted({type(m).__name__ for m in blocks})
     get_logger().info("speedup_active", speedup="regional_compile", blocks=len(blocks),
-                      kinds=kinds, backend=backend)
+                      kinds=kinds, backend=backend, shapes="static")
     return len(blocks)

@@ -63,28 +63,42 @@ def topology() -> Topology:
     return _current
 
 
-def _local(drawn: torch.Tensor, local: int) -> torch.Tensor:
+def _local(drawn: torch.Tensor, local: int, device: torch.device | None) -> torch.Tensor:
     t = _current
-    return drawn[t.rank * local:(t.rank + 1) * local]
+    return to_device(drawn[t.rank * local:(t.rank + 1) * local], device)
+
+
+def to_device(tensor: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """`tensor` (on the CPU) on `device` without a host-device sync: a copy from pageable
+    memory waits for the GPU to finish its queued work, a copy from pinned memory is queued
+    behind it. torch's pinned-memory cache keeps the buffer until the copy has run."""
+    if device is None or torch.device(device).type != "cuda":
+        return tensor if device is None else tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def randn(shape: tuple[int, ...] | torch.Size, generator: torch.Generator,
-          dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """torch.randn of a per-rank batch `shape`, drawn for the global batch and sliced."""
+          dtype: torch.dtype = torch.float32,
+          device: torch.device | None = None) -> torch.Tensor:
+    """torch.randn of a per-rank batch `shape`, drawn for the global batch (on the CPU
+    generator, so every device draws the same numbers) and sliced; on `device` if given."""
     shape = tuple(shape)
     drawn = torch.randn((shape[0] * _current.world, *shape[1:]), generator=generator,
                         dtype=dtype)
-    return _local(drawn, shape[0])
+    return _local(drawn, shape[0], device)
 
 
-def rand(size: int, generator: torch.Generator) -> torch.Tensor:
+def rand(size: int, generator: torch.Generator,
+         device: torch.device | None = None) -> torch.Tensor:
     """torch.rand of `size` per-rank samples, drawn for the global batch and sliced."""
-    return _local(torch.rand(size * _current.world, generator=generator), size)
+    return _local(torch.rand(size * _current.world, generator=generator), size, device)
 
 
-def randint(low: int, high: int, size: int, generator: torch.Generator) -> torch.Tensor:
+def randint(low: int, high: int, size: int, generator: torch.Generator,
+            device: torch.device | None = None) -> torch.Tensor:
     """torch.randint of `size` per-rank samples, drawn for the global batch and sliced."""
-    return _local(torch.randint(low, high, (size * _current.world,), generator=generator), size)
+    return _local(torch.randint(low, high, (size * _current.world,), generator=generator),
+                  size, device)
 
 
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
