@@ -107,7 +107,9 @@ def ours(args, config, device, dtype) -> dict:
     cfg = job_config(args.rank, "bf16" if dtype == torch.bfloat16 else "no", args.checkpointing)
     transformer = make_transformer(config, device, dtype)
     if args.checkpointing:
-        transformer.enable_gradient_checkpointing()
+        from job.speedups.checkpointing import enable_checkpointing
+
+        enable_checkpointing(transformer, args.checkpointing_ratio)
     family = SD3Family.around(cfg, transformer, FlowMatchEulerDiscreteScheduler(shift=3.0),
                               device, dtype)
     family.add_lora()
@@ -183,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--checkpointing", action="store_true",
                         help="gradient checkpointing in both steps")
+    parser.add_argument("--checkpointing-ratio", type=float, default=1.0,
+                        help="ours: [train] gradient_checkpointing_ratio (share of blocks)")
     parser.add_argument("--compile", action="store_true",
                         help="ours with [speedups] compile_blocks (regional torch.compile)")
     parser.add_argument("--model", choices=("medium", "large"), default="medium")
@@ -205,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
               "torch": torch.__version__, "batch": args.batch, "size": args.size,
               "latents": [args.batch, 16, args.size // 8, args.size // 8],
               "lora_rank": args.rank, "dtype": str(dtype), "checkpointing": args.checkpointing,
+              "checkpointing_ratio": args.checkpointing_ratio,
               "compile_blocks": args.compile, "sdpa": args.sdpa, "steps": args.steps,
               "warmup": args.warmup}
     from sdxl_step import sdpa_context

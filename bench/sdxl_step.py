@@ -8,11 +8,13 @@ cached. One configuration per process, so each peak is its own:
   --mode reference   the plain step (diffusers' SDXL LoRA example: epsilon MSE, peft)
   --mode ours        SDXLFamily.training_loss + the project's optimizer and clipping
   --compile blocks   ours with [speedups] compile_blocks (regional, static shapes)
+  --compile-mode reduce-overhead   blocks compiled as CUDA graphs (torch.compile's mode)
   --compile stages   the UNet's down, middle and up blocks compiled (larger regions)
   --compile model    the whole UNet compiled in one graph (for comparison)
   --channels-last    [speedups] channels_last
   --sdpa cudnn|flash|efficient   SDPA restricted to (preferring) one backend
   --checkpointing    gradient checkpointing (reference and ours alike)
+  --checkpointing-ratio R   ours checkpoints an evenly spaced share R of the blocks
 
     python bench/sdxl_step.py --mode ours --compile blocks --channels-last [--profile] [--tiny]
 
@@ -78,7 +80,9 @@ def ours(args, config, batch, device, dtype):
     cfg = job_config(args.rank, "bf16" if device.type == "cuda" else "no", lcm=False)
     unet = make_unet(config, device, dtype)
     if args.checkpointing:
-        unet.enable_gradient_checkpointing()
+        from job.speedups.checkpointing import enable_checkpointing
+
+        enable_checkpointing(unet, args.checkpointing_ratio)
     if args.channels_last:
         from job.speedups.memory_format import apply_channels_last
 
@@ -91,7 +95,7 @@ def ours(args, config, batch, device, dtype):
     if args.compile == "blocks":
         from job.speedups.compile import apply_regional_compile
 
-        apply_regional_compile(family.unet, backend)
+        apply_regional_compile(family.unet, backend, mode=args.compile_mode)
     elif args.compile == "stages":
         from job.speedups.compile import UNET_STAGE_CLASSES, apply_regional_compile
 
@@ -113,10 +117,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mode", choices=("reference", "ours"), required=True)
     parser.add_argument("--compile", choices=("none", "blocks", "stages", "model"), default="none")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode for --compile blocks (e.g. reduce-overhead)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--sdpa", choices=("default", "cudnn", "flash", "efficient"),
                         default="default")
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--checkpointing-ratio", type=float, default=1.0,
+                        help="ours: [train] gradient_checkpointing_ratio (share of blocks)")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--rank", type=int, default=16)
@@ -143,8 +151,9 @@ def main() -> None:
     with sdpa_context(args.sdpa):
         step = build(args, config, batch, device, dtype)
         result = timed(step, args.warmup, args.steps, args.batch, device, args.profile)
-    line = {"mode": args.mode, "compile": args.compile, "channels_last": args.channels_last,
-            "sdpa": args.sdpa, "pageable_draws": args.pageable_draws, "checkpointing": args.checkpointing, "batch": args.batch,
+    line = {"mode": args.mode, "compile": args.compile, "compile_mode": args.compile_mode, "channels_last": args.channels_last,
+            "sdpa": args.sdpa, "pageable_draws": args.pageable_draws, "checkpointing": args.checkpointing,
+            "checkpointing_ratio": args.checkpointing_ratio, "batch": args.batch,
             "resolution": size, "lora_rank": args.rank,
             "device": torch.cuda.get_device_name(0) if cuda else "cpu",
             "torch": torch.__version__, **result}

@@ -83,6 +83,10 @@ class TrainTable(Table):
     gradient_checkpointing: bool = setting(
         False, "Recompute activations in the backward pass to save memory.",
         "gradient_checkpointing")
+    gradient_checkpointing_ratio: float = setting(
+        1.0, "With gradient_checkpointing: the share of the denoiser's blocks that recompute, "
+        "evenly spaced (1.0 every block; 0.5 every other block keeps its activations: more "
+        "memory, less recompute).", gt=0, le=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = setting(
         "bf16", "Autocast precision; trainable weights stay fp32 unless the optimizer says.",
         "mixed_precision")
@@ -609,6 +613,13 @@ def _check_offload_and_routing(cfg: JobConfig, spec: Any) -> list[str]:
         raise ConfigError(f"speedups.enable_group_offload = true but family {spec.name!r} keeps "
                           "its denoiser on the GPU", f"group offload works with family "
                           f"{able('offload')}; or set enable_group_offload = false")
+    if s.enable_group_offload and cfg.train.gradient_checkpointing \
+            and cfg.train.gradient_checkpointing_ratio < 1:
+        raise ConfigError(f"speedups.enable_group_offload = true with "
+                          f"train.gradient_checkpointing_ratio = "
+                          f"{cfg.train.gradient_checkpointing_ratio}: a block that keeps its "
+                          "activations keeps its weights on the GPU until the backward pass",
+                          "set gradient_checkpointing_ratio = 1.0 with group offload")
     if s.group_offload_use_stream and cfg.job.device == "cpu":
         raise ConfigError('speedups.group_offload_use_stream = true needs CUDA, and job.device '
                           '= "cpu"', "set group_offload_use_stream = false on the CPU")
@@ -722,6 +733,9 @@ def _warnings(cfg: JobConfig) -> list[str]:
     if cfg.optimizer.lr_scheduler == "constant" and cfg.optimizer.lr_warmup_steps:
         notes.append('optimizer.lr_warmup_steps is ignored with lr_scheduler = "constant"; '
                      'use "constant_with_warmup" to warm up')
+    if not cfg.train.gradient_checkpointing and cfg.train.gradient_checkpointing_ratio < 1:
+        notes.append("train.gradient_checkpointing_ratio is ignored: gradient_checkpointing is "
+                     "off")
     if not cfg.train.use_ema and "use_ema" in cfg.validation.model_fields_set:
         notes.append("validation.use_ema is ignored: train.use_ema is off")
     return notes

@@ -25,6 +25,7 @@ from job.models.common import (FamilyCommon, config_hash, error_detail, tokenize
                                weights_source)
 from job.models.stable_cascade_effnet import EFFNET_FILE, load_effnet
 from job.models.stable_cascade_output import StableCascadeSamplingExport
+from job.speedups.checkpointing import enable_checkpointing
 from job.train import distributed
 
 PRIOR_SUBFOLDERS = {"stage-c": "prior", "stage-c-lite": "prior_lite", "tiny": "prior"}
@@ -134,7 +135,7 @@ class StableCascadeFamily(FamilyCommon, StableCascadeSamplingExport):
         self.text_encoder.requires_grad_(False).eval().to(self.device)
         self.prior.requires_grad_(full).train().to(self.device)
         if self.cfg.train.gradient_checkpointing:
-            self.prior.enable_gradient_checkpointing()
+            enable_checkpointing(self.prior, self.cfg.train.gradient_checkpointing_ratio)
 
     def _load_error(self, err: Exception) -> ConfigError:
         m = self.cfg.model
