@@ -7,40 +7,8 @@
 set -euo pipefail
 N=${1:-2}
 FAMILY=${2:-sdxl}
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 D=/tmp/ddp-$FAMILY
-mkdir -p $D/data
-[ -f $D/model/model_index.json ] || python3 bench/build_random_$FAMILY.py $D/model
-if [ "$FAMILY" = sd3 ]; then
-    JOB=jobs/sd3.toml
-    family=(--set 'model.flavour="medium"' --set 'speedups.base_model_precision="no_change"'
-            --set 'validation.guidance_skip_layers=[]')
-else
-    JOB=jobs/smoke.toml
-    family=(--set 'model.flavour="base-1.0"' --set 'lora.target_modules=["to_q", "to_k", "to_v", "to_out.0"]')
-fi
-python3 - <<'PY'
-import numpy as np, os
-from PIL import Image
-d = os.environ["D"] + "/data"
-rng = np.random.default_rng(0)
-for i in range(64):
-    Image.fromarray(rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)).save(f"{d}/{i:03d}.png")
-    open(f"{d}/{i:03d}.txt", "w").write(f"random image number {i}\n")
-PY
-common=("${family[@]}" --set "model.pretrained_model_name_or_path=\"$D/model\""
-        --set "datasets.0.instance_data_dir=\"$D/data\"" --set 'datasets.0.synthetic_images=0'
-        --set 'datasets.0.resolution=1024' --set 'datasets.0.aspect_bucket_alignment=64'
-        --set "cache.dir=\"$D/cache\"" --set 'train.batch_size=4' --set 'train.max_train_steps=25'
-        --set 'train.mixed_precision="bf16"' --set 'train.log_every=1' --set 'lora.rank=16'
-        --set 'lora.alpha=16' --set 'validation.enabled=false' --set 'checkpoint.step_interval=1000'
-        --set 'job.device="cuda"' --set 'optimizer.name="adamw"')
+source "$(dirname "$0")/job_common.sh"
+common+=(--set 'train.max_train_steps=25' --set 'checkpoint.step_interval=1000')
 run() {  # $1 name, $2 processes
     rm -rf "$D/out-$1"
     local launch=(python3 -m job)

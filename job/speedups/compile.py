@@ -39,16 +39,17 @@ RECOMPILE_LIMIT = 64
 
 
 def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
-                           classes: frozenset[str] = BLOCK_CLASSES) -> int:
+                           classes: frozenset[str] = BLOCK_CLASSES, mode: str | None = None) -> int:
     """Compile every module of `denoiser` whose class is in `classes` (the repeated blocks by
-    default) in place, with static shapes; returns how many."""
+    default) in place, with static shapes; returns how many. `mode` is torch.compile's
+    (inductor: "reduce-overhead" replays each graph as a CUDA graph)."""
     blocks = [m for m in denoiser.modules() if type(m).__name__ in classes]
     dynamo = torch._dynamo.config
     limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
     setattr(dynamo, limit, max(getattr(dynamo, limit), RECOMPILE_LIMIT))
     for block in blocks:
-        block.compile(backend=backend, dynamic=False)
+        block.compile(backend=backend, dynamic=False, mode=mode)
     kinds = sorted({type(m).__name__ for m in blocks})
     get_logger().info("speedup_active", speedup="regional_compile", blocks=len(blocks),
-                      kinds=kinds, backend=backend, shapes="static")
+                      kinds=kinds, backend=backend, mode=mode or "default", shapes="static")
     return len(blocks)

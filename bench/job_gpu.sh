@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The whole job on one GPU against its own training step (issue 9's full-job benchmark):
+# `python -m job run` on a full-size random-init SDXL or SD3.5 Medium (FAMILY sdxl | sd3),
+# 64 random 1024px images cached first, batch 4, 40 steps with a checkpoint every 10 and
+# metrics every step, with the speedups given as --set overrides; then the isolated step
+# (bench/sdxl_step.py or bench/sd3_step.py) and the plain reference step with the same
+# speedups. Steady state: the train rows after the first 10 (compile warm-up). The checkpoint
+# cost is inside the job's rate (a save's time falls in the next step's window).
+#   run: bash bench/job_gpu.sh [FAMILY] [--set key=value ...]    carry: [".whl"]
+#   results: $OUT/job_bench.json, the job's log in $OUT/job_log.jsonl
+set -euo pipefail
+FAMILY=${1:-sdxl}
+shift || true
+source "$(dirname "$0")/job_common.sh"
+if [ $# -eq 0 ]; then
+    set -- --set 'speedups.compile_blocks=true'
+    [ "$FAMILY" = sdxl ] && set -- "$@" --set 'speedups.channels_last=true'
+fi
+rm -rf "$D/out-job"
+python3 -m job run $JOB "${common[@]}" --set 'train.max_train_steps=40' \
+    --set 'checkpoint.step_interval=10' --set "job.output_dir=\"$D/out-job\"" "$@" \
+    --json-logs > "$OUT/job_log.jsonl" 2>&1 || { tail -30 "$OUT/job_log.jsonl"; exit 1; }
+job_rate=$(steady_rate "$D/out-job" 10)
+if [ "$FAMILY" = sdxl ]; then
+    flags=(--compile blocks)
+    [[ "$*" == *channels_last=true* ]] && flags+=(--channels-last)
+    step_line=$(python3 bench/sdxl_step.py --mode ours "${flags[@]}" 2>>"$OUT/errors.log" | tail -1)
+    ref_line=$(python3 bench/sdxl_step.py --mode reference 2>>"$OUT/errors.log" | tail -1)
+    step_rate=$(echo "$step_line" | python3 -c 'import json,sys; print(json.load(sys.stdin)["samples_per_s"])')
+    ref_rate=$(echo "$ref_line" | python3 -c 'import json,sys; print(json.load(sys.stdin)["samples_per_s"])')
+else
+    line=$(python3 bench/sd3_step.py --compile --checkpointing 2>>"$OUT/errors.log" | tail -1)
+    step_rate=$(echo "$line" | python3 -c 'import json,sys; print(json.load(sys.stdin)["ours"]["samples_per_s"])')
+    ref_rate=$(echo "$line" | python3 -c 'import json,sys; print(json.load(sys.stdin)["reference"]["samples_per_s"])')
+fi
+checkpoint_s=$(python3 - "$D/out-job" <<'PY'
+import glob, json, sys
+rows = [json.loads(l) for l in open(glob.glob(f"{sys.argv[1]}/*/metrics.jsonl")[0])]
+print(json.dumps([r["seconds"] for r in rows if r["event"] == "checkpoint"]))
+PY
+)
+python3 - "$FAMILY" "$job_rate" "$step_rate" "$ref_rate" "$checkpoint_s" "$*" <<'PY' | tee "$OUT/job_bench.json"
+import json, sys
+family, job, step, ref, ckpt, overrides = sys.argv[1:]
+job, step, ref = float(job), float(step), float(ref)
+print(json.dumps({"family": family, "overrides": overrides, "job_samples_per_s": job,
+                  "step_samples_per_s": step, "reference_step_samples_per_s": ref,
+                  "job_over_step": round(job / step, 3), "job_over_reference": round(job / ref, 3),
+                  "checkpoint_seconds": json.loads(ckpt)}, indent=2))
+PY
