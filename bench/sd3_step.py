@@ -12,7 +12,7 @@ same weights (rebuilt from one seed; one model in memory at a time), batch and s
              target) + its optimizer and gradient clipping, as the training loop runs it
 
     python bench/sd3_step.py [--model medium|large] [--batch 4] [--size 1024] [--steps 10]
-        [--warmup 3] [--compile] [--checkpointing] [--sdpa cudnn] [--tiny]
+        [--warmup 3] [--compile] [--fp8] [--checkpointing] [--sdpa cudnn] [--tiny]
 
 Prints one JSON line (samples/s, ms per step, peak GPU memory, ours/reference ratio) and
 appends it to $OUT/sd3_bench.jsonl when OUT is set. --tiny runs a 4-layer transformer on
@@ -113,6 +113,10 @@ def ours(args, config, device, dtype) -> dict:
     family = SD3Family.around(cfg, transformer, FlowMatchEulerDiscreteScheduler(shift=3.0),
                               device, dtype)
     family.add_lora()
+    if args.fp8:
+        from job.speedups.float8 import apply_float8_base
+
+        apply_float8_base(transformer, "sd3")
     if args.compile:
         from job.speedups.compile import apply_regional_compile
 
@@ -190,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true",
                         help="ours with [speedups] compile_blocks (regional torch.compile)")
     parser.add_argument("--model", choices=("medium", "large"), default="medium")
+    parser.add_argument("--fp8", action="store_true",
+                        help="ours with [speedups] fp8_base_matmuls (float8 block linears)")
     parser.add_argument("--sdpa", choices=("default", "cudnn", "flash", "efficient"),
                         default="default", help="SDPA restricted to (preferring) one backend")
     parser.add_argument("--tiny", action="store_true", help="4-layer model on the CPU, 64 px")
@@ -210,7 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
               "latents": [args.batch, 16, args.size // 8, args.size // 8],
               "lora_rank": args.rank, "dtype": str(dtype), "checkpointing": args.checkpointing,
               "checkpointing_ratio": args.checkpointing_ratio,
-              "compile_blocks": args.compile, "sdpa": args.sdpa, "steps": args.steps,
+              "compile_blocks": args.compile, "fp8_base_matmuls": args.fp8, "sdpa": args.sdpa, "steps": args.steps,
               "warmup": args.warmup}
     from sdxl_step import sdpa_context
 

@@ -277,6 +277,11 @@ class SpeedupsTable(Table):
     text_encoder_3_precision: Precision = setting(
         "no_change", "Weight quantisation of the third text encoder (SD3's T5) while caching.",
         "text_encoder_3_precision")
+    fp8_base_matmuls: bool = setting(
+        False, "LoRA on a DiT (sd3, kandinsky5-image): the frozen block linears multiply in "
+        "float8 (e4m3, row-wise scales; forward and input gradient, no weight gradient), an "
+        "approximation of bf16; GPUs of compute capability 8.9+ (the CPU runs the same math, "
+        "slowly, for checks).")
     compile_blocks: bool = setting(
         False, "torch.compile each repeated block of the denoiser (regional compile; the "
         "first steps are slower while it compiles).")
@@ -585,13 +590,44 @@ def _check_family_features(cfg: JobConfig, spec: Any) -> list[str]:
     if s.attention_mechanism == "sageattention" and "sageattention" not in spec.features:
         notes.append(f'speedups.attention_mechanism = "sageattention" is ignored: family '
                      f"{spec.name!r} samples with PyTorch SDPA")
-    notes += _check_offload_and_routing(cfg, spec)
+    notes += _check_offload_and_routing(cfg, spec) + _check_fp8(cfg, spec)
     for other in FAMILIES.values():
         table = other.settings_table
         if table and other.name != spec.name and table in cfg.model_fields_set:
             notes.append(f"[{table}] is ignored: it holds settings of family {other.name!r}, and "
                          f"this job trains {spec.name!r}")
     return notes
+
+
+def _check_fp8(cfg: JobConfig, spec: Any) -> list[str]:
+    """[speedups] fp8_base_matmuls: a LoRA on a DiT's unquantised bf16 base, not offloaded."""
+    from job.errors import ConfigError
+    from job.models.registry import FAMILIES
+
+    s = cfg.speedups
+    if not s.fp8_base_matmuls:
+        return []
+    where = "speedups.fp8_base_matmuls = true"
+    if "fp8_matmuls" not in spec.features:
+        able = ", ".join(f.name for f in FAMILIES.values() if "fp8_matmuls" in f.features)
+        raise ConfigError(f"{where} but family {spec.name!r} has no float8 block linears",
+                          f"fp8_base_matmuls works with family {able}; or set it to false")
+    problems = [
+        (cfg.model.model_type != "lora", 'model.model_type = "full" (a full fine-tune needs '
+         "weight gradients, which this layer does not compute)", 'train a LoRA'),
+        (cfg.train.mixed_precision != "bf16", f'train.mixed_precision = '
+         f'"{cfg.train.mixed_precision}" (the float8 matmuls return bf16)',
+         'set train.mixed_precision = "bf16"'),
+        (s.base_model_precision != "no_change", f'speedups.base_model_precision = '
+         f'"{s.base_model_precision}" (the base is quantised to float8 already)',
+         'set base_model_precision = "no_change"'),
+        (s.enable_group_offload, "speedups.enable_group_offload = true (the float8 weights "
+         "are not offloaded)", "set enable_group_offload = false"),
+    ]
+    for bad, what, fix in problems:
+        if bad:
+            raise ConfigError(f"{where} with {what}", f"{fix}, or set fp8_base_matmuls = false")
+    return []
 
 
 def _check_offload_and_routing(cfg: JobConfig, spec: Any) -> list[str]:

@@ -132,6 +132,12 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
         family.unload_encoders()
     if cfg.model.model_type == "lora":
         family.add_lora()
+    if cfg.speedups.fp8_base_matmuls:
+        # After the LoRA exists: its base layers are the ones replaced.
+        from job.speedups.float8 import apply_float8_base, check_device
+
+        check_device(device)
+        apply_float8_base(family.denoiser(), cfg.model.family)
     if cfg.speedups.enable_group_offload:
         # After the LoRA exists: the groups are narrowed to the frozen weights.
         from job.speedups.offload import apply_group_offload

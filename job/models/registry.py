@@ -26,7 +26,9 @@ class FamilySpec:
     # config layer checks [distillation] against this before torch is imported.
     supports_lcm: bool = False
     # Optional abilities the config layer checks settings against: "quantisation"
-    # ([speedups] *_precision), "skip_layer_guidance" and "sageattention" (validation).
+    # ([speedups] *_precision), "skip_layer_guidance" and "sageattention" (validation),
+    # "fp8_matmuls" ([speedups] fp8_base_matmuls: the block linears are in
+    # job/speedups/float8.py's TARGETS).
     features: tuple[str, ...] = ()
     # The family's own table in the job file ([sd3]); set for another family it is ignored.
     settings_table: str | None = None
@@ -64,7 +66,7 @@ FAMILIES: dict[str, FamilySpec] = {
         default_flavour="medium",
         # 8x VAE times 2x2 patches.
         alignment=16,
-        features=("quantisation", "skip_layer_guidance", "sageattention"),
+        features=("quantisation", "skip_layer_guidance", "sageattention", "fp8_matmuls"),
         settings_table="sd3",
         rules="job.models.sd3_rules:check_sd3",
     ),
@@ -105,7 +107,7 @@ FAMILIES: dict[str, FamilySpec] = {
         alignment=16,
         # "offload": [speedups] group offload and offload_during_startup; "tread": [tread];
         # "conditioning": [[datasets]] conditioning_data_dir (the i2i flavours).
-        features=("quantisation", "offload", "tread", "conditioning"),
+        features=("quantisation", "offload", "tread", "conditioning", "fp8_matmuls"),
         settings_table="kandinsky5",
         rules="job.models.kandinsky5_rules:check_kandinsky5",
     ),
