@@ -89,12 +89,13 @@ LABEL org.opencontainers.image.title="tunejob" \
       org.opencontainers.image.licenses="Apache-2.0" \
       io.tunejob.accelerator="${ACCELERATOR}" \
       io.tunejob.accelerator.version="${ACCELERATOR_VERSION}"
-# No compilers here: python3, CA certificates, and tini to forward signals and reap children.
-# (Triton, which torch.compile uses, builds a small C shim with gcc on first use: a job that
-# compiles will need `gcc libc6-dev` added here, about 190 MB. No job setting compiles yet.)
+# python3, CA certificates, tini to forward signals and reap children, and the C compiler and
+# Python headers Triton builds its launcher with on first use ([speedups] compile_blocks:
+# torch.compile with inductor), about 200 MB.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 libstdc++6 ca-certificates tini \
+        gcc libc6-dev python3-dev \
  && rm -rf /var/lib/apt/lists/* \
  && useradd --create-home --uid 1000 --user-group tunejob \
  && mkdir -p /data /app \

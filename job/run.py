@@ -146,8 +146,9 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
     objective = build_objective(cfg, family, device)
     if cfg.speedups.compile_blocks:
         # After the LoRA and any distillation student exist: the graphs include them.
-        from job.speedups.compile import apply_regional_compile
+        from job.speedups.compile import apply_regional_compile, check_compiler
 
+        check_compiler()
         apply_regional_compile(family.denoiser())
     validator = Validator(cfg, family, data, out, metrics, device, stop.should_stop,
                           getattr(objective, "eval_loss", None))

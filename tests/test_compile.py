@@ -69,3 +69,20 @@ def test_kandinsky5_compiled_blocks_with_token_routing_give_the_same_loss_and_gr
     assert grads.keys() == plain_grads.keys() and grads
     for name in grads:
         torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_compile_without_a_c_compiler_is_a_clear_error(monkeypatch) -> None:
+    import shutil
+
+    import pytest
+
+    from job.errors import ConfigError
+    from job.speedups import compile as compile_speedup
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="needs a C compiler") as raised:
+        compile_speedup.check_compiler()
+    assert "apt-get install gcc" in raised.value.hint
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/cc" if name == "cc" else None)
+    compile_speedup.check_compiler()  # a compiler on PATH: nothing to say

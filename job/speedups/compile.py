@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from job.errors import ConfigError
 from job.log import get_logger
 
 # The repeated blocks of the families' denoisers (diffusers class names).
@@ -36,6 +37,21 @@ UNET_STAGE_CLASSES = frozenset({
 })
 # Graphs per block kind: training shapes plus validation's (CFG doubles the batch).
 RECOMPILE_LIMIT = 64
+
+
+def check_compiler(backend: str = "inductor") -> None:
+    """Inductor's GPU kernels go through Triton, which builds a C launcher with the system's
+    compiler on first use: without one the first step would crash, so exit 2 now."""
+    import shutil
+
+    if backend != "inductor" or not torch.cuda.is_available():
+        return
+    if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
+        raise ConfigError("speedups.compile_blocks = true needs a C compiler (Triton builds "
+                          "its kernel launcher with one), and none is on PATH",
+                          "install gcc and the Python headers (Debian: apt-get install gcc "
+                          "libc6-dev python3-dev; the tunejob image has them), or set "
+                          "compile_blocks = false")
 
 
 def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
