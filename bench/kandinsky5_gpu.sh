@@ -3,20 +3,10 @@
 # transformer, reference vs ours (speed; GPU-busy share and top kernels with --profile), with
 # group offload (synchronous and streamed), TREAD 0.5 and an int8 base (peak memory), then
 # jobs/kandinsky5.toml's step under a 24 and a 16 GiB cap. One process per run
-# (bench/kandinsky5_step.py); results in $OUT/kandinsky5_bench.jsonl, stderr in $OUT/errors.log.
+# (bench/kandinsky5_step.py, through bench/run_list.sh); results in
+# $OUT/kandinsky5_bench.jsonl, stderr in $OUT/errors.log.
 #   run: bash bench/kandinsky5_gpu.sh [MODE ...]     carry: [".whl"] (diffusers, torchao, ...)
-set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 OUT
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 runs=("$@")
 [ ${#runs[@]} -eq 0 ] && runs=("reference" "ours --profile" "offload" "offload-stream"
     "tread --profile" "int8" "job --cap-gib 24" "job --cap-gib 16")
-for run in "${runs[@]}"; do
-    echo "== $run" >>"$OUT/errors.log"
-    # shellcheck disable=SC2086
-    timeout 200 python3 bench/kandinsky5_step.py --mode $run 2>>"$OUT/errors.log" | tail -1
-done
+exec bash "$(dirname "$0")/run_list.sh" "${runs[@]/#/python3 bench/kandinsky5_step.py --mode }"

@@ -22,9 +22,7 @@ models on the CPU with a stand-in for sageattn (SDPA itself), to check the scrip
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -35,6 +33,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from timing import emit  # noqa: E402
 
 FAMILIES = ("sd3", "sdxl", "stage-c", "kandinsky5")
 SDPA = F.scaled_dot_product_attention
@@ -191,11 +191,7 @@ def main() -> None:
             "psnr_first_output_db": round(psnr(sdpa_first, sage_first), 2),
             "attention_calls": calls,
             "path": "product processor" if args.family == "sd3" else "bench-only SDPA routing"}
-    text = json.dumps(line)
-    print(text)
-    if os.environ.get("OUT"):
-        with open(Path(os.environ["OUT"], "sage_sampling.jsonl"), "a") as f:
-            f.write(text + "\n")
+    emit(line, "sage_sampling.jsonl")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import math
-import os
 import sys
 from pathlib import Path
 
@@ -42,7 +40,7 @@ from peft import LoraConfig  # noqa: E402
 from job.config import JobConfig  # noqa: E402
 from job.models.sd3 import SD3Family  # noqa: E402
 from job.train.optimizers import build_optimizer  # noqa: E402
-from timing import timed  # noqa: E402
+from timing import emit, timed  # noqa: E402
 
 # stabilityai/stable-diffusion-3.5-medium transformer/config.json.
 SD35_MEDIUM = dict(
@@ -227,12 +225,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["ours"] = ours(args, config, device, dtype)
     result["ratio_samples_per_s"] = round(result["ours"]["samples_per_s"]
                                           / result["reference"]["samples_per_s"], 3)
-    text = json.dumps(result)
-    print(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
-        with open(Path(os.environ["OUT"]) / "sd3_bench.jsonl", "a") as f:
-            f.write(text + "\n")
+    emit(result, "sd3_bench.jsonl")
     return result
 
 

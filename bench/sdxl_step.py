@@ -25,8 +25,6 @@ small UNet on the CPU (aot_eager for compile), to check the script.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -41,7 +39,7 @@ from peft import LoraConfig  # noqa: E402
 from lcm_step import (SDXL_UNET, TINY_UNET, job_config, make_batch, make_unet,  # noqa: E402
                       our_family, reference_lora_step, sdxl_scheduler)
 from job.train.optimizers import build_optimizer  # noqa: E402
-from timing import timed  # noqa: E402
+from timing import emit, timed  # noqa: E402
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -157,11 +155,7 @@ def main() -> None:
             "resolution": size, "lora_rank": args.rank,
             "device": torch.cuda.get_device_name(0) if cuda else "cpu",
             "torch": torch.__version__, **result}
-    text = json.dumps(line)
-    print(text)
-    if os.environ.get("OUT"):
-        with open(Path(os.environ["OUT"], "sdxl_bench.jsonl"), "a") as f:
-            f.write(text + "\n")
+    emit(line, "sdxl_bench.jsonl")
 
 
 if __name__ == "__main__":

@@ -59,3 +59,18 @@ def profiled(step: Callable[[], None], steps: int = 2) -> dict:
             "gpu_busy_share": round(gpu / (wall * 1000), 3),
             "top_kernels_ms": {e.key[:80]: round(e.self_device_time_total / 1e3 / steps, 1)
                                for e in top}}
+
+
+def emit(line: dict, file_name: str) -> None:
+    """Print one JSON result line, and append it to $OUT/`file_name` when OUT is set (the
+    device tool brings $OUT back)."""
+    import json
+    import os
+    from pathlib import Path
+
+    text = json.dumps(line)
+    print(text, flush=True)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+        with open(Path(os.environ["OUT"], file_name), "a") as f:
+            f.write(text + "\n")
