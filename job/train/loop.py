@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import shutil
 import time
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from job.config import JobConfig
 from job.data.batches import BatchLoader
-from job.data.prepare import PreparedData
+from job.data.prepare import PreparedData, Sample
 from job.data.sampler import BucketBatchSampler
 from job.errors import ConfigError, DivergedError, Preempted
 from job.log import Progress, get_logger
@@ -115,28 +116,31 @@ class Trainer:
                       dropped_buckets=[f"{w}x{h}: {n}" for (w, h), n in self.sampler.dropped_buckets()])
         progress = Progress("train", self.total_steps - self.state.step)
         window_start, window_samples = time.perf_counter(), 0
-        while self.state.step < self.total_steps:
-            if self._stop_agreed or (not self.topology.distributed and self.should_stop()):
-                raise Preempted("stopped by signal", "the next run resumes from the checkpoint")
-            started = time.perf_counter()
-            result = self.train_step()
-            self.train_time_s += time.perf_counter() - started
-            window_samples += self._samples_per_step()
-            self.samples_trained += self._samples_per_step()
-            if not result.applied:
-                continue
-            step = self.state.step
-            if step % c.train.log_every == 0 or step == self.total_steps:
-                rate = window_samples / max(time.perf_counter() - window_start, 1e-9)
-                self._log_step(result, rate)
-                window_start, window_samples = time.perf_counter(), 0
-            progress.update(1, loss=f"{result.loss:.4f}")
-            if c.checkpoint.step_interval and step % c.checkpoint.step_interval == 0 \
-                    and step < self.total_steps:
-                self.save_checkpoint()
-            if c.validation.step_interval and step % c.validation.step_interval == 0 \
-                    and step < self.total_steps:
-                self.on_validate(step)
+        try:
+            while self.state.step < self.total_steps:
+                if self._stop_agreed or (not self.topology.distributed and self.should_stop()):
+                    raise Preempted("stopped by signal", "the next run resumes from the checkpoint")
+                started = time.perf_counter()
+                result = self.train_step()
+                self.train_time_s += time.perf_counter() - started
+                window_samples += self._samples_per_step()
+                self.samples_trained += self._samples_per_step()
+                if not result.applied:
+                    continue
+                step = self.state.step
+                if step % c.train.log_every == 0 or step == self.total_steps:
+                    rate = window_samples / max(time.perf_counter() - window_start, 1e-9)
+                    self._log_step(result, rate)
+                    window_start, window_samples = time.perf_counter(), 0
+                progress.update(1, loss=f"{result.loss:.4f}")
+                if c.checkpoint.step_interval and step % c.checkpoint.step_interval == 0 \
+                        and step < self.total_steps:
+                    self.save_checkpoint()
+                if c.validation.step_interval and step % c.validation.step_interval == 0 \
+                        and step < self.total_steps:
+                    self.on_validate(step)
+        finally:
+            self.batches.close()
         progress.close()
 
     def _samples_per_step(self) -> int:
@@ -153,15 +157,15 @@ class Trainer:
             loss = self.objective(batch, self.rng.noise).mean() / accumulation
             self._backward(loss)
             losses.append(loss.detach())
-        loss_value = float(torch.stack(losses).sum())
-        loss_value, self._stop_agreed = distributed.agree(loss_value, self.should_stop(),
-                                                          self.device)
-        self.state.samples_seen += self._samples_per_step()
         distributed.average_gradients(self.params)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.max_grad_norm or math.inf
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        loss_value, grad_norm = _read_on_host(
+            torch.stack(losses).sum(), torch.nn.utils.clip_grad_norm_(self.params, max_norm))
+        loss_value, self._stop_agreed = distributed.agree(loss_value, self.should_stop(),
+                                                          self.device)
+        self.state.samples_seen += self._samples_per_step()
         finite = math.isfinite(loss_value) and (self.scaler is not None or math.isfinite(grad_norm))
         if not finite:
             self._skip_nonfinite(loss_value, grad_norm)
@@ -207,19 +211,29 @@ class Trainer:
                 f"checkpoint is {last.path if last else 'none (no checkpoint was written)'}")
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
-        """The next batch in the data order, moving to the next epoch when one ends."""
-        batches = self._batches_of_epoch(self.state.epoch)
-        if self.state.batch_in_epoch >= len(batches):
-            self.state.epoch += 1
-            self.state.batch_in_epoch = 0
-            batches = self._batches_of_epoch(self.state.epoch)
-        indices = batches[self.state.batch_in_epoch]
-        self.state.batch_in_epoch += 1
-        per_rank, rank = self.cfg.train.batch_size, self.topology.rank
-        samples = [self.data.train[i] for i in indices[rank * per_rank:(rank + 1) * per_rank]]
+        """The next batch in the data order, moving to the next epoch when one ends; the
+        batch after it is read from the caches while the device runs this one (only the
+        reading: the position and the dropout draws move here, as without the read-ahead)."""
+        epoch, index = self._next_position()
+        self.state.epoch, self.state.batch_in_epoch = epoch, index + 1
+        samples = self._rank_samples(epoch, index)
         p = self.cfg.train.caption_dropout_probability
         drops = (distributed.rand(len(samples), self.rng.dropout) < p).tolist()
-        return self.batches.load(samples, drops)
+        batch = self.batches.load(samples, drops)
+        self.batches.prefetch(self._rank_samples(*self._next_position()))
+        return batch
+
+    def _next_position(self) -> tuple[int, int]:
+        """(epoch, batch index) of the batch `_next_batch` takes next."""
+        if self.state.batch_in_epoch >= self.sampler.num_batches_per_epoch():
+            return self.state.epoch + 1, 0
+        return self.state.epoch, self.state.batch_in_epoch
+
+    def _rank_samples(self, epoch: int, index: int) -> list[Sample]:
+        """This rank's slice of the global batch at (epoch, index)."""
+        indices = self._batches_of_epoch(epoch)[index]
+        per_rank, rank = self.cfg.train.batch_size, self.topology.rank
+        return [self.data.train[i] for i in indices[rank * per_rank:(rank + 1) * per_rank]]
 
     def _batches_of_epoch(self, epoch: int) -> list[list[int]]:
         if self._epoch_batches is None or self._epoch_batches[0] != epoch:
@@ -384,6 +398,14 @@ class Trainer:
         if self.ema is None:
             return nullcontext()
         return self.ema.swapped_in(self.named_trainable())
+
+
+def _read_on_host(*values: torch.Tensor) -> list[float]:
+    """Device scalars as floats in one copy to the host: each read waits for the device to
+    finish its queued work, so a step reads once. The promoted dtype holds each value
+    exactly; clip_grad_norm_ gives a CPU zero when no parameter has a gradient."""
+    dtype = functools.reduce(torch.promote_types, [v.dtype for v in values])
+    return torch.stack([v.to(values[0].device, dtype) for v in values]).tolist()
 
 
 def _json_float(value: float) -> float | str:
