@@ -134,9 +134,8 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
         family.add_lora()
     if cfg.speedups.fp8_base_matmuls:
         # After the LoRA exists: its base layers are the ones replaced.
-        from job.speedups.float8 import apply_float8_base, check_device
+        from job.speedups.float8 import apply_float8_base
 
-        check_device(device)
         apply_float8_base(family.denoiser(), cfg.model.family)
     if cfg.speedups.enable_group_offload:
         # After the LoRA exists: the groups are narrowed to the frozen weights.
@@ -146,9 +145,8 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
     objective = build_objective(cfg, family, device)
     if cfg.speedups.compile_blocks:
         # After the LoRA and any distillation student exist: the graphs include them.
-        from job.speedups.compile import apply_regional_compile, check_compiler
+        from job.speedups.compile import apply_regional_compile
 
-        check_compiler()
         apply_regional_compile(family.denoiser())
     validator = Validator(cfg, family, data, out, metrics, device, stop.should_stop,
                           getattr(objective, "eval_loss", None))
@@ -229,6 +227,15 @@ def preflight(cfg: JobConfig, out: Path) -> tuple[torch.device, torch.dtype]:
                           "free space on the output volume or point job.output_dir elsewhere")
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}[
         cfg.train.mixed_precision]
+    # What the speedups need of the machine, before caching spends time.
+    if cfg.speedups.fp8_base_matmuls:
+        from job.speedups.float8 import check_device
+
+        check_device(device)
+    if cfg.speedups.compile_blocks:
+        from job.speedups.compile import check_compiler
+
+        check_compiler()
     get_logger().info("preflight", device=str(device), weight_dtype=str(dtype),
                       processes=state.num_processes, rank=state.process_index,
                       free_disk_gib=round(free / 2**30, 2),

@@ -86,3 +86,29 @@ def test_compile_without_a_c_compiler_is_a_clear_error(monkeypatch) -> None:
     assert "apt-get install gcc" in raised.value.hint
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/cc" if name == "cc" else None)
     compile_speedup.check_compiler()  # a compiler on PATH: nothing to say
+
+
+def test_unet_blocks_compile_static_and_transformer_blocks_keep_the_default(monkeypatch) -> None:
+    """Static shapes where dynamic kernels are slow (the UNets' convolution blocks); torch's
+    default where token counts vary per caption or bucket (the DiTs)."""
+    import sys
+
+    from job.speedups import compile as compile_speedup
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+    import kandinsky5_step
+    import lcm_step
+
+    seen: dict[str, set] = {}
+
+    def record(module, *args, **kwargs):
+        seen.setdefault(type(module).__name__, set()).add(kwargs.get("dynamic"))
+
+    monkeypatch.setattr(torch.nn.Module, "compile", record)
+    unet = lcm_step.make_unet(lcm_step.TINY_UNET, torch.device("cpu"), torch.float32)
+    k5 = kandinsky5_step.make_transformer(kandinsky5_step.TINY, torch.device("cpu"), torch.float32)
+    assert compile_speedup.apply_regional_compile(unet) > 0
+    assert compile_speedup.apply_regional_compile(k5) > 0
+    assert seen == {"ResnetBlock2D": {False}, "BasicTransformerBlock": {False},
+                    "Kandinsky5TransformerEncoderBlock": {None},
+                    "Kandinsky5TransformerDecoderBlock": {None}}

@@ -7,11 +7,15 @@ toggles, checkpoint saving) as it is, and keeps a graph break in one place from 
 whole model. Off by default (`[speedups] compile_blocks`): bench/RESULTS.md records what it
 measures per family.
 
-Shapes are compiled static. A UNet's blocks come in many shapes (SDXL: its ResnetBlock2D
-runs at three resolutions with a dozen channel counts), and torch's default turns a block
-dynamic at the second shape it sees; inductor's dynamic-shape kernels for convolutions and
-group norms are slower than static ones. Each shape therefore gets its own graph, within a
-recompile limit raised to fit them (past it a block runs eagerly, with torch's warning).
+The UNets' blocks (SDXL, the Stage C prior) are compiled for static shapes. Their blocks
+come in many shapes (SDXL's ResnetBlock2D runs at three resolutions with a dozen channel
+counts), torch's default turns a block dynamic at the second shape it sees, and inductor's
+dynamic-shape kernels for convolutions and group norms are slower than static ones (SDXL:
+1.12x with the default, 1.43-1.59x static; bench/RESULTS.md). Each shape gets its own
+graph, within a recompile limit raised to fit them; every aspect bucket adds its shapes,
+and past the limit a block runs eagerly, with torch's warning. The transformers' blocks
+(SD3, Kandinsky 5) keep torch's default: their token counts vary with the bucket and, for
+Kandinsky 5, the caption length, where dynamic graphs avoid a recompile per length.
 """
 
 from __future__ import annotations
@@ -35,6 +39,11 @@ UNET_STAGE_CLASSES = frozenset({
     "CrossAttnDownBlock2D", "DownBlock2D", "UNetMidBlock2DCrossAttn", "CrossAttnUpBlock2D",
     "UpBlock2D",
 })
+# The UNets' blocks, compiled for static shapes (see above).
+STATIC_SHAPE_CLASSES = frozenset({
+    "BasicTransformerBlock", "ResnetBlock2D", "SDCascadeResBlock", "SDCascadeTimestepBlock",
+    "SDCascadeAttnBlock",
+}) | UNET_STAGE_CLASSES
 # Graphs per block kind: training shapes plus validation's (CFG doubles the batch).
 RECOMPILE_LIMIT = 64
 
@@ -57,15 +66,17 @@ def check_compiler(backend: str = "inductor") -> None:
 def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
                            classes: frozenset[str] = BLOCK_CLASSES, mode: str | None = None) -> int:
     """Compile every module of `denoiser` whose class is in `classes` (the repeated blocks by
-    default) in place, with static shapes; returns how many. `mode` is torch.compile's
-    (inductor: "reduce-overhead" replays each graph as a CUDA graph)."""
+    default) in place, the UNets' for static shapes; returns how many. `mode` is
+    torch.compile's (inductor: "reduce-overhead" replays each graph as a CUDA graph)."""
     blocks = [m for m in denoiser.modules() if type(m).__name__ in classes]
     dynamo = torch._dynamo.config
     limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
     setattr(dynamo, limit, max(getattr(dynamo, limit), RECOMPILE_LIMIT))
     for block in blocks:
-        block.compile(backend=backend, dynamic=False, mode=mode)
+        static = type(block).__name__ in STATIC_SHAPE_CLASSES
+        block.compile(backend=backend, dynamic=False if static else None, mode=mode)
     kinds = sorted({type(m).__name__ for m in blocks})
     get_logger().info("speedup_active", speedup="regional_compile", blocks=len(blocks),
-                      kinds=kinds, backend=backend, mode=mode or "default", shapes="static")
+                      kinds=kinds, backend=backend, mode=mode or "default",
+                      static_shapes=sorted(set(kinds) & STATIC_SHAPE_CLASSES))
     return len(blocks)

@@ -85,7 +85,7 @@ class Float8FrozenLinear(nn.Module):
         device = x.device.type
         out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) \
             else x.dtype
-        rows = x.reshape(-1, self.in_features)
+        rows = x.reshape(-1, self.in_features).contiguous()  # _scaled_mm takes row-major
         y = _Float8FrozenMatmul.apply(rows, self.w_q, self.w_scale, self.wt_q, self.wt_scale,
                                       out_dtype)
         if self.bias is not None:
