@@ -285,6 +285,10 @@ def _await_other_ranks(cfg, family, data: PreparedData, records, should_stop) ->
             return
 
 
+# Threads decoding the next VAE batch's images while the current one encodes.
+IMAGE_READERS = 4
+
+
 def _fill_latents(cfg, family, data: PreparedData, records, should_stop,
                   only: Callable[[str], bool] | None = None) -> None:
     """Encode every image whose latent entry is missing (those `only` accepts), in
@@ -299,29 +303,49 @@ def _fill_latents(cfg, family, data: PreparedData, records, should_stop,
         return
     progress = Progress("latents", total)
     datasets = {d.id: d for d in cfg.datasets}
-    with CacheWriter(cfg.cache.write_batch_size) as writer:
-        for (ds_id, bucket), group in todo.items():
-            ds, cache = datasets[ds_id], data.latent_caches[ds_id]
-            for start in range(0, len(group), cfg.cache.vae_batch_size):
-                if should_stop():
-                    return
-                chunk = group[start:start + cfg.cache.vae_batch_size]
-                images = [prepare_image(records[(ds_id, s.rel)], ds, bucket,
-                                        random.Random(f"{cfg.train.seed}:{s.rel}"))
-                          for s in chunk]
-                latents = family.encode_images(torch.stack([im.pixels for im in images]))
-                paired = [None] * len(chunk)
-                if chunk[0].cond_path is not None:
-                    paired = family.encode_images(torch.stack([
-                        _conditioning_image(records[(ds_id, s.rel)], s, ds, cfg).pixels
-                        for s in chunk]))
-                for s, im, lat, image_latents in zip(chunk, images, latents, paired):
-                    cond = {f"cond.{k}": v for k, v in family.image_conditioning(im).items()}
-                    if image_latents is not None:
-                        cond["cond.image_latents"] = image_latents
-                    writer.submit(cache.save, s.latent_key, {"latents": lat, **cond})
-                data.encoded["latents"] += len(chunk)
-                progress.update(len(chunk))
+    n = cfg.cache.vae_batch_size
+    chunks = [(ds_id, bucket, group[start:start + n])
+              for (ds_id, bucket), group in todo.items() for start in range(0, len(group), n)]
+
+    def read(ds_id: str, bucket: tuple, sample: Sample):
+        """One image (and its conditioning image) decoded, oriented and cropped."""
+        ds, record = datasets[ds_id], records[(ds_id, sample.rel)]
+        image = prepare_image(record, ds, bucket, random.Random(f"{cfg.train.seed}:{sample.rel}"))
+        cond = None if sample.cond_path is None else \
+            _conditioning_image(record, sample, ds, cfg).pixels
+        return image, cond
+
+    # The images of the next VAE batch are decoded on reader threads (PIL releases the GIL)
+    # while the device encodes this one; the crops are seeded per image, so the result
+    # does not depend on the order the readers finish in.
+    with CacheWriter(cfg.cache.write_batch_size) as writer, \
+            ThreadPoolExecutor(max_workers=IMAGE_READERS) as readers:
+        def submit(index: int) -> list:
+            ds_id, bucket, chunk = chunks[index]
+            return [readers.submit(read, ds_id, bucket, s) for s in chunk]
+
+        ahead = submit(0)
+        for index, (ds_id, bucket, chunk) in enumerate(chunks):
+            if should_stop():
+                for future in ahead:
+                    future.cancel()
+                return
+            read_images = [future.result() for future in ahead]
+            if index + 1 < len(chunks):
+                ahead = submit(index + 1)
+            images = [image for image, _ in read_images]
+            latents = family.encode_images(torch.stack([im.pixels for im in images]))
+            paired = [None] * len(chunk)
+            if chunk[0].cond_path is not None:
+                paired = family.encode_images(torch.stack([cond for _, cond in read_images]))
+            cache = data.latent_caches[ds_id]
+            for s, im, lat, image_latents in zip(chunk, images, latents, paired):
+                cond = {f"cond.{k}": v for k, v in family.image_conditioning(im).items()}
+                if image_latents is not None:
+                    cond["cond.image_latents"] = image_latents
+                writer.submit(cache.save, s.latent_key, {"latents": lat, **cond})
+            data.encoded["latents"] += len(chunk)
+            progress.update(len(chunk))
     progress.close()
 
 
