@@ -120,14 +120,16 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
         grad.copy_(reduced)
 
 
-def agree(loss: float, stop: bool, device: torch.device) -> tuple[float, bool]:
-    """(mean loss over ranks, whether any rank was told to stop): one small all-reduce, so
-    every rank logs the same loss and stops at the same step."""
+def agree(loss: torch.Tensor, stop: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss over ranks, how many ranks were told to stop), as device scalars: one small
+    all-reduce, so every rank logs the same loss and stops at the same step. The caller
+    reads them with its other values of the step, in one copy to the host."""
+    flag = torch.tensor(float(stop), dtype=torch.float64, device=loss.device)
     if not _current.distributed:
-        return loss, stop
-    values = torch.tensor([loss, float(stop)], dtype=torch.float64, device=device)
+        return loss, flag
+    values = torch.stack([loss.detach().to(torch.float64), flag])
     _collective(dist.all_reduce, values, op=dist.ReduceOp.SUM)
-    return float(values[0]) / _current.world, bool(values[1] > 0)
+    return values[0] / _current.world, values[1]
 
 
 def broadcast_flag(flag: bool, device: torch.device) -> bool:

@@ -161,10 +161,10 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.max_grad_norm or math.inf
-        loss_value, grad_norm = _read_on_host(
-            torch.stack(losses).sum(), torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        loss_value, self._stop_agreed = distributed.agree(loss_value, self.should_stop(),
-                                                          self.device)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        loss_mean, stops = distributed.agree(torch.stack(losses).sum(), self.should_stop())
+        loss_value, stops, grad_norm = _read_on_host(loss_mean, stops, grad_norm)
+        self._stop_agreed = stops > 0
         self.state.samples_seen += self._samples_per_step()
         finite = math.isfinite(loss_value) and (self.scaler is not None or math.isfinite(grad_norm))
         if not finite:
