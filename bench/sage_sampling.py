@@ -34,7 +34,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from timing import emit  # noqa: E402
+from timing import bench_device, emit  # noqa: E402
 
 FAMILIES = ("sd3", "sdxl", "stage-c", "kandinsky5")
 SDPA = F.scaled_dot_product_attention
@@ -159,9 +159,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=28)
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
-    cuda = torch.cuda.is_available() and not args.tiny
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    cuda, device, dtype = bench_device(args.tiny)
     if cuda:
         from sageattention import sageattn
 

@@ -39,7 +39,7 @@ from peft import LoraConfig  # noqa: E402
 from lcm_step import (SDXL_UNET, TINY_UNET, job_config, make_batch, make_unet,  # noqa: E402
                       our_family, reference_lora_step, sdxl_scheduler)
 from job.train.optimizers import build_optimizer  # noqa: E402
-from timing import emit, timed  # noqa: E402
+from timing import bench_device, emit, timed  # noqa: E402
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -133,9 +133,7 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
-    cuda = torch.cuda.is_available() and not args.tiny
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
+    cuda, device, dtype = bench_device(args.tiny)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     config = TINY_UNET if args.tiny else SDXL_UNET

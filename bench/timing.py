@@ -74,3 +74,10 @@ def emit(line: dict, file_name: str) -> None:
         Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
         with open(Path(os.environ["OUT"], file_name), "a") as f:
             f.write(text + "\n")
+
+
+def bench_device(tiny: bool) -> tuple[bool, torch.device, torch.dtype]:
+    """(on CUDA, device, dtype): the GPU in bf16 unless --tiny asks for the CPU check in
+    fp32."""
+    cuda = torch.cuda.is_available() and not tiny
+    return cuda, torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if cuda else torch.float32
