@@ -158,3 +158,29 @@ def test_sd3_job_trains_with_float8_matmuls(tmp_path: Path, capsys) -> None:
     assert summary["final_weights"] and "nonfinite_step" not in log
     printed = "".join(capsys.readouterr())
     assert "speedup=fp8_base_matmuls" in printed and "layers=" in printed
+
+
+def test_kandinsky5_visual_block_linears_are_replaced() -> None:
+    import kandinsky5_step
+
+    torch.manual_seed(0)
+    model = kandinsky5_step.make_transformer(kandinsky5_step.TINY, torch.device("cpu"),
+                                             torch.float32).requires_grad_(False)
+    batch = kandinsky5_step.make_batch(kandinsky5_step.TINY, 2, 64, 8, torch.device("cpu"))
+    rope = [torch.arange(1), torch.arange(4), torch.arange(4)]
+
+    def output():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(hidden_states=batch["latents"].permute(0, 2, 3, 1)[:, None],
+                         encoder_hidden_states=batch["text.prompt_embeds"],
+                         pooled_projections=batch["text.pooled_prompt_embeds"],
+                         timestep=torch.tensor([300.0, 700.0]), visual_rope_pos=rope,
+                         text_rope_pos=torch.arange(8), return_dict=False)[0]
+
+    exact = output()
+    replaced = apply_float8_base(model, "kandinsky5-image")
+    names = {n for n, m in model.named_modules() if type(m).__name__ == "Float8FrozenLinear"}
+    # per block: self- and cross-attention (query, key, value, out) and the two MLP layers
+    assert replaced == len(names) == 10 * kandinsky5_step.TINY["num_visual_blocks"]
+    assert not any("modulation" in n or n.startswith("text_transformer") for n in names)
+    assert relative_error(output(), exact) < 0.1
