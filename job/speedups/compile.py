@@ -12,8 +12,10 @@ come in many shapes (SDXL's ResnetBlock2D runs at three resolutions with a dozen
 counts), torch's default turns a block dynamic at the second shape it sees, and inductor's
 dynamic-shape kernels for convolutions and group norms are slower than static ones (SDXL:
 1.12x with the default, 1.43-1.59x static; bench/RESULTS.md). Each shape gets its own
-graph, within a recompile limit raised to fit them; every aspect bucket adds its shapes,
-and past the limit a block runs eagerly, with torch's warning. The transformers' blocks
+graph, compiled the first time it runs: SDXL has about 12 ResnetBlock2D shapes per
+(resolution, batch, grad mode), so every aspect bucket, validation size and the eval-loss
+batch add a dozen graphs, and their first steps are slower. The recompile limit is raised
+to fit many buckets; past it a block runs eagerly, with torch's warning. The transformers' blocks
 (SD3, Kandinsky 5) keep torch's default: their token counts vary with the bucket and, for
 Kandinsky 5, the caption length, where dynamic graphs avoid a recompile per length.
 """
@@ -44,8 +46,9 @@ STATIC_SHAPE_CLASSES = frozenset({
     "BasicTransformerBlock", "ResnetBlock2D", "SDCascadeResBlock", "SDCascadeTimestepBlock",
     "SDCascadeAttnBlock",
 }) | UNET_STAGE_CLASSES
-# Graphs per block kind: training shapes plus validation's (CFG doubles the batch).
-RECOMPILE_LIMIT = 64
+# Graphs per block kind: about 12 per bucket for SDXL's resnets, so room for about 20
+# training buckets and validation sizes (each graph compiles only if its shape runs).
+RECOMPILE_LIMIT = 256
 
 
 def check_compiler(backend: str = "inductor") -> None:
