@@ -235,7 +235,7 @@ def preflight(cfg: JobConfig, out: Path) -> tuple[torch.device, torch.dtype]:
     if cfg.speedups.compile_blocks:
         from job.speedups.compile import check_compiler
 
-        check_compiler()
+        check_compiler(device)
     get_logger().info("preflight", device=str(device), weight_dtype=str(dtype),
                       processes=state.num_processes, rank=state.process_index,
                       free_disk_gib=round(free / 2**30, 2),

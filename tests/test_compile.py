@@ -71,7 +71,7 @@ def test_kandinsky5_compiled_blocks_with_token_routing_give_the_same_loss_and_gr
         torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
 
 
-def test_compile_without_a_c_compiler_is_a_clear_error(monkeypatch) -> None:
+def test_compile_without_a_compiler_is_a_clear_error(monkeypatch) -> None:
     import shutil
 
     import pytest
@@ -79,13 +79,17 @@ def test_compile_without_a_c_compiler_is_a_clear_error(monkeypatch) -> None:
     from job.errors import ConfigError
     from job.speedups import compile as compile_speedup
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(shutil, "which", lambda name: None)
     with pytest.raises(ConfigError, match="needs a C compiler") as raised:
-        compile_speedup.check_compiler()
+        compile_speedup.check_compiler(torch.device("cuda"))
     assert "apt-get install gcc" in raised.value.hint
+    with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler"):
+        compile_speedup.check_compiler(torch.device("cpu"))
     monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/cc" if name == "cc" else None)
-    compile_speedup.check_compiler()  # a compiler on PATH: nothing to say
+    compile_speedup.check_compiler(torch.device("cuda"))  # a C compiler: enough on a GPU
+    with pytest.raises(ConfigError):
+        compile_speedup.check_compiler(torch.device("cpu"))  # but not for CPU kernels
+    compile_speedup.check_compiler(torch.device("cpu"), backend="aot_eager")  # no codegen
 
 
 def test_unet_blocks_compile_static_and_transformer_blocks_keep_the_default(monkeypatch) -> None:

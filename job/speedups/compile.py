@@ -51,19 +51,26 @@ STATIC_SHAPE_CLASSES = frozenset({
 RECOMPILE_LIMIT = 256
 
 
-def check_compiler(backend: str = "inductor") -> None:
-    """Inductor's GPU kernels go through Triton, which builds a C launcher with the system's
-    compiler on first use: without one the first step would crash, so exit 2 now."""
+def check_compiler(device: torch.device, backend: str = "inductor") -> None:
+    """The compiler inductor needs on `device`, or exit 2 now rather than at the first
+    compiled step: on a GPU, Triton builds its kernel launcher with a C compiler; on the
+    CPU, inductor writes C++ kernels."""
     import shutil
 
-    if backend != "inductor" or not torch.cuda.is_available():
+    if backend != "inductor":
         return
-    if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
-        raise ConfigError("speedups.compile_blocks = true needs a C compiler (Triton builds "
-                          "its kernel launcher with one), and none is on PATH",
-                          "install gcc and the Python headers (Debian: apt-get install gcc "
-                          "libc6-dev python3-dev; the tunejob image has them), or set "
-                          "compile_blocks = false")
+    if device.type == "cuda":
+        names, what = ("cc", "gcc", "clang"), "a C compiler (Triton builds its kernel launcher " \
+            "with one)"
+        fix = ("install gcc and the Python headers (Debian: apt-get install gcc libc6-dev "
+               "python3-dev; the tunejob image has them)")
+    else:
+        names, what = ("c++", "g++", "clang++"), "a C++ compiler (inductor's CPU kernels are C++)"
+        fix = "install g++ (Debian: apt-get install g++ python3-dev)"
+    if not any(shutil.which(name) for name in names):
+        raise ConfigError(f"speedups.compile_blocks = true on {device.type} needs {what}, and "
+                          "none is on PATH",
+                          f"{fix}, or set compile_blocks = false")
 
 
 def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
