@@ -86,7 +86,7 @@ class TokenRouter:
             keep = max(1, tokens - int(tokens * ratio))
             scores = distributed.rand(b * tokens, generator).view(b, tokens)
             choice = scores.argsort(dim=1)[:, :keep].sort(dim=1).values
-            kept.append(choice.to(latents.device))
+            kept.append(distributed.to_device(choice, latents.device))
         return Routing(kept)
 
     def remove(self) -> None:

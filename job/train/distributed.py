@@ -124,10 +124,10 @@ def agree(loss: torch.Tensor, stop: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss over ranks, how many ranks were told to stop), as device scalars: one small
     all-reduce, so every rank logs the same loss and stops at the same step. The caller
     reads them with its other values of the step, in one copy to the host."""
-    flag = torch.tensor(float(stop), dtype=torch.float64, device=loss.device)
+    flag = torch.tensor(float(stop), dtype=torch.float64)  # on the CPU: no copy alone
     if not _current.distributed:
         return loss, flag
-    values = torch.stack([loss.detach().to(torch.float64), flag])
+    values = torch.stack([loss.detach().to(torch.float64), to_device(flag, loss.device)])
     _collective(dist.all_reduce, values, op=dist.ReduceOp.SUM)
     return values[0] / _current.world, values[1]
 

@@ -401,11 +401,15 @@ class Trainer:
 
 
 def _read_on_host(*values: torch.Tensor) -> list[float]:
-    """Device scalars as floats in one copy to the host: each read waits for the device to
-    finish its queued work, so a step reads once. The promoted dtype holds each value
-    exactly; clip_grad_norm_ gives a CPU zero when no parameter has a gradient."""
+    """Scalars as floats in one copy to the host: each read waits for the device to finish
+    its queued work, so a step reads once. Values already on the CPU (the stop flag of one
+    process; clip_grad_norm_'s zero when no parameter has a gradient) join the first value's
+    device through pinned memory, without a sync of their own. The promoted dtype holds
+    each value exactly."""
     dtype = functools.reduce(torch.promote_types, [v.dtype for v in values])
-    return torch.stack([v.to(values[0].device, dtype) for v in values]).tolist()
+    device = values[0].device
+    return torch.stack([(v if v.device == device else distributed.to_device(v, device))
+                        .to(dtype) for v in values]).tolist()
 
 
 def _json_float(value: float) -> float | str:
