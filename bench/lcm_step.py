@@ -81,11 +81,13 @@ def make_batch(config: dict, batch: int, size: int, device: torch.device) -> dic
                                           dtype=torch.float32).to(device)}
 
 
-def job_config(rank: int, precision: str, lcm: bool) -> JobConfig:
+def job_config(rank: int, precision: str, lcm: bool,
+               targets: list[str] | None = None) -> JobConfig:
+    """The bench job's settings; the LoRA on `targets` (default: TARGETS)."""
     return JobConfig.model_validate({
         "job": {"name": "bench", "output_dir": "/tmp/bench-out"},
         "model": {"family": "sdxl", "flavour": "base-1.0", "model_type": "lora"},
-        "lora": {"rank": rank, "alpha": rank, "target_modules": TARGETS},
+        "lora": {"rank": rank, "alpha": rank, "target_modules": targets or TARGETS},
         "train": {"max_train_steps": 1, "mixed_precision": precision},
         "optimizer": {"name": "adamw", "learning_rate": 1e-4},
         "datasets": [{"id": "x", "instance_data_dir": "/tmp/none", "synthetic_images": 1}],

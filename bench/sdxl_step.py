@@ -72,10 +72,8 @@ def reference(args, config, batch, device, dtype):
 
 
 def ours(args, config, batch, device, dtype):
-    import lcm_step
-
-    lcm_step.TARGETS[:] = ATTENTION
-    cfg = job_config(args.rank, "bf16" if device.type == "cuda" else "no", lcm=False)
+    cfg = job_config(args.rank, "bf16" if device.type == "cuda" else "no", lcm=False,
+                     targets=ATTENTION)
     unet = make_unet(config, device, dtype)
     if args.checkpointing:
         from job.speedups.checkpointing import enable_checkpointing

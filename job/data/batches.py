@@ -47,9 +47,11 @@ class BatchLoader:
         self.empty = empty
         # Page-locked memory lets the copy to the GPU be queued behind the step in flight
         # instead of waiting for it; on the CPU there is nothing to copy.
-        self.pin = torch.device(device).type == "cuda"
-        self.device_index = (torch.device(device).index if torch.device(device).index is not None
-                             else torch.cuda.current_device()) if self.pin else None
+        device = torch.device(device)
+        self.pin = device.type == "cuda"
+        # The GPU the worker thread pins through (_on_this_gpu): this process's.
+        self.device_index = None if not self.pin else \
+            device.index if device.index is not None else torch.cuda.current_device()
         self._worker: ThreadPoolExecutor | None = None
         self._ahead: tuple[list[Sample], Future[HostBatch]] | None = None
 

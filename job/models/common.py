@@ -15,6 +15,7 @@ import torch
 from job.config import JobConfig
 from job.errors import ConfigError
 from job.models.registry import spec_for
+from job.speedups.checkpointing import enable_checkpointing
 
 _OFFLINE_VALUES = {"1", "true", "yes", "on"}
 
@@ -94,6 +95,12 @@ class FamilyCommon:
     def _encoders_on_device(self):
         """The family's text_encoders() on the device for the block (_on_device)."""
         return self._on_device(self.text_encoders())
+
+    def _enable_checkpointing(self) -> None:
+        """[train] gradient_checkpointing on the denoiser: every block, or the share
+        gradient_checkpointing_ratio asks for (job/speedups/checkpointing.py)."""
+        if self.cfg.train.gradient_checkpointing:
+            enable_checkpointing(self.denoiser(), self.cfg.train.gradient_checkpointing_ratio)
 
     def _base_dtype(self) -> torch.dtype:
         """Frozen base: base_model_default_dtype (auto: the weight dtype); a fully trained

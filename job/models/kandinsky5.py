@@ -35,7 +35,6 @@ from job.models.common import (FamilyCommon, config_hash, error_detail, tokenize
                                weights_source)
 from job.models.kandinsky5_output import Kandinsky5SamplingExport
 from job.models.kandinsky5_rules import is_i2i, resolve_routes
-from job.speedups.checkpointing import enable_checkpointing
 from job.train import distributed
 
 # Kept unquantised: embedders, modulations and the output layer set every token's scale.
@@ -167,8 +166,7 @@ class Kandinsky5Family(FamilyCommon, Kandinsky5SamplingExport):
         self.transformer.requires_grad_(full).train()
         for module in (self.text_encoder, self.text_encoder_2, self.vae):
             module.requires_grad_(False).eval()
-        if self.cfg.train.gradient_checkpointing:
-            enable_checkpointing(self.transformer, self.cfg.train.gradient_checkpointing_ratio)
+        self._enable_checkpointing()
         # Offloaded or deferred: the transformer joins the GPU after caching (unload_encoders).
         if not (s.enable_group_offload or s.offload_during_startup):
             self.transformer.to(self.device)

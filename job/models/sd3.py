@@ -22,7 +22,6 @@ from job.models.common import (FamilyCommon, config_hash, error_detail, tokenize
                                weights_source)
 from job.models.sd3_output import SD3SamplingExport
 from job.models.sd3_rules import check_skip_layer_guidance
-from job.speedups.checkpointing import enable_checkpointing
 from job.train import distributed
 
 # Kept unquantised: the input/output projections and embedders are small, and their
@@ -111,8 +110,7 @@ class SD3Family(FamilyCommon, SD3SamplingExport):
         for module in (self.text_encoder, self.text_encoder_2, self.text_encoder_3, self.vae):
             module.requires_grad_(False).eval().to(self.device)
         self.transformer.requires_grad_(full).train().to(self.device)
-        if self.cfg.train.gradient_checkpointing:
-            enable_checkpointing(self.transformer, self.cfg.train.gradient_checkpointing_ratio)
+        self._enable_checkpointing()
         if min(len(self.tokenizer), len(self.tokenizer_2), len(self.tokenizer_3)) < 10:
             raise ConfigError(f"the tokenizers of {self.source!r} are empty or missing",
                               "point model.pretrained_model_name_or_path at a complete SD3 "

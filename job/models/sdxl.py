@@ -21,7 +21,6 @@ from job.models.base import PreparedImage
 from job.models.common import (FamilyCommon, config_hash, error_detail, tokenizer_hash,
                                weights_source)
 from job.models.sdxl_output import SDXLSamplingExport
-from job.speedups.checkpointing import enable_checkpointing
 from job.train import distributed
 
 
@@ -119,8 +118,7 @@ class SDXLFamily(FamilyCommon, SDXLSamplingExport):
         for module in (self.text_encoder, self.text_encoder_2, self.vae):
             module.requires_grad_(False).eval().to(self.device)
         self.unet.requires_grad_(full).train().to(self.device)
-        if self.cfg.train.gradient_checkpointing:
-            enable_checkpointing(self.unet, self.cfg.train.gradient_checkpointing_ratio)
+        self._enable_checkpointing()
         if len(self.tokenizer) < 10 or len(self.tokenizer_2) < 10:
             raise ConfigError(f"the tokenizers of {self.source!r} are empty or missing",
                               "point model.pretrained_model_name_or_path at a complete SDXL "

@@ -25,7 +25,6 @@ from job.models.common import (FamilyCommon, config_hash, error_detail, tokenize
                                weights_source)
 from job.models.stable_cascade_effnet import EFFNET_FILE, load_effnet
 from job.models.stable_cascade_output import StableCascadeSamplingExport
-from job.speedups.checkpointing import enable_checkpointing
 from job.train import distributed
 
 PRIOR_SUBFOLDERS = {"stage-c": "prior", "stage-c-lite": "prior_lite", "tiny": "prior"}
@@ -134,8 +133,7 @@ class StableCascadeFamily(FamilyCommon, StableCascadeSamplingExport):
         full = self.cfg.model.model_type == "full"
         self.text_encoder.requires_grad_(False).eval().to(self.device)
         self.prior.requires_grad_(full).train().to(self.device)
-        if self.cfg.train.gradient_checkpointing:
-            enable_checkpointing(self.prior, self.cfg.train.gradient_checkpointing_ratio)
+        self._enable_checkpointing()
 
     def _load_error(self, err: Exception) -> ConfigError:
         m = self.cfg.model
