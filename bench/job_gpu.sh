@@ -24,6 +24,7 @@ job_rate=$(steady_rate "$D/out-job" 10)
 if [ "$FAMILY" = sdxl ]; then
     flags=(--compile blocks)
     [[ "$*" == *channels_last=true* ]] && flags+=(--channels-last)
+    [[ "$*" == *cuda_graphs=false* || "$*" == *gradient_checkpointing=true* ]] || flags+=(--cuda-graphs)
     step_line=$(python3 bench/sdxl_step.py --mode ours "${flags[@]}" 2>>"$OUT/errors.log" | tail -1)
     ref_line=$(python3 bench/sdxl_step.py --mode reference 2>>"$OUT/errors.log" | tail -1)
     step_rate=$(echo "$step_line" | python3 -c 'import json,sys; print(json.load(sys.stdin)["samples_per_s"])')

@@ -8,7 +8,9 @@ cached. One configuration per process, so each peak is its own:
   --mode reference   the plain step (diffusers' SDXL LoRA example: epsilon MSE, peft)
   --mode ours        SDXLFamily.training_loss + the project's optimizer and clipping
   --compile blocks   ours with [speedups] compile_blocks (regional, static shapes)
-  --compile-mode reduce-overhead   blocks compiled as CUDA graphs (torch.compile's mode)
+  --cuda-graphs      with --compile blocks: [speedups] cuda_graphs, the blocks replayed as
+                     CUDA graphs (the job's default on a GPU)
+  --compile-mode M   torch.compile's mode for the compiled regions (e.g. reduce-overhead)
   --compile stages   the UNet's down, middle and up blocks compiled (larger regions)
   --compile model    the whole UNet compiled in one graph (for comparison)
   --channels-last    [speedups] channels_last
@@ -91,16 +93,23 @@ def ours(args, config, batch, device, dtype):
     if args.compile == "blocks":
         from job.speedups.compile import apply_regional_compile
 
-        apply_regional_compile(family.unet, backend, mode=args.compile_mode)
+        apply_regional_compile(family.unet, backend, mode=args.compile_mode,
+                               cuda_graphs=args.cuda_graphs)
     elif args.compile == "stages":
         from job.speedups.compile import UNET_STAGE_CLASSES, apply_regional_compile
 
-        apply_regional_compile(family.unet, backend, UNET_STAGE_CLASSES)
+        apply_regional_compile(family.unet, backend, UNET_STAGE_CLASSES, mode=args.compile_mode)
     elif args.compile == "model":
-        family.unet.compile(backend=backend, dynamic=False)
+        family.unet.compile(backend=backend, dynamic=False, mode=args.compile_mode)
     generator = torch.Generator().manual_seed(0)
 
+    # The job lets torch's CUDA graph trees find each step's start (--cuda-graphs); a whole
+    # model or stage graph in reduce-overhead mode is marked here.
+    mark = args.compile_mode == "reduce-overhead" and args.compile in ("stages", "model")
+
     def step() -> None:
+        if mark:
+            torch.compiler.cudagraph_mark_step_begin()
         family.training_loss(batch, generator).mean().backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -115,6 +124,8 @@ def main() -> None:
     parser.add_argument("--compile", choices=("none", "blocks", "stages", "model"), default="none")
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode for --compile blocks (e.g. reduce-overhead)")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="with --compile blocks: [speedups] cuda_graphs (the job's default)")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--sdpa", choices=("default", "cudnn", "flash", "efficient"),
                         default="default")
@@ -145,7 +156,8 @@ def main() -> None:
     with sdpa_context(args.sdpa):
         step = build(args, config, batch, device, dtype)
         result = timed(step, args.warmup, args.steps, args.batch, device, args.profile)
-    line = {"mode": args.mode, "compile": args.compile, "compile_mode": args.compile_mode, "channels_last": args.channels_last,
+    line = {"mode": args.mode, "compile": args.compile, "compile_mode": args.compile_mode,
+            "cuda_graphs": args.cuda_graphs, "channels_last": args.channels_last,
             "sdpa": args.sdpa, "pageable_draws": args.pageable_draws, "checkpointing": args.checkpointing,
             "checkpointing_ratio": args.checkpointing_ratio, "batch": args.batch,
             "resolution": size, "lora_rank": args.rank,

@@ -145,9 +145,12 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
     objective = build_objective(cfg, family, device)
     if cfg.speedups.compile_blocks:
         # After the LoRA and any distillation student exist: the graphs include them.
-        from job.speedups.compile import apply_regional_compile
+        from job.speedups.compile import apply_regional_compile, cuda_graphs_off_because
 
-        apply_regional_compile(family.denoiser())
+        off = cuda_graphs_off_because(cfg) if device.type == "cuda" else "no CUDA GPU"
+        if off and cfg.speedups.cuda_graphs:
+            get_logger().info("speedup_skipped", speedup="cuda_graphs", reason=off)
+        apply_regional_compile(family.denoiser(), cuda_graphs=off is None)
     validator = Validator(cfg, family, data, out, metrics, device, stop.should_stop,
                           getattr(objective, "eval_loss", None))
     trainer = Trainer(cfg, family, data, out, metrics, stop.should_stop,

@@ -116,3 +116,42 @@ def test_unet_blocks_compile_static_and_transformer_blocks_keep_the_default(monk
     assert seen == {"ResnetBlock2D": {False}, "BasicTransformerBlock": {False},
                     "Kandinsky5TransformerEncoderBlock": {None},
                     "Kandinsky5TransformerDecoderBlock": {None}}
+
+
+def test_cuda_graphs_go_to_the_static_shape_blocks_only(monkeypatch) -> None:
+    """`cuda_graphs` gives the UNets' blocks inductor's reduce-overhead mode; a DiT block
+    keeps the default mode (dynamic shapes would record a graph per token count)."""
+    from torch import nn
+
+    import job.speedups.compile as compile_module
+
+    class ResnetBlock2D(nn.Linear):
+        pass
+
+    class JointTransformerBlock(nn.Linear):
+        pass
+
+    calls = {}
+    monkeypatch.setattr(nn.Module, "compile",
+                        lambda self, **kw: calls.setdefault(type(self).__name__, kw))
+    model = nn.Sequential(ResnetBlock2D(2, 2), JointTransformerBlock(2, 2))
+    assert compile_module.apply_regional_compile(model, cuda_graphs=True) == 2
+    assert calls["ResnetBlock2D"] == {"backend": "inductor", "dynamic": False,
+                                      "mode": "reduce-overhead"}
+    assert calls["JointTransformerBlock"] == {"backend": "inductor", "dynamic": None,
+                                              "mode": None}
+    calls.clear()
+    compile_module.apply_regional_compile(model)
+    assert calls["ResnetBlock2D"]["mode"] is None
+
+
+def test_cuda_graphs_step_aside_for_checkpointing_and_offload(tmp_path: Path) -> None:
+    from helpers import tiny_job_config
+
+    from job.speedups.compile import cuda_graphs_off_because
+
+    assert cuda_graphs_off_because(tiny_job_config(tmp_path)) is None
+    assert "checkpointing" in cuda_graphs_off_because(
+        tiny_job_config(tmp_path, train={"gradient_checkpointing": True}))
+    assert cuda_graphs_off_because(
+        tiny_job_config(tmp_path, speedups={"cuda_graphs": False})) == "speedups.cuda_graphs = false"

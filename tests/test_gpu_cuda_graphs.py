@@ -1,0 +1,98 @@
+"""On a CUDA GPU (marked `gpu`; `python -m pytest -m gpu tests/test_gpu_cuda_graphs.py` on the
+GPU machine): `[speedups] cuda_graphs`, the UNet's compiled blocks replayed as CUDA graphs,
+gives the numbers of the eager UNet, in training steps (forward and backward, weights
+updated between steps) and in sampling (no grad, outputs of an earlier call still held
+while the next runs, as a pipeline holds its latents); and the smoke job runs with it from
+caching through validation and export."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from job.speedups.compile import apply_regional_compile
+from test_run import job
+from test_sdxl_family import SIZES, load_family, make_batch, models_dir  # noqa: F401 (fixture)
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def _cuda_batch(batch):
+    return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def test_graphed_blocks_train_and_sample_like_eager_blocks(tmp_path: Path,
+                                                           models_dir: Path) -> None:  # noqa: F811
+    family = load_family(tmp_path, models_dir)
+    family.add_lora()
+    batch = make_batch(family, SIZES)
+    eager = family.unet.cuda()
+    graphed = copy.deepcopy(eager)
+    assert apply_regional_compile(graphed, cuda_graphs=True) > 0
+    batch = _cuda_batch(batch)
+    timesteps = torch.tensor([10, 700], device="cuda")
+    cond = {"encoder_hidden_states": batch["text.prompt_embeds"],
+            "added_cond_kwargs": {"text_embeds": batch["text.pooled_prompt_embeds"],
+                                  "time_ids": batch["cond.time_ids"]}}
+    latents = batch["latents"]
+
+    def trainer(unet):
+        params = [p for p in unet.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-3)
+        generator = torch.Generator(device="cuda").manual_seed(0)
+        losses = []
+        for _ in range(4):
+            noise = torch.randn(latents.shape, device="cuda", generator=generator)
+            pred = unet(latents + noise, timesteps, **cond).sample
+            loss = torch.nn.functional.mse_loss(pred, noise)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.detach())
+        return torch.stack(losses), params
+
+    eager_losses, eager_params = trainer(eager)
+    graphed_losses, graphed_params = trainer(graphed)
+    torch.testing.assert_close(graphed_losses, eager_losses, rtol=1e-3, atol=1e-5)
+    for ours, theirs in zip(graphed_params, eager_params):
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-5)
+
+    # Sampling: three no-grad calls in a row, every output kept, as a sampler keeps its
+    # latents; each must equal the eager UNet's, however the graphs reuse their memory.
+    with torch.no_grad():
+        inputs = [latents * scale for scale in (0.5, 1.0, 2.0)]
+        eager_out = [eager(x, timesteps, **cond).sample for x in inputs]
+        graphed_out = [graphed(x, timesteps, **cond).sample for x in inputs]
+        again = graphed(inputs[0], timesteps, **cond).sample
+    for ours, theirs in zip(graphed_out, eager_out):
+        torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(again, eager_out[0], rtol=1e-3, atol=1e-4)
+
+
+def test_smoke_job_runs_with_cuda_graphs(tmp_path: Path, models_dir: Path,  # noqa: F811
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import job.speedups.compile as compile_module
+    from job.run import run_job
+
+    graphed = []
+    real = compile_module.apply_regional_compile
+
+    def spy(denoiser, *args, **kwargs):
+        graphed.append(kwargs.get("cuda_graphs"))
+        return real(denoiser, *args, **kwargs)
+
+    monkeypatch.setattr(compile_module, "apply_regional_compile", spy)
+    cfg = job(tmp_path, models_dir, 'job.device="cuda"', "speedups.compile_blocks=true",
+              "speedups.channels_last=true")
+    assert cfg.speedups.cuda_graphs  # the default
+    assert run_job(cfg) == 0
+    assert graphed == [True]
+    out = Path(cfg.output_path())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "succeeded" and summary["steps_done"] == 6
+    assert summary["eval_loss"] is not None and summary["images"]
