@@ -53,3 +53,18 @@ def test_identity_is_recorded(tmp_path: Path) -> None:
     manager = CheckpointManager(tmp_path)
     checkpoint = manager.save(4, write(b"w"), {"job_name": "a"})
     assert manager.identity(checkpoint) == {"job_name": "a"}
+
+
+def test_files_in_subfolders_are_listed_and_verified(tmp_path: Path) -> None:
+    def sharded(folder: Path) -> None:
+        (folder / "dcp").mkdir()
+        for rank in (0, 1):
+            (folder / "dcp" / f"__{rank}_0.distcp").write_bytes(b"shard %d" % rank)
+
+    manager = CheckpointManager(tmp_path)
+    checkpoint = manager.save(1, sharded)
+    assert manager.problem(checkpoint.path) is None
+    (checkpoint.path / "dcp" / "__1_0.distcp").write_bytes(b"shard 2")
+    assert manager.problem(checkpoint.path) == "dcp/__1_0.distcp checksum differs from the manifest"
+    (checkpoint.path / "dcp" / "__1_0.distcp").unlink()
+    assert manager.problem(checkpoint.path) == "dcp/__1_0.distcp is missing"

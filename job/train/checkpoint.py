@@ -1,8 +1,13 @@
 """Checkpoints that are complete or absent: temp dir, manifest last, then rename.
 
-Layout of `checkpoints/step-000500/`: the files the trainer hands over plus
-`manifest.json` (step, and each file's size and sha256). A directory without a manifest
+Layout of `checkpoints/step-000500/`: the files the trainer hands over (in subfolders too)
+plus `manifest.json` (step, and each file's size and sha256). A directory without a manifest
 that verifies is never resumed from; the log says which one was skipped and why.
+
+A sharded model's checkpoint is written by every rank into one temp folder
+(`save_together`): rank 0 names it, every rank writes its part, and rank 0 adds the manifest
+and renames only once every rank has finished. The output folder must then be one shared
+filesystem for all ranks (as the caches already need).
 """
 
 from __future__ import annotations
@@ -17,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from job.errors import DiskFullError
+from job.errors import DiskFullError, PeerLost
 from job.log import get_logger
+from job.train import distributed
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
 MANIFEST = "manifest.json"
@@ -59,25 +65,67 @@ class CheckpointManager:
     def save(self, step: int, write_files: Callable[[Path], None],
              job_identity: dict | None = None, expected_bytes: int = 0) -> Checkpoint:
         """Call `write_files(tmp_dir)`, add the manifest, rename into place, prune."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / f"step-{step:06d}"
-        tmp = self.root / f".tmp-step-{step:06d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp = self._new_tmp(step)
         try:
             write_files(tmp)
-            self._write_manifest(tmp, step, job_identity or {})
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _fsync_dir(self.root)
+            self._complete(tmp, step, job_identity or {})
         except BaseException as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            if _disk_was_full(err):
                 raise self._disk_full(step, expected_bytes) from None
             raise
         self.prune()
-        return Checkpoint(step, final)
+        return Checkpoint(step, self._final(step))
+
+    def save_together(self, step: int, write_files: Callable[[Path], None],
+                      job_identity: dict | None = None, expected_bytes: int = 0) -> Checkpoint:
+        """save() where every rank writes a part (a sharded model); every rank calls it.
+
+        Rank 0 makes the temp folder and tells the others its name; each rank's
+        `write_files(tmp)` writes its part (it may run collectives); once every rank reports
+        success, rank 0 adds the manifest and renames. A failure on any rank fails the save
+        on every rank and leaves no checkpoint; a rank killed mid-write leaves a temp folder
+        without a manifest, which is never resumed and is deleted by the next prune.
+        """
+        main = distributed.topology().main
+        tmp = Path(distributed.broadcast_object(str(self._new_tmp(step)) if main else None))
+        error = _attempt(write_files, tmp)
+        if not distributed.any_rank(error is not None):
+            # Every rank's files are complete here: the manifest may list and hash them.
+            error = _attempt(lambda folder: self._complete(folder, step, job_identity or {}),
+                             tmp) if main else None
+            if not distributed.any_rank(error is not None):
+                if main:
+                    self.prune()
+                return Checkpoint(step, self._final(step))
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None and _disk_was_full(error):
+            raise self._disk_full(step, expected_bytes) from None
+        if error is not None:
+            raise _as_exception(error)
+        raise RuntimeError(f"checkpoint step {step} failed on another rank (its log says why); "
+                           "no checkpoint was written")
+
+    def _final(self, step: int) -> Path:
+        return self.root / f"step-{step:06d}"
+
+    def _new_tmp(self, step: int) -> Path:
+        """An empty temp folder for `step`, named after this process."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / f".tmp-step-{step:06d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        return tmp
+
+    def _complete(self, tmp: Path, step: int, identity: dict) -> None:
+        """Manifest last, then the rename that makes the checkpoint visible."""
+        self._write_manifest(tmp, step, identity)
+        final = self._final(step)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(self.root)
 
     def _disk_full(self, step: int, expected_bytes: int) -> DiskFullError:
         """How much was needed, how much is free, and what is still safe."""
@@ -93,14 +141,15 @@ class CheckpointManager:
 
     @staticmethod
     def _bytes_of(checkpoint: Checkpoint) -> int:
-        return sum(p.stat().st_size for p in checkpoint.path.iterdir() if p.is_file())
+        return sum(p.stat().st_size for p in checkpoint.path.rglob("*") if p.is_file())
 
     def _write_manifest(self, folder: Path, step: int, identity: dict) -> None:
         files = {}
-        for path in sorted(folder.iterdir()):
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
-            files[path.name] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+            files[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size,
+                                                          "sha256": _sha256(path)}
         manifest = {"step": step, "files": files, "job": identity}
         with open(folder / MANIFEST, "w", encoding="utf-8") as fh:
             json.dump(manifest, fh, indent=2, sort_keys=True)
@@ -173,3 +222,31 @@ class CheckpointManager:
             return []
         dirs = [p for p in self.root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
         return sorted(dirs, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
+
+
+def _attempt(write: Callable[[Path], None], folder: Path) -> BaseException | None:
+    """Run `write(folder)`; the exception it raised, or None. A lost peer is raised at once:
+    the agreement that would follow is a collective too."""
+    try:
+        write(folder)
+    except PeerLost:
+        raise
+    except BaseException as err:  # noqa: BLE001 - reported to the other ranks, then raised
+        return err
+    return None
+
+
+def _disk_was_full(err: BaseException) -> bool:
+    """ENOSPC, raised directly or by any rank inside torch.distributed.checkpoint."""
+    failures = getattr(err, "failures", None)  # DCP's CheckpointException: rank -> (error, tb)
+    if isinstance(failures, dict):
+        return any(_disk_was_full(wrapped[0]) for wrapped in failures.values())
+    return isinstance(err, OSError) and err.errno == errno.ENOSPC
+
+
+def _as_exception(err: BaseException) -> BaseException:
+    """DCP's CheckpointException is a BaseException, which run.py's handler for unexpected
+    errors (exit 1) would not catch: raise it as a RuntimeError with the same text."""
+    if isinstance(err, Exception) or not hasattr(err, "failures"):
+        return err
+    return RuntimeError(f"writing a sharded checkpoint failed: {err}")

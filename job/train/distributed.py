@@ -7,8 +7,9 @@ the optimizer step, so every rank applies the same update. The average is one al
 the flattened trainable gradients per optimizer step (after gradient accumulation), not
 DDP's per-bucket all-reduces during backward: the families call their denoiser directly,
 which the DDP wrapper would hide. For LoRA the gradients are a few MB and the difference is
-small (bench/ measures scaling); overlapping a full fine-tune's all-reduce with backward is
-left to the FSDP2 strategy (not built yet).
+small (bench/ measures scaling). A full fine-tune that needs its reduction overlapped with
+backward, or its weights spread over GPUs, uses the fsdp2 strategy (job/train/fsdp.py), which
+reduce-scatters during backward instead.
 
 Random draws of a step (noise, timesteps, caption dropout) are drawn for the whole global
 batch from the shared seeded generator, and each rank keeps its slice: the run is the same
@@ -120,6 +121,21 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
         grad.copy_(reduced)
 
 
+def clip_gradients(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:
+    """Scale the gradients of `params` down to a total 2-norm of at most `max_norm` (inf: no
+    clipping); returns the norm before clipping, a plain tensor. Sharded (DTensor) gradients'
+    norm is a DTensor whose full value is reduced over ranks: every rank gets the whole
+    model's norm, so the logged value and the non-finite check agree across ranks."""
+    from torch.distributed.tensor import DTensor
+
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.nn.utils.get_total_norm(grads)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
 def agree(loss: torch.Tensor, stop: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss over ranks, how many ranks were told to stop), as device scalars: one small
     all-reduce, so every rank logs the same loss and stops at the same step. The caller
@@ -139,6 +155,31 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     value = torch.tensor([float(flag)], device=device)
     _collective(dist.broadcast, value, src=0)
     return bool(value[0] > 0)
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether `flag` is true on any rank (every rank gets the same answer)."""
+    if not _current.distributed:
+        return flag
+    value = torch.tensor([float(flag)], device=_collective_device())
+    _collective(dist.all_reduce, value, op=dist.ReduceOp.MAX)
+    return bool(value[0] > 0)
+
+
+def broadcast_object(value: object) -> object:
+    """Rank 0's `value` (picklable) on every rank."""
+    if not _current.distributed:
+        return value
+    box = [value]
+    _collective(dist.broadcast_object_list, box, src=0)
+    return box[0]
+
+
+def _collective_device() -> torch.device:
+    """Where a collective's tensors live: NCCL's on this process's GPU, gloo's on the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 def barrier() -> None:
