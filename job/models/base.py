@@ -90,9 +90,6 @@ class Family(Protocol):
         """For the block, the frozen teacher: the denoiser without its LoRA (or the frozen
         original beside a full student), sampled with the model's own scheduler."""
 
-    def swapped_denoiser(self, module: nn.Module) -> ContextManager[None]:
-        """For the block, `module` in the denoiser's place (training calls and sampling)."""
-
     def make_consistency_student(self, time_cond_dim: int) -> None:
         """Replace the trainable denoiser by a full copy that takes a guidance embedding of
         width `time_cond_dim`; keep the original, frozen, as the teacher."""
@@ -100,6 +97,10 @@ class Family(Protocol):
     def sample(self, prompt: str, negative_prompt: str, width: int, height: int,
                guidance: float, steps: int, seed: int) -> Any:
         """One PIL image from the family's stock diffusers pipeline around the live weights."""
+
+    def swapped_denoiser(self, module: nn.Module) -> ContextManager[None]:
+        """For the block, `module` in the denoiser's place (training calls, sampling and
+        export): the LCM teacher and target, an FSDP2 run's unsharded export copy."""
 
     def save_final(self, out_dir: Path) -> list[Path]:
         """Write the final weights (diffusers LoRA file or full weights); return the paths."""

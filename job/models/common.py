@@ -61,7 +61,10 @@ def _digest(value: Any) -> str:
 
 class FamilyCommon:
     """Methods the families share. A family sets cfg, device, dtype, revision and
-    lora_config, and its denoiser() is the trained module."""
+    lora_config, and its denoiser() is the trained module, the attribute named
+    `denoiser_attribute` (also the component's name in its diffusers pipeline)."""
+
+    denoiser_attribute: str
 
     def _hub_kwargs(self) -> dict[str, Any]:
         """Revision, cache folder, and offline mode read now (not at import time)."""
@@ -95,6 +98,22 @@ class FamilyCommon:
     def _encoders_on_device(self):
         """The family's text_encoders() on the device for the block (_on_device)."""
         return self._on_device(self.text_encoders())
+
+    @contextmanager
+    def swapped_denoiser(self, module: torch.nn.Module) -> Iterator[None]:
+        """`module` in the denoiser's place (training calls, sampling and export) for the
+        block, in the sampling pipeline too once it exists."""
+        name, pipeline = self.denoiser_attribute, getattr(self, "_pipeline", None)
+        live = getattr(self, name)
+        setattr(self, name, module)
+        if pipeline is not None:
+            setattr(pipeline, name, module)
+        try:
+            yield
+        finally:
+            setattr(self, name, live)
+            if pipeline is not None:
+                setattr(pipeline, name, live)
 
     def _enable_checkpointing(self) -> None:
         """[train] gradient_checkpointing on the denoiser: every block, or the share

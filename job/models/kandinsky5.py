@@ -62,6 +62,7 @@ class Kandinsky5Family(FamilyCommon, Kandinsky5SamplingExport):
 
     name = "kandinsky5-image"
     supports_lcm = False
+    denoiser_attribute = "transformer"
 
     def __init__(self, cfg: JobConfig, device: torch.device, dtype: torch.dtype) -> None:
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype

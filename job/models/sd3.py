@@ -42,6 +42,7 @@ class SD3Family(FamilyCommon, SD3SamplingExport):
 
     name = "sd3"
     supports_lcm = False
+    denoiser_attribute = "transformer"
 
     def __init__(self, cfg: JobConfig, device: torch.device, dtype: torch.dtype) -> None:
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype

@@ -42,6 +42,7 @@ class SDXLFamily(FamilyCommon, SDXLSamplingExport):
 
     name = "sdxl"
     supports_lcm = True
+    denoiser_attribute = "unet"
 
     def __init__(self, cfg: JobConfig, device: torch.device, dtype: torch.dtype) -> None:
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
@@ -300,20 +301,6 @@ class SDXLFamily(FamilyCommon, SDXLSamplingExport):
                                    "make_consistency_student()")
         finally:
             self._as_teacher = False
-
-    @contextmanager
-    def swapped_denoiser(self, module: nn.Module) -> Iterator[None]:
-        """`module` in the UNet's place (training calls and sampling) for the block."""
-        live = self.unet
-        self.unet = module
-        if self._pipeline is not None:
-            self._pipeline.unet = module
-        try:
-            yield
-        finally:
-            self.unet = live
-            if self._pipeline is not None:
-                self._pipeline.unet = live
 
     def make_consistency_student(self, time_cond_dim: int) -> None:
         """A full LCM student: a copy of the UNet that also takes the guidance w through a

@@ -70,6 +70,7 @@ class StableCascadeFamily(FamilyCommon, StableCascadeSamplingExport):
 
     name = "stable_cascade"
     supports_lcm = False
+    denoiser_attribute = "prior"
 
     def __init__(self, cfg: JobConfig, device: torch.device, dtype: torch.dtype) -> None:
         self.cfg, self.device, self.dtype = cfg, torch.device(device), dtype
