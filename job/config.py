@@ -343,8 +343,9 @@ class DistributedTable(Table):
     """[distributed]: several GPUs or hosts (the entrypoint runs `accelerate launch`)."""
 
     strategy: Literal["ddp", "fsdp2"] = setting(
-        "ddp", "ddp: every GPU holds the model, gradients averaged; fsdp2: shard a full "
-        "fine-tune's weights (not built yet).")
+        "ddp", "ddp: every GPU holds the model, gradients averaged; fsdp2: a full fine-tune's "
+        "weights, gradients and optimizer state sharded over the GPUs (torch FSDP2; needs "
+        "several processes and a shared output folder; not for LoRA).")
     num_processes: int = setting(
         0, "Processes (GPUs) in all, for the entrypoint; 0: every GPU of every machine.", ge=0)
     num_machines: int = setting(1, "Machines (hosts) in the job, for the entrypoint.", ge=1)
@@ -568,6 +569,8 @@ def check_rules(cfg: JobConfig) -> list[str]:
             f'"{cfg.train.mixed_precision}"', 'set mixed_precision = "bf16" or use "adamw"')
     if cfg.distillation.method != "none":
         _check_distillation(cfg, spec)
+    if cfg.distributed.strategy == "fsdp2":
+        _check_fsdp2(cfg)
     notes = _check_family_features(cfg, spec) + _warnings(cfg)
     rules = family_rules(spec.name)
     return notes + (rules(cfg) if rules is not None else [])
@@ -712,6 +715,30 @@ def _check_distillation(cfg: JobConfig, spec: Any) -> None:
     if d.lcm.w_min > d.lcm.w_max:
         raise ConfigError(f"distillation.lcm.w_min = {d.lcm.w_min} is above w_max = "
                           f"{d.lcm.w_max}", "set w_min <= w_max (w = w_min = w_max fixes w)")
+
+
+def _check_fsdp2(cfg: JobConfig) -> None:
+    """FSDP2 shards a full fine-tune's plain weights, and nothing kept beside them."""
+    from job.errors import ConfigError
+
+    where = 'distributed.strategy = "fsdp2"'
+    s = cfg.speedups
+    problems = [
+        (cfg.model.model_type != "full", f'model.model_type = "{cfg.model.model_type}": a '
+         "LoRA's frozen base is the same on every GPU and its adapter is small, so there is "
+         "nothing worth sharding", 'use strategy = "ddp" for LoRA (or model_type = "full")'),
+        (cfg.distillation.method != "none", f'distillation.method = "{cfg.distillation.method}"'
+         ": the distillation keeps a frozen teacher and a target network beside the student, "
+         "which are not sharded", 'use strategy = "ddp" for distillation'),
+        (s.base_model_precision != "no_change", f'speedups.base_model_precision = '
+         f'"{s.base_model_precision}": FSDP2 shards plain weights, not quantised ones',
+         'set base_model_precision = "no_change"'),
+        (s.enable_group_offload, "speedups.enable_group_offload = true: FSDP2 places the "
+         "weights itself", "set enable_group_offload = false"),
+    ]
+    for bad, what, fix in problems:
+        if bad:
+            raise ConfigError(f"{where} with {what}", fix)
 
 
 def _check_datasets(cfg: JobConfig, alignment: int) -> None:

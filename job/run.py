@@ -21,7 +21,7 @@ from job.log import get_logger, quiet_libraries, set_log_rank
 from job.metrics import MetricsWriter, Summary, versions, write_json_atomic
 from job.models.registry import family_class, spec_for
 from job.signals import StopSignal
-from job.train.distributed import Topology, launched_rank, set_topology
+from job.train.distributed import Topology, broadcast_flag, launched_rank, set_topology
 from job.toml_out import dumps
 
 
@@ -130,6 +130,43 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
             raise Preempted("stopped by signal while caching; finished entries are kept",
                             "the next run continues caching where this one stopped")
         family.unload_encoders()
+    objective = _prepare_denoiser(cfg, family, device)
+    sharded = cfg.distributed.strategy == "fsdp2"
+    # Sharded: every rank samples (rank 0's stop answer for all, so all stop together).
+    agreed_stop = (lambda: broadcast_flag(stop.should_stop(), device)) if sharded \
+        else stop.should_stop
+    validator = Validator(cfg, family, data, out, metrics, device, agreed_stop,
+                          getattr(objective, "eval_loss", None), writes=launched_rank() == 0)
+    trainer = Trainer(cfg, family, data, out, metrics, stop.should_stop,
+                      lambda step: _validate(trainer, validator, step), device, objective)
+    live.trainer = trainer
+    trainer.check_disk_space()
+    trainer.resume()
+    with phases.phase("train"):
+        trainer.train()
+    phases.seconds["train"] -= validator.seconds
+    phases.seconds["validation"] += validator.seconds
+    written = trainer.checkpoints.written()
+    if not written or written[-1].step != trainer.state.step:
+        trainer.save_checkpoint()
+    with phases.phase("validation"):
+        _validate(trainer, validator, trainer.state.step)
+    if agreed_stop():
+        raise Preempted("stopped by signal after training; the final checkpoint is written",
+                        "the next run resumes at the last step and validates and exports")
+    paths = _export(trainer, family, out / "final")
+    if not trainer.topology.main:
+        return
+    _write_model_card(cfg, out / "final", trainer)
+    summary.final_weights = [str(p) for p in paths]
+    summary.images = validator.images
+    summary.eval_loss = validator.last_eval_loss
+
+
+def _prepare_denoiser(cfg: JobConfig, family, device: torch.device):
+    """The trained denoiser's set-up after caching, in its order: LoRA, float8 base, group
+    offload, the objective (a distillation may replace the denoiser), regional compile, FSDP2
+    sharding. Returns the objective."""
     if cfg.model.model_type == "lora":
         family.add_lora()
     if cfg.speedups.fp8_base_matmuls:
@@ -151,39 +188,40 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
         if off and cfg.speedups.cuda_graphs:
             get_logger().info("speedup_skipped", speedup="cuda_graphs", reason=off)
         apply_regional_compile(family.denoiser(), cuda_graphs=off is None)
-    validator = Validator(cfg, family, data, out, metrics, device, stop.should_stop,
-                          getattr(objective, "eval_loss", None))
-    trainer = Trainer(cfg, family, data, out, metrics, stop.should_stop,
-                      lambda step: _validate(trainer, validator, step), device, objective)
-    live.trainer = trainer
-    trainer.check_disk_space()
-    trainer.resume()
-    with phases.phase("train"):
-        trainer.train()
-    phases.seconds["train"] -= validator.seconds
-    phases.seconds["validation"] += validator.seconds
-    written = trainer.checkpoints.written()
-    if not written or written[-1].step != trainer.state.step:
-        trainer.save_checkpoint()
-    with phases.phase("validation"):
-        _validate(trainer, validator, trainer.state.step)
-    if stop.should_stop():
-        raise Preempted("stopped by signal after training; the final checkpoint is written",
-                        "the next run resumes at the last step and validates and exports")
-    if not trainer.topology.main:
-        return  # rank 0 exports; every rank holds the same weights
+    if cfg.distributed.strategy == "fsdp2":
+        # Last: the compiled blocks are the units sharded, and the optimizer (built next,
+        # by the Trainer) holds the sharded parameters.
+        from job.train.fsdp import apply_fsdp2
+
+        apply_fsdp2(family.denoiser(), device)
+    return objective
+
+
+def _export(trainer, family, folder: Path) -> list[Path]:
+    """The final weights (the EMA weights with EMA), written by rank 0; [] on the others. A
+    sharded denoiser is first gathered into rank 0's CPU memory by every rank, and exported
+    from an unsharded copy."""
+    main = trainer.topology.main
+    if not trainer.sharded:
+        if not main:
+            return []  # every rank holds the same weights
+        with trainer.ema_weights():
+            return family.save_final(folder)
+    from job.train import fsdp
+
     with trainer.ema_weights():
-        paths = family.save_final(out / "final")
-    _write_model_card(cfg, out / "final", trainer)
-    summary.final_weights = [str(p) for p in paths]
-    summary.images = validator.images
-    summary.eval_loss = validator.last_eval_loss
+        weights = fsdp.gather_full_weights(family.denoiser())
+    if not main:
+        return []
+    with family.swapped_denoiser(fsdp.unsharded_copy(family.denoiser(), weights)):
+        return family.save_final(folder)
 
 
 def _validate(trainer, validator, step: int) -> None:
-    """Validation with the EMA weights when asked for (rank 0; the others go on to the next
-    step's all-reduce and wait there, within distributed.timeout_s)."""
-    if not trainer.topology.main:
+    """Validation with the EMA weights when asked for. Rank 0 alone when every rank holds
+    the whole model (the others go on to the next step's all-reduce and wait there, within
+    distributed.timeout_s); every rank when sharded (rank 0 writes)."""
+    if not (trainer.topology.main or trainer.sharded):
         return
     use_ema = trainer.cfg.train.use_ema and trainer.cfg.validation.use_ema
     with trainer.ema_weights() if use_ema else _no_swap():
@@ -217,10 +255,13 @@ def preflight(cfg: JobConfig, out: Path) -> tuple[torch.device, torch.dtype]:
     os.environ.setdefault("TORCH_NCCL_BLOCKING_WAIT", "1")
     state = PartialState(cpu=wants == "cpu" or not torch.cuda.is_available(),
                          timeout=timedelta(seconds=cfg.distributed.timeout_s))
+    if cfg.distributed.strategy == "fsdp2" and state.num_processes < 2:
+        raise ConfigError('distributed.strategy = "fsdp2" shards the model over processes, and '
+                          "this run has one", "launch several processes (the image does on a "
+                          "machine with several GPUs: accelerate launch --num_processes N), or "
+                          'use strategy = "ddp" on one GPU; a sharded checkpoint resumes under '
+                          "either")
     if state.num_processes > 1:
-        if cfg.distributed.strategy == "fsdp2":
-            raise ConfigError('distributed.strategy = "fsdp2" is not built yet',
-                              'use strategy = "ddp" (every GPU holds the whole model)')
         set_topology(Topology(state.process_index, state.num_processes))
         set_log_rank(state.process_index)
     device = state.device
@@ -265,7 +306,11 @@ def _on_preempted(trainer, stop: StopSignal, summary: Summary, err: Preempted) -
         return
     left = stop.seconds_left()
     budget = checkpoint_time_budget(trainer)
-    if budget + EXIT_RESERVE_S < left:
+    fits = budget + EXIT_RESERVE_S < left
+    if trainer.sharded:
+        # Every rank writes a part of a sharded checkpoint, so all follow rank 0's answer.
+        fits = broadcast_flag(fits, trainer.device)
+    if fits:
         trainer.save_checkpoint()
         log.warning("preempted", step=trainer.state.step, checkpoint="written",
                     grace_left_s=round(stop.seconds_left(), 2))

@@ -45,14 +45,21 @@ def prompt_library(cfg: JobConfig) -> dict[str, str]:
 
 
 class Validator:
-    """Runs validation at a step: writes images and the eval loss, returns what it wrote."""
+    """Runs validation at a step: writes images and the eval loss, returns what it wrote.
+
+    With `writes` off it samples and scores the same way and writes nothing: the ranks of a
+    sharded model besides rank 0, whose forward passes rank 0's needs (each all-gathers the
+    weights). Their `should_stop` must then be rank 0's answer, so every rank stops sampling
+    at the same image.
+    """
 
     def __init__(self, cfg: JobConfig, family: Family, data: PreparedData, out_dir: Path,
                  metrics: MetricsWriter, device: torch.device,
                  should_stop: Callable[[], bool] = lambda: False,
-                 eval_loss_fn: Optional[Callable[..., torch.Tensor]] = None) -> None:
+                 eval_loss_fn: Optional[Callable[..., torch.Tensor]] = None,
+                 writes: bool = True) -> None:
         self.cfg, self.family, self.data, self.metrics = cfg, family, data, metrics
-        self.should_stop = should_stop
+        self.should_stop, self.writes = should_stop, writes
         # Per-sample eval loss at (batch, timesteps, noise): a distillation scores its own.
         self.eval_loss_fn = eval_loss_fn if eval_loss_fn is not None else family.eval_loss
         self.out_dir, self.device = out_dir / "validation", device
@@ -135,12 +142,14 @@ class Validator:
         return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
 
     def sample_images(self, step: int) -> list[str]:
-        """One PNG per prompt and size, plus grid.png; returns the paths."""
+        """One PNG per prompt and size, plus grid.png; returns the paths (none written
+        without `writes`)."""
         if not self.prompts:
             return []
         v = self.cfg.validation
         folder = self.out_dir / f"step-{step:06d}"
-        folder.mkdir(parents=True, exist_ok=True)
+        if self.writes:
+            folder.mkdir(parents=True, exist_ok=True)
         rows, paths = [], []
         runs = [("", v.guidance)]
         if self.teacher_guidance is not None:
@@ -157,11 +166,14 @@ class Validator:
                     with self.family.teacher() if suffix else nullcontext():
                         image = self.family.sample(prompt, v.negative_prompt, width, height,
                                                    guidance, v.num_inference_steps, v.seed)
-                    path = folder / f"{_safe(name)}-{width}x{height}{suffix}.png"
-                    image.save(path)
                     row.append(image)
-                    paths.append(str(path))
+                    if self.writes:
+                        path = folder / f"{_safe(name)}-{width}x{height}{suffix}.png"
+                        image.save(path)
+                        paths.append(str(path))
             rows.append(row)
+        if not self.writes:
+            return []
         grid = folder / "grid.png"
         make_grid(rows).save(grid)
         paths.append(str(grid))

@@ -110,3 +110,31 @@ def assert_exported_lora_acts_in_the_stock_pipeline(family: Any, out_dir: Path, 
     assert np.abs(with_lora - own).max() <= 1
     pipe.set_adapters(pipe.get_active_adapters(), adapter_weights=[0.5])
     assert np.abs(stock_image(pipe).astype(int) - own).max() > 2
+
+
+def assert_an_unsharded_copy_exports_in_place(family: Any, out_dir: Path,
+                                              exported: Any) -> None:
+    """What an fsdp2 run's export does (run.py, job/train/fsdp.py): a plain copy of the
+    denoiser built from its config with the trained weights, saved by `family.save_final` in
+    the live denoiser's place. `exported(out_dir)` loads the saved denoiser, which must hold
+    the copy's weights, not the live module's; the live one is back afterwards."""
+    import torch
+
+    from job.train.fsdp import unsharded_copy
+
+    live = family.denoiser()
+    first = next(live.parameters())
+    with torch.no_grad():
+        first.add_(0.5)  # stands in for training
+    weights = {k: v.detach().clone() for k, v in live.state_dict().items()}
+    copy = unsharded_copy(live, weights)
+    with torch.no_grad():
+        first.add_(1.0)  # the live module moves on: what is saved must be the copy
+    with family.swapped_denoiser(copy):
+        assert family.denoiser() is copy
+        family.save_final(out_dir)
+    assert family.denoiser() is live
+    saved = exported(out_dir).state_dict()
+    assert saved.keys() == weights.keys()
+    for key, value in weights.items():
+        torch.testing.assert_close(saved[key], value, rtol=0, atol=0, msg=key)

@@ -5,8 +5,6 @@ process count reshards and keeps the counters."""
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,61 +13,20 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from job.models.sdxl_tiny import ensure_tiny_sdxl
+from distributed_helpers import ROOT, SMOKE, env, free_port, rows, run_one, run_two, settings
 
-ROOT = Path(__file__).resolve().parent.parent
-SMOKE = ROOT / "jobs" / "smoke.toml"
 LORA = "final/pytorch_lora_weights.safetensors"
 
 
-@pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    folder = tmp_path_factory.mktemp("models")
-    ensure_tiny_sdxl(folder / "tunejob-tiny" / "sdxl")
-    return folder
-
-
-def settings(tmp_path: Path, models_dir: Path, *extra: str) -> list[str]:
-    """--set arguments: the smoke job in tmp_path, on the CPU, short."""
-    items = [f"job.output_dir={json.dumps(str(tmp_path / 'out'))}",
-             f"model.hub_cache_dir={json.dumps(str(models_dir))}",
-             f"cache.dir={json.dumps(str(tmp_path / 'cache'))}",
-             f"datasets.0.instance_data_dir={json.dumps(str(tmp_path / 'data'))}",
-             'job.device="cpu"', "train.max_train_steps=6", "train.log_every=1",
-             "checkpoint.step_interval=3", "validation.step_interval=1000",
-             'validation.resolution=["64x64"]', "validation.num_inference_steps=2",
-             "validation.prompt_library={}", *extra]
-    return [arg for item in items for arg in ("--set", item)]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def env() -> dict[str, str]:
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-def rows(out: Path, event: str) -> list[dict]:
-    lines = (out / "smoke" / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if r["event"] == event]
+@pytest.fixture
+def models_dir(tiny_sdxl_hub: Path) -> Path:
+    return tiny_sdxl_hub
 
 
 def test_two_processes_equal_one_with_the_doubled_batch(tmp_path: Path, models_dir: Path) -> None:
-    one = subprocess.run([sys.executable, "-m", "job", "run", str(SMOKE),
-                          *settings(tmp_path / "one", models_dir, "train.batch_size=4")],
-                         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    one = run_one(settings(tmp_path / "one", models_dir, "train.batch_size=4"))
     assert one.returncode == 0, one.stderr[-3000:]
-    # --multi_gpu is accelerate's torchrun launcher (its --cpu mode needs MPI); the job's
-    # device "cpu" makes accelerate set up a gloo process group.
-    two = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-         "--main_process_port", str(free_port()), "-m", "job", "run", str(SMOKE),
-         *settings(tmp_path / "two", models_dir, "train.batch_size=2")],
-        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    two = run_two(settings(tmp_path / "two", models_dir, "train.batch_size=2"))
     assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
 
     out = tmp_path / "two" / "out"
@@ -89,10 +46,8 @@ def test_two_processes_equal_one_with_the_doubled_batch(tmp_path: Path, models_d
         torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
 
     # Resumed by one process: the data is resharded, the counters go on.
-    resumed = subprocess.run([sys.executable, "-m", "job", "run", str(SMOKE),
-                              *settings(tmp_path / "two", models_dir, "train.batch_size=2",
-                                        "train.max_train_steps=8")],
-                             cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    resumed = run_one(settings(tmp_path / "two", models_dir, "train.batch_size=2",
+                               "train.max_train_steps=8"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert '"resharded"' in resumed.stderr + resumed.stdout
     assert [r["samples_seen"] for r in rows(out, "train")][-2:] == [26, 28]

@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import (assert_exported_lora_acts_in_the_stock_pipeline,
+from helpers import (assert_an_unsharded_copy_exports_in_place,
+                     assert_exported_lora_acts_in_the_stock_pipeline,
                      assert_trained_state_round_trips, fit_fixed_batch, tiny_job_config)
 from job.errors import ConfigError
 from job.models.kandinsky5 import Kandinsky5Family
@@ -240,6 +241,16 @@ def test_full_fine_tune_exports_a_stock_pipeline_folder(tmp_path: Path, models_d
     loaded = Kandinsky5T2IPipeline.from_pretrained(str(tmp_path / "final"))
     torch.testing.assert_close(loaded.transformer.out_layer.out_layer.bias,
                                family.transformer.out_layer.out_layer.bias)
+
+
+def test_an_unsharded_copy_exports_in_the_transformers_place(tmp_path: Path,
+                                                           models_dir: Path) -> None:
+    from diffusers import Kandinsky5Transformer3DModel
+
+    family = load_family(tmp_path, models_dir, model={"model_type": "full"})
+    assert_an_unsharded_copy_exports_in_place(
+        family, tmp_path / "final",
+        lambda folder: Kandinsky5Transformer3DModel.from_pretrained(folder, subfolder="transformer"))
 
 
 @pytest.mark.parametrize("preset", ["int8-quanto", "int8-torchao"])

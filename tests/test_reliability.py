@@ -149,10 +149,10 @@ def test_preempted_while_caching_keeps_the_finished_entries(tmp_path: Path, mode
 
 def test_full_disk_while_checkpointing_keeps_the_previous_one(tmp_path: Path, models_dir: Path,
                                                               monkeypatch) -> None:
-    import job.train.loop as loop
+    import job.train.checkpoint_io as checkpoint_io
 
     calls = []
-    real_save = loop.save_file
+    real_save = checkpoint_io.save_file
 
     def save_until_full(tensors, path, *args, **kwargs):
         calls.append(path)
@@ -160,7 +160,7 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(tmp_path: Path, mo
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(tensors, path, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "save_file", save_until_full)
+    monkeypatch.setattr(checkpoint_io, "save_file", save_until_full)
     cfg = load_job(SMOKE, settings(tmp_path, models_dir, "train.max_train_steps=6",
                                    "checkpoint.step_interval=3"))[0]
     assert run_job(cfg) == 1

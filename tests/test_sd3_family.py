@@ -11,7 +11,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, SD3Transformer2DModel
 
-from helpers import (assert_exported_lora_acts_in_the_stock_pipeline,
+from helpers import (assert_an_unsharded_copy_exports_in_place,
+                     assert_exported_lora_acts_in_the_stock_pipeline,
                      assert_trained_state_round_trips, fit_fixed_batch)
 from job.data.batches import BatchLoader
 from job.data.prepare import prepare_data
@@ -223,3 +224,11 @@ def test_missing_weights_offline_is_a_config_error(tmp_path: Path, monkeypatch) 
     assert caught.value.exit_code == 2
     assert "stabilityai/stable-diffusion-3.5-large" in caught.value.message
     assert "HF_HUB_OFFLINE" in caught.value.message and "licence" in caught.value.hint
+
+
+def test_an_unsharded_copy_exports_in_the_transformers_place(tmp_path: Path,
+                                                           models_dir: Path) -> None:
+    family = load_family(tmp_path, models_dir, model={"model_type": "full"})
+    assert_an_unsharded_copy_exports_in_place(
+        family, tmp_path / "final",
+        lambda folder: SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer"))

@@ -14,6 +14,7 @@ from diffusers import StableCascadeDecoderPipeline, StableCascadePriorPipeline
 
 from job.models.stable_cascade import TEXT_CACHE_DTYPE
 from job.models.stable_cascade_output import ADAPTER_WEIGHTS, LOADER_SNIPPET, load_decoder_pipeline
+from helpers import assert_an_unsharded_copy_exports_in_place
 from stage_c_helpers import CAPTIONS, decoder_folder, load_family, make_batch, prior_folder
 
 
@@ -194,3 +195,12 @@ def test_release_previewer_weights_make_the_previews(tmp_path: Path, models_dir:
     save_file({"blocks.0.weight": torch.zeros(4, 4, 1, 1)}, str(broken))
     with pytest.raises(ConfigError, match="is not the release's previewer"):
         load_previewer(str(broken))
+
+
+def test_an_unsharded_copy_exports_in_the_priors_place(tmp_path: Path, models_dir: Path) -> None:
+    from diffusers import StableCascadeUNet
+
+    family = load_family(tmp_path, models_dir, model={"model_type": "full"})
+    assert_an_unsharded_copy_exports_in_place(
+        family, tmp_path / "final",
+        lambda folder: StableCascadeUNet.from_pretrained(folder, subfolder="prior"))

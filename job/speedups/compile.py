@@ -90,6 +90,8 @@ def cuda_graphs_off_because(cfg) -> str | None:
         return "gradient checkpointing reruns the blocks inside the backward pass"
     if cfg.speedups.enable_group_offload:
         return "group offload moves the blocks' weights during the step"
+    if cfg.distributed.strategy == "fsdp2":
+        return "fsdp2 gathers the blocks' weights into fresh memory for every forward"
     return None
 
 

@@ -4,26 +4,25 @@ from __future__ import annotations
 
 import functools
 import math
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from job.config import JobConfig
 from job.data.batches import BatchLoader
 from job.data.prepare import PreparedData, Sample
 from job.data.sampler import BucketBatchSampler
-from job.errors import ConfigError, DivergedError, Preempted
+from job.errors import DivergedError, Preempted
 from job.log import Progress, get_logger
 from job.metrics import MetricsWriter
 from job.models.base import Family
-from job.train import distributed
-from job.train.checkpoint import Checkpoint, CheckpointManager
+from job.train import distributed, fsdp
+from job.train.checkpoint import CheckpointManager
+from job.train.checkpoint_io import CheckpointIO
 from job.train.ema import EMA
 from job.train.optimizers import build_optimizer
 from job.train.schedules import build_lr_scheduler
@@ -39,7 +38,7 @@ class StepResult:
     applied: bool
 
 
-class Trainer:
+class Trainer(CheckpointIO):
     """Owns the optimizer, schedule, EMA, data position and checkpoints of one run."""
 
     def __init__(self, cfg: JobConfig, family: Family, data: PreparedData, out_dir: Path,
@@ -53,6 +52,9 @@ class Trainer:
         self.should_stop, self.on_validate, self.device = should_stop, on_validate, device
         self.log = get_logger()
         self.params = [p for p in family.denoiser().parameters() if p.requires_grad]
+        # Sharded by apply_fsdp2 (strategy fsdp2): FSDP reduces the gradients, every rank
+        # writes checkpoints and validates.
+        self.sharded = fsdp.is_sharded(family.denoiser())
         o = cfg.optimizer
         self.topology = distributed.topology()
         self.learning_rate = o.learning_rate * (
@@ -152,16 +154,20 @@ class Trainer:
         """One optimizer step over `gradient_accumulation_steps` micro-batches."""
         accumulation = self.cfg.train.gradient_accumulation_steps
         losses = []
-        for _ in range(accumulation):
+        for micro_step in range(accumulation):
             batch = self._next_batch()
+            if self.sharded:
+                # FSDP reduce-scatters in the last micro-step's backward only.
+                self.family.denoiser().set_requires_gradient_sync(micro_step == accumulation - 1)
             loss = self.objective(batch, self.rng.noise).mean() / accumulation
             self._backward(loss)
             losses.append(loss.detach())
-        distributed.average_gradients(self.params)
+        if not self.sharded:
+            distributed.average_gradients(self.params)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.cfg.train.max_grad_norm or math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        grad_norm = distributed.clip_gradients(self.params, max_norm)
         loss_mean, stops = distributed.agree(torch.stack(losses).sum(), self.should_stop())
         loss_value, stops, grad_norm = _read_on_host(loss_mean, stops, grad_norm)
         self._stop_agreed = stops > 0
@@ -248,150 +254,6 @@ class Trainer:
             row["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         self.metrics.write("train", **row)
         self.log.info("step", **row)
-
-    # -- checkpoints ------------------------------------------------------------------
-
-    def identity(self) -> dict[str, Any]:
-        """What makes a checkpoint this job's: refused on resume when it differs."""
-        m = self.cfg.model
-        identity: dict[str, Any] = {"job_name": self.cfg.job.name, "family": m.family,
-                    "model_type": m.model_type, "flavour": m.flavour,
-                    "model": m.pretrained_model_name_or_path,
-                    "lora_rank": self.cfg.lora.rank if m.model_type == "lora" else None}
-        if self.cfg.distillation.method != "none":
-            identity["distillation"] = self.cfg.distillation.method
-            identity["student"] = self.cfg.distillation.student
-        return identity
-
-    def save_checkpoint(self) -> Checkpoint | None:
-        """Write a complete checkpoint of everything resume needs (rank 0: every rank holds
-        the same weights, optimizer state, counters and random streams)."""
-        if not self.topology.main:
-            return None
-        started = time.perf_counter()
-        checkpoint = self.checkpoints.save(self.state.step, self._write_checkpoint_files,
-                                           self.identity(), self.estimated_checkpoint_bytes())
-        seconds = time.perf_counter() - started
-        self.saved.append(str(checkpoint.path))
-        self.metrics.write("checkpoint", step=self.state.step, path=str(checkpoint.path),
-                           seconds=round(seconds, 3))
-        self.log.info("checkpoint_saved", step=self.state.step, path=str(checkpoint.path),
-                      seconds=round(seconds, 3))
-        self.last_checkpoint_s = seconds
-        return checkpoint
-
-    def estimated_checkpoint_bytes(self) -> int:
-        """Weights, optimizer moments (+ Kahan buffers), EMA: an upper estimate."""
-        numel = sum(p.numel() for p in self.params)
-        weights = sum(p.numel() * p.element_size() for p in self.params)
-        state_per_weight = {"adamw": 8, "adamw_bf16": 12, "optimi-lion": 8}[self.cfg.optimizer.name]
-        ema = 4 * numel if self.ema is not None else 0
-        return weights + numel * state_per_weight + ema + self._objective_state_bytes()
-
-    def _objective_state_bytes(self) -> int:
-        return self.objective.state_bytes() if hasattr(self.objective, "state_bytes") else 0
-
-    def _objective_state(self) -> dict[str, torch.Tensor]:
-        """What the objective keeps besides the trained weights (a distillation's target)."""
-        return self.objective.state_dict() if hasattr(self.objective, "state_dict") else {}
-
-    def check_disk_space(self) -> None:
-        """Refuse to start when the volume cannot hold even one checkpoint (exit 2)."""
-        needed = self.estimated_checkpoint_bytes()
-        self.checkpoints.root.mkdir(parents=True, exist_ok=True)
-        free = shutil.disk_usage(self.checkpoints.root).free
-        if free < needed:
-            raise ConfigError(
-                f"the output volume has {free / 2**20:.1f} MiB free under "
-                f"{self.checkpoints.root}, and one checkpoint needs about {needed / 2**20:.1f} MiB",
-                "free space on the volume, or point job.output_dir at a larger one")
-        self.log.info("disk_space", free_gib=round(free / 2**30, 2),
-                      checkpoint_mib=round(needed / 2**20, 2))
-
-    def _write_checkpoint_files(self, folder: Path) -> None:
-        save_file({k: v.detach().cpu().contiguous() for k, v in
-                   self.family.trainable_state_dict().items()}, str(folder / "trainable.safetensors"))
-        if self.ema is not None:
-            torch.save(self.ema.state_dict(), folder / "ema.pt")
-        objective_state = self._objective_state()
-        if objective_state:
-            save_file({k: v.detach().cpu().contiguous() for k, v in objective_state.items()},
-                      str(folder / "objective.safetensors"))
-        torch.save({"optimizer": self.optimizer.state_dict(),
-                    "lr_scheduler": self.lr_scheduler.state_dict(),
-                    "scaler": self.scaler.state_dict() if self.scaler else None,
-                    "rng": self.rng.state_dict(), "state": self.state.state_dict()},
-                   folder / "training_state.pt")
-
-    def resume(self) -> Checkpoint | None:
-        """Load the checkpoint `checkpoint.resume_from` names, if any."""
-        target = self.cfg.checkpoint.resume_from
-        if target == "none":
-            return None
-        if target == "latest":
-            checkpoint = self.checkpoints.latest()
-            if checkpoint is None:
-                return None
-            self._check_identity(checkpoint)
-        else:
-            path = Path(target)
-            problem = self.checkpoints.problem(path)
-            if problem:
-                raise ConfigError(f"checkpoint.resume_from = {target!r} cannot be used: {problem}",
-                                  'point it at a complete checkpoints/step-N folder, or "latest"')
-            checkpoint = Checkpoint(int(path.name.split("-")[-1]), path)
-        self._load_checkpoint(checkpoint)
-        self.metrics.write("resumed", step=self.state.step, path=str(checkpoint.path))
-        self.log.info("resumed", step=self.state.step, epoch=self.state.epoch,
-                      samples_seen=self.state.samples_seen, path=str(checkpoint.path))
-        return checkpoint
-
-    def _reshard_if_needed(self) -> None:
-        """A checkpoint of another process count: keep samples seen, the optimizer state and
-        the random streams; restart the data position at the same share of the epoch."""
-        saved_world, world = self.state.world_size, self.topology.world
-        if saved_world == world:
-            return
-        old_global = self.cfg.train.batch_size * saved_world
-        done_in_epoch = self.state.batch_in_epoch * old_global
-        self.state.batch_in_epoch = done_in_epoch // (self.cfg.train.batch_size * world)
-        self.state.world_size = world
-        self.log.warning("resharded", checkpoint_processes=saved_world, processes=world,
-                         samples_seen=self.state.samples_seen, epoch=self.state.epoch,
-                         note="the data order of the rest of this epoch differs from an "
-                              "uninterrupted run's; samples seen and the optimizer state are kept")
-
-    def _check_identity(self, checkpoint: Checkpoint) -> None:
-        theirs, ours = self.checkpoints.identity(checkpoint), self.identity()
-        differs = {k: (theirs.get(k), v) for k, v in ours.items() if theirs.get(k) != v}
-        if differs:
-            detail = ", ".join(f"{k}: checkpoint {a!r}, job {b!r}" for k, (a, b) in differs.items())
-            raise ConfigError(
-                f"{checkpoint.path} belongs to a different job ({detail})",
-                'use another job.name or output_dir, set checkpoint.resume_from = "none" to '
-                "start fresh, or name the checkpoint path explicitly to resume from it anyway")
-
-    def _load_checkpoint(self, checkpoint: Checkpoint) -> None:
-        folder = checkpoint.path
-        self.family.load_trainable_state_dict(load_file(str(folder / "trainable.safetensors")))
-        if self._objective_state():
-            if not (folder / "objective.safetensors").is_file():
-                raise ConfigError(f"{folder} has no objective.safetensors (the distillation's "
-                                  "target network)", 'resume from a checkpoint of this job, '
-                                  'or set checkpoint.resume_from = "none"')
-            self.objective.load_state_dict(load_file(str(folder / "objective.safetensors"),
-                                                     device=str(self.device)))
-        saved = torch.load(folder / "training_state.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.lr_scheduler.load_state_dict(saved["lr_scheduler"])
-        if self.scaler is not None and saved["scaler"]:
-            self.scaler.load_state_dict(saved["scaler"])
-        self.rng.load_state_dict(saved["rng"])
-        self.state.load_state_dict(saved["state"])
-        self._reshard_if_needed()
-        if self.ema is not None and (folder / "ema.pt").is_file():
-            self.ema.load_state_dict(torch.load(folder / "ema.pt", map_location="cpu",
-                                                weights_only=True))
 
     def ema_weights(self):
         """Context with the EMA weights swapped in (a no-op without EMA)."""
