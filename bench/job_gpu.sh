@@ -14,17 +14,20 @@ shift || true
 source "$(dirname "$0")/job_common.sh"
 if [ $# -eq 0 ]; then
     set -- --set 'speedups.compile_blocks=true'
-    [ "$FAMILY" = sdxl ] && set -- "$@" --set 'speedups.channels_last=true'
+    [ "$FAMILY" = sdxl ] && set -- "$@" --set 'speedups.channels_last=true' \
+        --set 'speedups.cuda_graphs=true'
 fi
 rm -rf "$D/out-job"
 python3 -m job run $JOB "${common[@]}" --set 'train.max_train_steps=40' \
     --set 'checkpoint.step_interval=10' --set "job.output_dir=\"$D/out-job\"" "$@" \
     --json-logs > "$OUT/job_log.jsonl" 2>&1 || { tail -30 "$OUT/job_log.jsonl"; exit 1; }
 job_rate=$(steady_rate "$D/out-job" 10)
+cp "$D"/out-job/*/metrics.jsonl "$OUT/job_metrics.jsonl"
+echo "job steady samples/s: $job_rate"
 if [ "$FAMILY" = sdxl ]; then
     flags=(--compile blocks)
     [[ "$*" == *channels_last=true* ]] && flags+=(--channels-last)
-    [[ "$*" == *cuda_graphs=false* || "$*" == *gradient_checkpointing=true* ]] || flags+=(--cuda-graphs)
+    [[ "$*" == *cuda_graphs=true* && "$*" != *gradient_checkpointing=true* ]] && flags+=(--cuda-graphs)
     step_line=$(python3 bench/sdxl_step.py --mode ours "${flags[@]}" 2>>"$OUT/errors.log" | tail -1)
     ref_line=$(python3 bench/sdxl_step.py --mode reference 2>>"$OUT/errors.log" | tail -1)
     step_rate=$(echo "$step_line" | python3 -c 'import json,sys; print(json.load(sys.stdin)["samples_per_s"])')

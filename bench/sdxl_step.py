@@ -103,13 +103,16 @@ def ours(args, config, batch, device, dtype):
         family.unet.compile(backend=backend, dynamic=False, mode=args.compile_mode)
     generator = torch.Generator().manual_seed(0)
 
-    # The job lets torch's CUDA graph trees find each step's start (--cuda-graphs); a whole
-    # model or stage graph in reduce-overhead mode is marked here.
+    # --cuda-graphs: the job's marks (begin_step); a whole model or its stages compiled in
+    # reduce-overhead mode are marked here.
     mark = args.compile_mode == "reduce-overhead" and args.compile in ("stages", "model")
+
+    from job.speedups.compile import begin_step
 
     def step() -> None:
         if mark:
             torch.compiler.cudagraph_mark_step_begin()
+        begin_step()  # the trainer's mark (a no-op without --cuda-graphs)
         family.training_loss(batch, generator).mean().backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()

@@ -150,8 +150,8 @@ def test_cuda_graphs_step_aside_for_checkpointing_and_offload(tmp_path: Path) ->
 
     from job.speedups.compile import cuda_graphs_off_because
 
-    assert cuda_graphs_off_because(tiny_job_config(tmp_path)) is None
+    on = {"cuda_graphs": True}
+    assert cuda_graphs_off_because(tiny_job_config(tmp_path, speedups=on)) is None
     assert "checkpointing" in cuda_graphs_off_because(
-        tiny_job_config(tmp_path, train={"gradient_checkpointing": True}))
-    assert cuda_graphs_off_because(
-        tiny_job_config(tmp_path, speedups={"cuda_graphs": False})) == "speedups.cuda_graphs = false"
+        tiny_job_config(tmp_path, speedups=on, train={"gradient_checkpointing": True}))
+    assert cuda_graphs_off_because(tiny_job_config(tmp_path)) == "speedups.cuda_graphs = false"

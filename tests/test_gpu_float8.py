@@ -77,6 +77,11 @@ def test_sd3_medium_width_blocks_train_a_lora_in_fp8() -> None:
     assert abs(loss - exact_loss) / exact_loss < 0.05
     assert grads.keys() == exact_grads.keys()
     for name in grads:
+        if not exact_grads[name].any():
+            # The last block's text-stream projections feed only the text tokens' outputs,
+            # which that block drops (context_pre_only): exactly zero either way.
+            assert not grads[name].any(), name
+            continue
         cosine = torch.nn.functional.cosine_similarity(grads[name].flatten(),
                                                        exact_grads[name].flatten(), dim=0)
         assert cosine > 0.97, name

@@ -19,14 +19,15 @@ to fit many buckets; past it a block runs eagerly, with torch's warning. The tra
 (SD3, Kandinsky 5) keep torch's default: their token counts vary with the bucket and, for
 Kandinsky 5, the caption length, where dynamic graphs avoid a recompile per length.
 
-On a CUDA GPU the static-shape blocks also replay as CUDA graphs (`[speedups] cuda_graphs`,
-inductor's "reduce-overhead" mode): SDXL's compiled step launches about 10k kernels, and
+With `[speedups] cuda_graphs` on a CUDA GPU the static-shape blocks replay as CUDA graphs
+(inductor's "reduce-overhead" mode): SDXL's compiled step launches about 10k kernels, and
 without graphs it waits on the CPU launching them (264 ms per step for 179 ms of kernels,
-and its speed followed the host's: 1.13-1.59x; with graphs 2.18x, bench/RESULTS.md).
-torch's CUDA graph trees keep one recording per block, shape and grad mode; a training
-step's forward and backward are one generation, and a block called without a pending
-backward (validation sampling) starts a new one, where torch copies the previous graphs'
-outputs that are still referenced (the UNet's skip connections) before reusing their memory.
+and its speed followed the host's: 1.13-1.59x; with graphs 2.18x, bench/RESULTS.md). Off
+by default: the step was measured, the whole job with graphs has not run on a GPU yet
+(tests/test_gpu_cuda_graphs.py).
+torch's CUDA graph trees keep one recording per block, shape and grad mode, and reuse a
+graph's output memory at the next "generation": the trainer starts one per optimizer step
+(`begin_step`) and, in eval mode, every denoiser call starts one (validation sampling).
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ STATIC_SHAPE_CLASSES = frozenset({
 # Graphs per block kind: about 12 per bucket for SDXL's resnets, so room for about 20
 # training buckets and validation sizes (each graph compiles only if its shape runs).
 RECOMPILE_LIMIT = 256
+# Set once any denoiser's blocks replay as CUDA graphs (begin_step marks then).
+_graphs = False
 
 
 def check_compiler(device: torch.device, backend: str = "inductor") -> None:
@@ -109,6 +112,9 @@ def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
     setattr(dynamo, limit, max(getattr(dynamo, limit), RECOMPILE_LIMIT))
     if cuda_graphs:
         _allow_graph_per_block()
+        denoiser.register_forward_pre_hook(_new_generation_when_sampling)
+        global _graphs
+        _graphs = True
     for block in blocks:
         static = type(block).__name__ in STATIC_SHAPE_CLASSES
         block_mode = "reduce-overhead" if cuda_graphs and static else mode
@@ -120,6 +126,27 @@ def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
                       static_shapes=sorted(set(kinds) & STATIC_SHAPE_CLASSES),
                       cuda_graphs=graphed)
     return len(blocks)
+
+
+def begin_step() -> None:
+    """Start a training step's CUDA graph generation (the trainer calls it before each
+    optimizer step's first forward; a no-op without cuda_graphs). One generation holds
+    every micro-batch's forward and backward of the step, so the graphs' outputs that the
+    step still uses (activations saved for backward, gradients being accumulated) are not
+    overwritten by a later replay; the next step's mark releases them (torch's advice:
+    `torch.compiler.cudagraph_mark_step_begin`). Left to itself, torch 2.11 started new
+    generations inside a training forward and failed on an overwritten residual."""
+    if _graphs:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def _new_generation_when_sampling(denoiser: nn.Module, args) -> None:
+    """Each call of the denoiser in eval mode (validation's loss and sampling) is its own
+    generation: the sampler keeps only the UNet's final output, which its last layers
+    compute outside the graphs. In training mode the step's mark covers every call (a
+    distillation step calls the denoiser several times before one backward)."""
+    if not denoiser.training:
+        torch.compiler.cudagraph_mark_step_begin()
 
 
 def _allow_graph_per_block() -> None:

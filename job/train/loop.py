@@ -20,6 +20,7 @@ from job.errors import DivergedError, Preempted
 from job.log import Progress, get_logger
 from job.metrics import MetricsWriter
 from job.models.base import Family
+from job.speedups.compile import begin_step
 from job.train import distributed, fsdp
 from job.train.checkpoint import CheckpointManager
 from job.train.checkpoint_io import CheckpointIO
@@ -154,6 +155,7 @@ class Trainer(CheckpointIO):
         """One optimizer step over `gradient_accumulation_steps` micro-batches."""
         accumulation = self.cfg.train.gradient_accumulation_steps
         losses = []
+        begin_step()
         for micro_step in range(accumulation):
             batch = self._next_batch()
             if self.sharded:
