@@ -94,7 +94,9 @@ def ours(args, config, batch, device, dtype):
         from job.speedups.compile import apply_regional_compile
 
         apply_regional_compile(family.unet, backend, mode=args.compile_mode,
-                               cuda_graphs=args.cuda_graphs)
+                               cuda_graphs=args.cuda_graphs,
+                               recompute_inside=args.checkpointing and args.checkpointing_ratio >= 1
+                               and not args.recompute_around)
     elif args.compile == "stages":
         from job.speedups.compile import UNET_STAGE_CLASSES, apply_regional_compile
 
@@ -133,6 +135,9 @@ def main() -> None:
     parser.add_argument("--sdpa", choices=("default", "cudnn", "flash", "efficient"),
                         default="default")
     parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--recompute-around", action="store_true",
+                        help="with --compile blocks --checkpointing: diffusers' checkpoint around "
+                             "the compiled blocks (the job puts it inside them)")
     parser.add_argument("--checkpointing-ratio", type=float, default=1.0,
                         help="ours: [train] gradient_checkpointing_ratio (share of blocks)")
     parser.add_argument("--batch", type=int, default=4)
@@ -162,6 +167,7 @@ def main() -> None:
     line = {"mode": args.mode, "compile": args.compile, "compile_mode": args.compile_mode,
             "cuda_graphs": args.cuda_graphs, "channels_last": args.channels_last,
             "sdpa": args.sdpa, "pageable_draws": args.pageable_draws, "checkpointing": args.checkpointing,
+            "recompute_around": args.recompute_around,
             "checkpointing_ratio": args.checkpointing_ratio, "batch": args.batch,
             "resolution": size, "lora_rank": args.rank,
             "device": torch.cuda.get_device_name(0) if cuda else "cpu",

@@ -114,7 +114,8 @@ def ours(config, batch_size, precision, args, device) -> dict:
     if args.compile:
         from job.speedups.compile import apply_regional_compile
 
-        apply_regional_compile(prior, "aot_eager" if args.tiny else "inductor")
+        apply_regional_compile(prior, "aot_eager" if args.tiny else "inductor",
+                               recompute_inside=args.gradient_checkpointing)
     params = [p for p in prior.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, "adamw", 1e-4, 0.9, 0.999, 1e-2, 1e-8)
     batch, generator = make_batch(config, batch_size, device), torch.Generator().manual_seed(2)

@@ -284,14 +284,15 @@ class SpeedupsTable(Table):
         "slowly, for checks).")
     compile_blocks: bool = setting(
         False, "torch.compile each repeated block of the denoiser (regional compile; the "
-        "first steps are slower while it compiles).")
+        "first steps are slower while it compiles). With train.gradient_checkpointing (ratio "
+        "1) the UNets' blocks (sdxl, the Stage C prior) recompute inside their compiled graphs.")
     cuda_graphs: bool = setting(
         False, "With compile_blocks on a CUDA GPU: the UNets' blocks (sdxl, the Stage C prior) "
         "replay as CUDA graphs (torch.compile's reduce-overhead mode), so the step stops "
         "waiting on the CPU to launch kernels (SDXL step: 2.18x the plain step, against 1.12-1.59x "
-        "without). Not applied with gradient checkpointing or group offload (both rerun or move "
-        "the blocks' weights inside the step). Off by default until a whole job with it has run "
-        "on a GPU.")
+        "without). Not applied with gradient checkpointing (not yet tried) or group offload "
+        "(it moves the blocks' weights during the step). Off by default until a whole job with "
+        "it has run on a GPU.")
     channels_last: bool = setting(
         False, "Convolutional denoisers (sdxl's UNet, the Stage C prior) in channels_last "
         "memory format, which cuDNN's tensor-core convolutions prefer; the same numbers.")

@@ -187,7 +187,10 @@ def _prepare_denoiser(cfg: JobConfig, family, device: torch.device):
         off = cuda_graphs_off_because(cfg) or (None if device.type == "cuda" else "no CUDA GPU")
         if off and cfg.speedups.cuda_graphs:
             get_logger().info("speedup_skipped", speedup="cuda_graphs", reason=off)
-        apply_regional_compile(family.denoiser(), cuda_graphs=off is None)
+        train = cfg.train
+        apply_regional_compile(family.denoiser(), cuda_graphs=off is None,
+                               recompute_inside=train.gradient_checkpointing
+                               and train.gradient_checkpointing_ratio >= 1)
     if cfg.distributed.strategy == "fsdp2":
         # Last: the compiled blocks are the units sharded, and the optimizer (built next,
         # by the Trainer) holds the sharded parameters.
