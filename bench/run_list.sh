@@ -2,7 +2,8 @@
 # Run bench commands one after another on the GPU machine, each in its own process, inside a
 # deadline: a command that would start after DEADLINE seconds (default 540) is skipped, so
 # one device call ends within its 10-minute limit. stdout's last line of each goes to the
-# call's output; stderr to $OUT/errors.log.
+# call's output and, as each command ends, to $OUT/results.txt (kept if the call is cut
+# short); stderr to $OUT/errors.log. GPU tests: "python3 -m pytest -q -m gpu tests/X.py".
 #   run: bash bench/run_list.sh "python3 bench/sdxl_step.py --mode reference" ...
 #   carry: [".whl"]
 set -uo pipefail
@@ -19,6 +20,6 @@ for command in "$@"; do
     if [ "$left" -le 20 ]; then echo "skipped (deadline): $command" | tee -a "$OUT/errors.log"; continue; fi
     echo "== $command" >>"$OUT/errors.log"
     begun=$(date +%s)
-    timeout "$left" bash -c "$command" 2>>"$OUT/errors.log" | tail -1
-    echo "   ($(( $(date +%s) - begun )) s)"
+    { timeout "$left" bash -c "$command" 2>>"$OUT/errors.log" | tail -1
+      echo "   ($(( $(date +%s) - begun )) s)"; } | tee -a "$OUT/results.txt"
 done
