@@ -16,10 +16,11 @@ a run on N processes computes what one process computes with the N-times batch. 
 summed over ranks in fp32. Gathering in bf16 (param_dtype) would halve the all-gather traffic,
 but it rounds weights that autocast keeps in fp32 (normalisations); not measured yet.
 
-Gradient accumulation: a micro-step before the last skips the reduce-scatter
-(set_requires_gradient_sync(False)), and FSDP keeps that block's unsharded fp32 gradients
-until the last micro-step reduces them: one reduction per optimizer step, at the cost of a
-full-size gradient per GPU while accumulating (none with gradient_accumulation_steps = 1).
+Gradient accumulation: every micro-step's backward reduce-scatters, and the sharded
+gradients add up. Skipping the reduction until the last micro-step
+(set_requires_gradient_sync(False)) would save communication but keep a full-size fp32
+gradient on every GPU between micro-steps (32 GB for SD3.5 Large's 8B weights), against
+the reason to shard.
 
 Gradient clipping and the non-finite check use the full norm over all shards
 (distributed.clip_gradients). EMA works on the local shards: its shadow weights are sharded

@@ -156,11 +156,8 @@ class Trainer(CheckpointIO):
         accumulation = self.cfg.train.gradient_accumulation_steps
         losses = []
         begin_step()
-        for micro_step in range(accumulation):
+        for _ in range(accumulation):
             batch = self._next_batch()
-            if self.sharded:
-                # FSDP reduce-scatters in the last micro-step's backward only.
-                self.family.denoiser().set_requires_gradient_sync(micro_step == accumulation - 1)
             loss = self.objective(batch, self.rng.noise).mean() / accumulation
             self._backward(loss)
             losses.append(loss.detach())
