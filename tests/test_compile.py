@@ -248,3 +248,25 @@ def test_stage_c_prior_recomputes_inside_its_compiled_blocks(tmp_path: Path) -> 
     assert grads.keys() == plain_grads.keys() and grads
     for name in grads:
         torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_blocks_with_dropout_keep_the_checkpoint_around_them() -> None:
+    """A block that draws dropout masks (the released Stage C prior's) is not rewritten to
+    recompute inside its graph; one without dropout is."""
+    from torch import nn
+
+    class SDCascadeResBlock(nn.Sequential):
+        pass
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.plain = SDCascadeResBlock(nn.Linear(2, 2), nn.Dropout(0.0))
+            self.dropping = SDCascadeResBlock(nn.Linear(2, 2), nn.Dropout(0.1))
+
+        def enable_gradient_checkpointing(self, gradient_checkpointing_func=None):
+            self.func = gradient_checkpointing_func
+
+    model = Model()
+    apply_regional_compile(model, backend="eager", recompute_inside=True)
+    assert "forward" in vars(model.plain) and "forward" not in vars(model.dropping)

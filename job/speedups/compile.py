@@ -115,8 +115,8 @@ def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
     DiTs' blocks keep diffusers' checkpoint around them, measured at 1.68x for SD3.5 Medium)."""
     blocks = [m for m in denoiser.modules() if type(m).__name__ in classes]
     if recompute_inside:
-        _recompute_inside(denoiser, [b for b in blocks
-                                     if type(b).__name__ in STATIC_SHAPE_CLASSES])
+        _recompute_inside(denoiser, [b for b in blocks if type(b).__name__ in STATIC_SHAPE_CLASSES
+                                     and not _has_dropout(b)])
     dynamo = torch._dynamo.config
     limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
     setattr(dynamo, limit, max(getattr(dynamo, limit), RECOMPILE_LIMIT))
@@ -147,8 +147,8 @@ def _recompute_inside(denoiser: nn.Module, blocks: list[nn.Module]) -> None:
     RESULTS.md). Here each block's own forward calls the checkpoint, which torch.compile
     traces into the block's graph: the backward graph then holds the recomputation with
     the gradients, compiled and fused together, and the parent calls the block directly.
-    Blocks outside `blocks` keep diffusers' checkpoint. The numbers are the same
-    (tests/test_compile.py)."""
+    Blocks outside `blocks` keep diffusers' checkpoint (see `_has_dropout`). The numbers
+    are the same (tests/test_compile.py)."""
     inside = {id(block) for block in blocks}
 
     def call(block: nn.Module, *args: Any) -> Any:
@@ -159,6 +159,14 @@ def _recompute_inside(denoiser: nn.Module, blocks: list[nn.Module]) -> None:
     denoiser.enable_gradient_checkpointing(gradient_checkpointing_func=call)
     for block in blocks:
         block.forward = MethodType(_checkpointed_forward, block)
+
+
+def _has_dropout(block: nn.Module) -> bool:
+    """Whether `block` draws random numbers in training (dropout: the released Stage C
+    prior's blocks). torch.compile refuses random ops in a recomputed region unless it
+    replays their draws itself, so such blocks keep diffusers' checkpoint, which restores
+    the random state for the recompute."""
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in block.modules())
 
 
 def _checkpointed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
