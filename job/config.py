@@ -285,7 +285,8 @@ class SpeedupsTable(Table):
     compile_blocks: bool = setting(
         False, "torch.compile each repeated block of the denoiser (regional compile; the "
         "first steps are slower while it compiles). With train.gradient_checkpointing (ratio "
-        "1) the UNets' blocks (sdxl, the Stage C prior) recompute inside their compiled graphs.")
+        "1) the UNets' blocks that have no dropout (sdxl's; not the released Stage C prior's) "
+        "recompute inside their compiled graphs.")
     cuda_graphs: bool = setting(
         False, "With compile_blocks on a CUDA GPU: the UNets' blocks (sdxl, the Stage C prior) "
         "replay as CUDA graphs (torch.compile's reduce-overhead mode), so the step stops "
