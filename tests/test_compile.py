@@ -14,6 +14,24 @@ from job.speedups.compile import apply_regional_compile
 from test_sdxl_family import SIZES, load_family, make_batch, models_dir  # noqa: F401 (fixture)
 
 
+def loss_and_grads(loss_fn, module: torch.nn.Module):
+    """loss_fn()'s loss and the gradients it gives `module`'s parameters (then cleared)."""
+    loss = loss_fn()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def assert_same_numbers(got, expected) -> None:
+    """Two loss_and_grads results agree (the same parameters have gradients)."""
+    (loss, grads), (plain_loss, plain_grads) = got, expected
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == plain_grads.keys() and grads
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
+
+
 def test_compiled_blocks_give_the_same_loss_and_gradients(tmp_path: Path, models_dir: Path) -> None:
     family = load_family(tmp_path, models_dir)
     family.add_lora()
@@ -21,22 +39,14 @@ def test_compiled_blocks_give_the_same_loss_and_gradients(tmp_path: Path, models
     timesteps, noise = torch.tensor([10, 700]), torch.randn(batch["latents"].shape,
                                                             generator=torch.Generator().manual_seed(0))
 
-    def loss_and_grads():
-        loss = family.eval_loss(batch, timesteps, noise).mean()
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in family.unet.named_parameters() if p.grad is not None}
-        family.unet.zero_grad(set_to_none=True)
-        return loss.detach(), grads
+    def run():
+        return family.eval_loss(batch, timesteps, noise).mean()
 
-    plain_loss, plain_grads = loss_and_grads()
+    plain = loss_and_grads(run, family.unet)
     compiled = apply_regional_compile(family.unet, backend="aot_eager")
     kinds = {type(m).__name__ for m in family.unet.modules() if getattr(m, "_compiled_call_impl", None)}
     assert compiled > 0 and kinds == {"BasicTransformerBlock", "ResnetBlock2D"}
-    loss, grads = loss_and_grads()
-    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
-    assert grads.keys() == plain_grads.keys() and grads
-    for name in grads:
-        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
+    assert_same_numbers(loss_and_grads(run, family.unet), plain)
 
 
 def test_kandinsky5_compiled_blocks_with_token_routing_give_the_same_loss_and_gradients(
@@ -54,21 +64,12 @@ def test_kandinsky5_compiled_blocks_with_token_routing_give_the_same_loss_and_gr
     family.router = TokenRouter(family.transformer.visual_transformer_blocks, [(1, 2, 0.5)])
     batch = kandinsky5_batch(family)
 
-    def loss_and_grads():
-        loss = family.training_loss(batch, torch.Generator().manual_seed(3)).mean()
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in family.transformer.named_parameters()
-                 if p.grad is not None}
-        family.transformer.zero_grad(set_to_none=True)
-        return loss.detach(), grads
+    def run():
+        return family.training_loss(batch, torch.Generator().manual_seed(3)).mean()
 
-    plain_loss, plain_grads = loss_and_grads()
+    plain = loss_and_grads(run, family.transformer)
     assert apply_regional_compile(family.transformer, backend="aot_eager") == 1 + 4
-    loss, grads = loss_and_grads()
-    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
-    assert grads.keys() == plain_grads.keys() and grads
-    for name in grads:
-        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
+    assert_same_numbers(loss_and_grads(run, family.transformer), plain)
 
 
 def test_compile_without_a_compiler_is_a_clear_error(monkeypatch) -> None:
@@ -187,19 +188,12 @@ def test_recompute_inside_compiled_blocks_gives_the_same_numbers_and_saves_less(
     timesteps = torch.tensor([10, 700])
     noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(0))
 
-    def loss_and_grads():
-        loss = family.eval_loss(batch, timesteps, noise).mean()
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in family.unet.named_parameters() if p.grad is not None}
-        family.unet.zero_grad(set_to_none=True)
-        return loss.detach(), grads
-
     def run():
         return family.eval_loss(batch, timesteps, noise).mean()
 
     _, everything = _saved_bytes(run, family.unet)
     family.unet.enable_gradient_checkpointing()
-    plain_loss, plain_grads = loss_and_grads()
+    plain = loss_and_grads(run, family.unet)
     _, kept = _saved_bytes(run, family.unet)
 
     torch._dynamo.reset()
@@ -208,11 +202,7 @@ def test_recompute_inside_compiled_blocks_gives_the_same_numbers_and_saves_less(
     # decides what a compiled backward recomputes.
     blocks = apply_regional_compile(family.unet, backend="aot_eager_decomp_partition",
                                     recompute_inside=True)
-    (loss, grads) = loss_and_grads()
-    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
-    assert grads.keys() == plain_grads.keys() and grads
-    for name in grads:
-        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
+    assert_same_numbers(loss_and_grads(run, family.unet), plain)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert 0 < graphs < blocks
     _, inside = _saved_bytes(run, family.unet)
@@ -232,22 +222,13 @@ def test_stage_c_prior_recomputes_inside_its_compiled_blocks(tmp_path: Path) -> 
     batch = stage_c_batch(family)
     family.prior.enable_gradient_checkpointing()
 
-    def loss_and_grads():
-        loss = family.training_loss(batch, torch.Generator().manual_seed(5)).mean()
-        loss.backward()
-        grads = {n: p.grad.clone() for n, p in family.prior.named_parameters()
-                 if p.grad is not None}
-        family.prior.zero_grad(set_to_none=True)
-        return loss.detach(), grads
+    def run():
+        return family.training_loss(batch, torch.Generator().manual_seed(5)).mean()
 
-    plain_loss, plain_grads = loss_and_grads()
+    plain = loss_and_grads(run, family.prior)
     apply_regional_compile(family.prior, backend="aot_eager_decomp_partition",
                            recompute_inside=True)
-    loss, grads = loss_and_grads()
-    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-6)
-    assert grads.keys() == plain_grads.keys() and grads
-    for name in grads:
-        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
+    assert_same_numbers(loss_and_grads(run, family.prior), plain)
 
 
 def test_blocks_with_dropout_keep_the_checkpoint_around_them() -> None:
