@@ -636,10 +636,18 @@ def _check_fp8(cfg: JobConfig, spec: Any) -> list[str]:
         (s.enable_group_offload, "speedups.enable_group_offload = true (the float8 weights "
          "are not offloaded)", "set enable_group_offload = false"),
     ]
+    _refuse_first(where, problems, ", or set fp8_base_matmuls = false")
+    return []
+
+
+def _refuse_first(where: str, problems: list[tuple[bool, str, str]], or_else: str = "") -> None:
+    """A ConfigError for the first (bad, what, fix) of `problems` that is bad: "`where` with
+    `what`", its fix followed by `or_else`."""
+    from job.errors import ConfigError
+
     for bad, what, fix in problems:
         if bad:
-            raise ConfigError(f"{where} with {what}", f"{fix}, or set fp8_base_matmuls = false")
-    return []
+            raise ConfigError(f"{where} with {what}", fix + or_else)
 
 
 def _check_offload_and_routing(cfg: JobConfig, spec: Any) -> list[str]:
@@ -723,8 +731,6 @@ def _check_distillation(cfg: JobConfig, spec: Any) -> None:
 
 def _check_fsdp2(cfg: JobConfig) -> None:
     """FSDP2 shards a full fine-tune's plain weights, and nothing kept beside them."""
-    from job.errors import ConfigError
-
     where = 'distributed.strategy = "fsdp2"'
     s = cfg.speedups
     problems = [
@@ -740,9 +746,7 @@ def _check_fsdp2(cfg: JobConfig) -> None:
         (s.enable_group_offload, "speedups.enable_group_offload = true: FSDP2 places the "
          "weights itself", "set enable_group_offload = false"),
     ]
-    for bad, what, fix in problems:
-        if bad:
-            raise ConfigError(f"{where} with {what}", fix)
+    _refuse_first(where, problems)
 
 
 def _check_datasets(cfg: JobConfig, alignment: int) -> None:
