@@ -184,7 +184,7 @@ def _prepare_denoiser(cfg: JobConfig, family, device: torch.device):
         # After the LoRA and any distillation student exist: the graphs include them.
         from job.speedups.compile import apply_regional_compile, cuda_graphs_off_because
 
-        off = cuda_graphs_off_because(cfg) or (None if device.type == "cuda" else "no CUDA GPU")
+        off = cuda_graphs_off_because(cfg, device)
         if off and cfg.speedups.cuda_graphs:
             get_logger().info("speedup_skipped", speedup="cuda_graphs", reason=off)
         train = cfg.train

@@ -151,11 +151,14 @@ def test_cuda_graphs_step_aside_for_checkpointing_and_offload(tmp_path: Path) ->
 
     from job.speedups.compile import cuda_graphs_off_because
 
-    on = {"cuda_graphs": True}
-    assert cuda_graphs_off_because(tiny_job_config(tmp_path, speedups=on)) is None
+    on, gpu = {"cuda_graphs": True}, torch.device("cuda")
+    assert cuda_graphs_off_because(tiny_job_config(tmp_path, speedups=on), gpu) is None
     assert "checkpointing" in cuda_graphs_off_because(
-        tiny_job_config(tmp_path, speedups=on, train={"gradient_checkpointing": True}))
-    assert cuda_graphs_off_because(tiny_job_config(tmp_path)) == "speedups.cuda_graphs = false"
+        tiny_job_config(tmp_path, speedups=on, train={"gradient_checkpointing": True}), gpu)
+    assert cuda_graphs_off_because(tiny_job_config(tmp_path), gpu) == \
+        "speedups.cuda_graphs = false"
+    assert cuda_graphs_off_because(tiny_job_config(tmp_path, speedups=on),
+                                   torch.device("cpu")) == "no CUDA GPU"
 
 
 def _saved_bytes(run, module: torch.nn.Module) -> tuple[object, int]:

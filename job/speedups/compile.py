@@ -89,10 +89,12 @@ def check_compiler(device: torch.device, backend: str = "inductor") -> None:
                           f"{fix}, or set compile_blocks = false")
 
 
-def cuda_graphs_off_because(cfg) -> str | None:
-    """Why `[speedups] cuda_graphs` does not apply to this job (None: it does)."""
+def cuda_graphs_off_because(cfg, device: torch.device) -> str | None:
+    """Why `[speedups] cuda_graphs` does not apply to this job on `device` (None: it does)."""
     if not cfg.speedups.cuda_graphs:
         return "speedups.cuda_graphs = false"
+    if device.type != "cuda":
+        return "no CUDA GPU"
     if cfg.train.gradient_checkpointing:
         return "not yet tried with gradient checkpointing (a block's recompute inside backward)"
     if cfg.speedups.enable_group_offload:
@@ -130,11 +132,11 @@ def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
         block_mode = "reduce-overhead" if cuda_graphs and static else mode
         block.compile(backend=backend, dynamic=False if static else None, mode=block_mode)
     kinds = sorted({type(m).__name__ for m in blocks})
-    graphed = sorted(set(kinds) & STATIC_SHAPE_CLASSES) if cuda_graphs else []
+    static_kinds = sorted(set(kinds) & STATIC_SHAPE_CLASSES)
     get_logger().info("speedup_active", speedup="regional_compile", blocks=len(blocks),
                       kinds=kinds, backend=backend, mode=mode or "default",
-                      static_shapes=sorted(set(kinds) & STATIC_SHAPE_CLASSES),
-                      cuda_graphs=graphed, recompute_inside=recompute_inside)
+                      static_shapes=static_kinds, cuda_graphs=static_kinds if cuda_graphs else [],
+                      recompute_inside=recompute_inside)
     return len(blocks)
 
 
