@@ -27,9 +27,11 @@ echo "job steady samples/s: $job_rate"
 if [ "$FAMILY" = sdxl ]; then
     flags=(--compile blocks)
     [[ "$*" == *channels_last=true* ]] && flags+=(--channels-last)
-    [[ "$*" == *cuda_graphs=true* && "$*" != *gradient_checkpointing=true* ]] && flags+=(--cuda-graphs)
+    [[ "$*" == *cuda_graphs=true* ]] && flags+=(--cuda-graphs)
+    ref_flags=()
+    [[ "$*" == *gradient_checkpointing=true* ]] && flags+=(--checkpointing) ref_flags+=(--checkpointing)
     step_line=$(python3 bench/sdxl_step.py --mode ours "${flags[@]}" 2>>"$OUT/errors.log" | tail -1)
-    ref_line=$(python3 bench/sdxl_step.py --mode reference 2>>"$OUT/errors.log" | tail -1)
+    ref_line=$(python3 bench/sdxl_step.py --mode reference "${ref_flags[@]}" 2>>"$OUT/errors.log" | tail -1)
     step_rate=$(echo "$step_line" | python3 -c 'import json,sys; print(json.load(sys.stdin)["samples_per_s"])')
     ref_rate=$(echo "$ref_line" | python3 -c 'import json,sys; print(json.load(sys.stdin)["samples_per_s"])')
 else

@@ -14,7 +14,7 @@ a time), batch and settings:
 
     python bench/stage_c_step.py [--priors stage-c,stage-c-lite] [--steps 10] [--warmup 3]
                                  [--gradient-checkpointing] [--compile] [--channels-last]
-                                 [--precisions no,bf16] [--tiny]
+                                 [--precisions no,bf16] [--fp32-matmul-reference] [--tiny]
 
 Prints JSON and writes it to $OUT/stage_c_bench.json when OUT is set. --tiny runs a toy
 prior on the CPU to check the script itself.
@@ -174,14 +174,29 @@ def fresh_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
+def reference_fp32_matmuls(config, batch_size, precision, args, device) -> dict:
+    """The reference with torch's default float32 matmuls (TF32 off; cuDNN's convolutions
+    keep their default TF32), as a plain fp32 script runs it. The other reference gets
+    tunejob's default (`[speedups] allow_tf32`) so that the ratio shows the other speedups."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return reference(config, batch_size, precision, args, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
+
+
 def both(config, batch_size, precision, args, device) -> dict:
     result = {"batch": batch_size, "precision": precision}
-    for name, run in (("ours", ours), ("reference", reference)):
+    runs = [("ours", ours), ("reference", reference)]
+    if precision == "no" and args.fp32_matmul_reference:
+        runs.append(("reference_fp32_matmuls", reference_fp32_matmuls))
+    for name, run in runs:
         fresh_memory(device)
         result[name] = run(config, batch_size, precision, args, device)
     fresh_memory(device)
-    result["ratio_samples_per_s"] = round(result["ours"]["samples_per_s"]
-                                          / result["reference"]["samples_per_s"], 4)
+    for name, _ in runs[1:]:
+        key = "ratio_samples_per_s" + name.removeprefix("reference")
+        result[key] = round(result["ours"]["samples_per_s"] / result[name]["samples_per_s"], 4)
     return result
 
 
@@ -210,6 +225,9 @@ def main(argv: list[str] | None = None) -> dict:
                         help="ours with [speedups] channels_last")
     parser.add_argument("--precisions", default="no,bf16",
                         help="no (fp32, largest batch that fits) and/or bf16")
+    parser.add_argument("--fp32-matmul-reference", action="store_true",
+                        help="fp32 rows: also the reference with torch's default fp32 "
+                             "matmuls (no TF32), and ours' ratio to it")
     parser.add_argument("--tiny", action="store_true", help="toy prior on the CPU")
     parser.add_argument("--profile", action="store_true",
                         help="also profile two steps (GPU busy share, top kernels)")

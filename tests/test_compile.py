@@ -146,15 +146,21 @@ def test_cuda_graphs_go_to_the_static_shape_blocks_only(monkeypatch) -> None:
     assert calls["ResnetBlock2D"]["mode"] is None
 
 
-def test_cuda_graphs_step_aside_for_checkpointing_and_offload(tmp_path: Path) -> None:
+def test_cuda_graphs_step_aside_for_partial_checkpointing_and_offload(tmp_path: Path) -> None:
     from helpers import tiny_job_config
 
     from job.speedups.compile import cuda_graphs_off_because
 
     on, gpu = {"cuda_graphs": True}, torch.device("cuda")
     assert cuda_graphs_off_because(tiny_job_config(tmp_path, speedups=on), gpu) is None
-    assert "checkpointing" in cuda_graphs_off_because(
-        tiny_job_config(tmp_path, speedups=on, train={"gradient_checkpointing": True}), gpu)
+    # Ratio 1: the recompute is inside each block's graph, which replays like any other.
+    assert cuda_graphs_off_because(
+        tiny_job_config(tmp_path, speedups=on, train={"gradient_checkpointing": True}), gpu) \
+        is None
+    assert "gradient_checkpointing_ratio" in cuda_graphs_off_because(
+        tiny_job_config(tmp_path, speedups=on, train={"gradient_checkpointing": True,
+                                                      "gradient_checkpointing_ratio": 0.5}),
+        gpu)
     assert cuda_graphs_off_because(tiny_job_config(tmp_path), gpu) == \
         "speedups.cuda_graphs = false"
     assert cuda_graphs_off_because(tiny_job_config(tmp_path, speedups=on),
@@ -254,3 +260,32 @@ def test_blocks_with_dropout_keep_the_checkpoint_around_them() -> None:
     model = Model()
     apply_regional_compile(model, backend="eager", recompute_inside=True)
     assert "forward" in vars(model.plain) and "forward" not in vars(model.dropping)
+
+
+def test_with_checkpointing_only_blocks_recomputing_inside_get_cuda_graphs(monkeypatch) -> None:
+    """With gradient checkpointing and cuda_graphs, a block whose recompute is inside its
+    graph replays as a CUDA graph; a block with dropout, checkpointed from outside (its
+    graph would rerun from eager autograd inside backward), is compiled without graphs."""
+    from torch import nn
+
+    class SDCascadeResBlock(nn.Sequential):
+        pass
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.plain = SDCascadeResBlock(nn.Linear(2, 2))
+            self.dropping = SDCascadeResBlock(nn.Linear(2, 2), nn.Dropout(0.1))
+
+        def enable_gradient_checkpointing(self, gradient_checkpointing_func=None):
+            self.func = gradient_checkpointing_func
+
+    modes = {}
+    monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: modes.__setitem__(
+        "dropping" if any(isinstance(m, nn.Dropout) for m in self.modules()) else "plain",
+        kw["mode"]))
+    apply_regional_compile(Model(), cuda_graphs=True, recompute_inside=True)
+    assert modes == {"plain": "reduce-overhead", "dropping": None}
+    modes.clear()
+    apply_regional_compile(Model(), cuda_graphs=True)  # no checkpointing: both graphed
+    assert modes == {"plain": "reduce-overhead", "dropping": "reduce-overhead"}

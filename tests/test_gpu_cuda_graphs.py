@@ -26,14 +26,30 @@ def _cuda_batch(batch):
     return {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
-def test_graphed_blocks_train_and_sample_like_eager_blocks(tmp_path: Path,
-                                                           models_dir: Path) -> None:  # noqa: F811
+@pytest.fixture
+def full_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 matmuls and convolutions without TF32 (cuDNN's TF32 is torch's default), so
+    that eager and compiled differ only by summation order. With TF32, the sampled outputs
+    of the first run were 2e-3 apart in both directions (no output was another call's)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_graphed_blocks_train_and_sample_like_eager_blocks(
+        tmp_path: Path, models_dir: Path, full_fp32: None,  # noqa: F811
+        checkpointing: bool) -> None:
+    """With checkpointing, the graphed blocks recompute inside their own graphs (ratio 1)
+    and the eager UNet uses diffusers' checkpointing."""
     family = load_family(tmp_path, models_dir)
     family.add_lora()
     batch = make_batch(family, SIZES)
     eager = family.unet.cuda()
     graphed = copy.deepcopy(eager)
-    assert apply_regional_compile(graphed, cuda_graphs=True) > 0
+    if checkpointing:
+        eager.enable_gradient_checkpointing()
+        graphed.enable_gradient_checkpointing()
+    assert apply_regional_compile(graphed, cuda_graphs=True, recompute_inside=checkpointing) > 0
     batch = _cuda_batch(batch)
     timesteps = torch.tensor([10, 700], device="cuda")
     cond = {"encoder_hidden_states": batch["text.prompt_embeds"],
@@ -78,6 +94,8 @@ def test_graphed_blocks_train_and_sample_like_eager_blocks(tmp_path: Path,
     for ours, theirs in zip(graphed_out, eager_out):
         torch.testing.assert_close(ours, theirs, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(again, eager_out[0], rtol=1e-3, atol=1e-4)
+    # Every kept output is its own call's: a replay did not write into an earlier output.
+    assert not torch.allclose(graphed_out[0], graphed_out[2], atol=1e-3)
 
 
 def test_smoke_job_runs_with_cuda_graphs(tmp_path: Path, models_dir: Path,  # noqa: F811

@@ -95,8 +95,10 @@ def cuda_graphs_off_because(cfg, device: torch.device) -> str | None:
         return "speedups.cuda_graphs = false"
     if device.type != "cuda":
         return "no CUDA GPU"
-    if cfg.train.gradient_checkpointing:
-        return "not yet tried with gradient checkpointing (a block's recompute inside backward)"
+    if cfg.train.gradient_checkpointing and cfg.train.gradient_checkpointing_ratio < 1:
+        return ("gradient_checkpointing_ratio < 1: the blocks checkpointed from outside would "
+                "rerun their graphs inside backward (ratio 1 puts the recompute inside each "
+                "block's graph)")
     if cfg.speedups.enable_group_offload:
         return "group offload moves the blocks' weights during the step"
     if cfg.distributed.strategy == "fsdp2":
@@ -116,9 +118,10 @@ def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
     checkpoint goes inside each of the UNets' compiled blocks (see `_recompute_inside`; the
     DiTs' blocks keep diffusers' checkpoint around them, measured at 1.68x for SD3.5 Medium)."""
     blocks = [m for m in denoiser.modules() if type(m).__name__ in classes]
+    inside = [b for b in blocks if type(b).__name__ in STATIC_SHAPE_CLASSES
+              and not _has_dropout(b)] if recompute_inside else []
     if recompute_inside:
-        _recompute_inside(denoiser, [b for b in blocks if type(b).__name__ in STATIC_SHAPE_CLASSES
-                                     and not _has_dropout(b)])
+        _recompute_inside(denoiser, inside)
     dynamo = torch._dynamo.config
     limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
     setattr(dynamo, limit, max(getattr(dynamo, limit), RECOMPILE_LIMIT))
@@ -127,16 +130,22 @@ def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
         denoiser.register_forward_pre_hook(_new_generation_when_sampling)
         global _graphs
         _graphs = True
+    # With checkpointing, only the blocks whose recompute is inside their own graph replay
+    # as CUDA graphs: a block checkpointed from outside (dropout) would rerun its graph from
+    # eager autograd in the middle of the backward pass.
+    graphed = {id(b) for b in (inside if recompute_inside else blocks)
+               if type(b).__name__ in STATIC_SHAPE_CLASSES} if cuda_graphs else set()
     for block in blocks:
         static = type(block).__name__ in STATIC_SHAPE_CLASSES
-        block_mode = "reduce-overhead" if cuda_graphs and static else mode
+        block_mode = "reduce-overhead" if id(block) in graphed else mode
         block.compile(backend=backend, dynamic=False if static else None, mode=block_mode)
     kinds = sorted({type(m).__name__ for m in blocks})
     static_kinds = sorted(set(kinds) & STATIC_SHAPE_CLASSES)
     get_logger().info("speedup_active", speedup="regional_compile", blocks=len(blocks),
                       kinds=kinds, backend=backend, mode=mode or "default",
-                      static_shapes=static_kinds, cuda_graphs=static_kinds if cuda_graphs else [],
-                      recompute_inside=recompute_inside)
+                      static_shapes=static_kinds,
+                      cuda_graphs=sorted({type(b).__name__ for b in blocks if id(b) in graphed}),
+                      recompute_inside=sorted({type(b).__name__ for b in inside}))
     return len(blocks)
 
 
