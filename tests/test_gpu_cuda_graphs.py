@@ -27,12 +27,14 @@ def _cuda_batch(batch):
 
 
 @pytest.fixture
-def full_fp32(monkeypatch: pytest.MonkeyPatch) -> None:
+def full_fp32():
     """fp32 matmuls and convolutions without TF32 (cuDNN's TF32 is torch's default), so
     that eager and compiled differ only by summation order. With TF32, the sampled outputs
     of the first run were 2e-3 apart in both directions (no output was another call's)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
