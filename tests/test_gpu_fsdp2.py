@@ -87,5 +87,9 @@ def test_sharded_fp16_steps_match_the_whole_unet(nccl_group: None,
     assert sharded_scale == whole_scale == 32768.0
     assert sharded_norms == pytest.approx(whole_norms, rel=1e-3, nan_ok=True)
     for (name, mine), theirs in zip(whole.named_parameters(), sharded.parameters()):
-        torch.testing.assert_close(theirs.full_tensor(), mine, rtol=1e-3, atol=1e-5,
+        # atol 1e-4, a tenth of one AdamW update (lr): a skipped, doubled or unreduced
+        # update is 1e-3 apart. With deterministic kernels the second GPU run still found 4
+        # of conv_in.weight's 1152 values 4.6e-5 apart after 5 updates: last-bit gradient
+        # differences that Adam's normalisation enlarges where the gradient is near zero.
+        torch.testing.assert_close(theirs.full_tensor(), mine, rtol=1e-3, atol=1e-4,
                                    msg=lambda message, name=name: f"{name}: {message}")
