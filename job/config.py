@@ -282,21 +282,25 @@ class SpeedupsTable(Table):
         "float8 (e4m3, row-wise scales; forward and input gradient, no weight gradient), an "
         "approximation of bf16; GPUs of compute capability 8.9+ (the CPU runs the same math, "
         "slowly, for checks).")
-    compile_blocks: bool = setting(
-        False, "torch.compile each repeated block of the denoiser (regional compile; the "
-        "first steps are slower while it compiles). With train.gradient_checkpointing (ratio "
-        "1) the UNets' blocks that have no dropout (sdxl's; not the released Stage C prior's) "
-        "recompute inside their compiled graphs.")
-    cuda_graphs: bool = setting(
-        False, "With compile_blocks on a CUDA GPU: the UNets' blocks (sdxl, the Stage C prior) "
+    compile_blocks: bool | Literal["auto"] = setting(
+        "auto", "torch.compile each repeated block of the denoiser (regional compile; the "
+        "first steps are slower while it compiles; needs a C compiler on a GPU). auto: on with "
+        "a CUDA GPU and a C compiler, where it was measured faster (1.1-2.2x the plain step, "
+        "bench/RESULTS.md); off on the CPU, with a quantised base or with group offload (not "
+        "measured). With train.gradient_checkpointing (ratio 1) the UNets' blocks that have no "
+        "dropout (sdxl's; not the released Stage C prior's) recompute inside their compiled "
+        "graphs.")
+    cuda_graphs: bool | Literal["auto"] = setting(
+        "auto", "With compile_blocks on a CUDA GPU: the UNets' blocks (sdxl, the Stage C prior) "
         "replay as CUDA graphs (torch.compile's reduce-overhead mode), so the step stops "
-        "waiting on the CPU to launch kernels (SDXL step: 2.18x the plain step, against 1.12-1.59x "
-        "without). Not applied with gradient checkpointing (not yet tried) or group offload "
-        "(it moves the blocks' weights during the step). Off by default until a whole job with "
-        "it has run on a GPU.")
-    channels_last: bool = setting(
-        False, "Convolutional denoisers (sdxl's UNet, the Stage C prior) in channels_last "
-        "memory format, which cuDNN's tensor-core convolutions prefer; the same numbers.")
+        "waiting on the CPU to launch kernels (SDXL: 2.18x the plain step, 3.9x with gradient "
+        "checkpointing). Not with gradient_checkpointing_ratio < 1, group offload or fsdp2. "
+        "auto: on for sdxl fine-tuning (measured); off for the Stage C prior and LCM "
+        "distillation (not measured on a GPU yet; true to try).")
+    channels_last: bool | Literal["auto"] = setting(
+        "auto", "Convolutional denoisers (sdxl's UNet, the Stage C prior) in channels_last "
+        "memory format, which cuDNN's tensor-core convolutions prefer; the same numbers. "
+        "auto: with compile_blocks (eager, SDXL measured 0.88x with it).")
     base_model_default_dtype: Literal["auto", "bf16", "fp32"] = setting(
         "auto", "dtype of the frozen base's unquantised weights; auto: the "
         "train.mixed_precision dtype.", "base_model_default_dtype")
@@ -692,7 +696,7 @@ def _check_offload_and_routing(cfg: JobConfig, spec: Any) -> list[str]:
                           "and torchao's quantised weights cannot be pinned",
                           "set group_offload_use_stream = false (synchronous offload), or "
                           'base_model_precision = "no_change"')
-    if s.channels_last and "channels_last" not in spec.features:
+    if s.channels_last is True and "channels_last" not in spec.features:
         notes.append(f"speedups.channels_last is ignored: family {spec.name!r} has no "
                      "convolutional denoiser")
     for key in ("enable_model_cpu_offload", "offload_during_startup"):

@@ -279,10 +279,9 @@ def preflight(cfg: JobConfig, out: Path) -> tuple[torch.device, torch.dtype]:
         from job.speedups.float8 import check_device
 
         check_device(device)
-    if cfg.speedups.compile_blocks:
-        from job.speedups.compile import check_compiler
+    from job.speedups.compile import resolve_auto
 
-        check_compiler(device)
+    resolve_auto(cfg, device)
     get_logger().info("preflight", device=str(device), weight_dtype=str(dtype),
                       processes=state.num_processes, rank=state.process_index,
                       free_disk_gib=round(free / 2**30, 2),

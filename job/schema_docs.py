@@ -117,6 +117,7 @@ def _type_name(annotation: Any) -> str:
     """A short readable type: `int`, `str or null`, `"a" | "b"`."""
     text = str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
     text = text.replace("Literal[", "one of [").replace("NoneType", "null").replace(" | ", " or ")
+    text = text.replace("Union[bool, one of ['auto']]", "bool or 'auto'")
     return text.replace("|", "\\|")
 
 

@@ -93,6 +93,46 @@ def test_compile_without_a_compiler_is_a_clear_error(monkeypatch) -> None:
     compile_speedup.check_compiler(torch.device("cpu"), backend="aot_eager")  # no codegen
 
 
+def test_auto_speedups_decide_per_device_family_and_settings(tmp_path: Path,
+                                                            monkeypatch) -> None:
+    """compile_blocks, channels_last and cuda_graphs default to "auto": on a CUDA GPU with a
+    C compiler compile (and channels_last with it) is on, cuda_graphs only for sdxl
+    fine-tuning; off on the CPU, without a compiler (no error: the default asks for
+    nothing), with a quantised base or group offload. An explicit true without a compiler
+    is still exit 2, and an explicit setting is never changed."""
+    import shutil
+
+    import pytest
+
+    from helpers import tiny_job_config
+
+    from job.errors import ConfigError
+    from job.speedups.compile import resolve_auto
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/cc" if name == "cc" else None)
+
+    def decided(device, **overrides):
+        cfg = tiny_job_config(tmp_path, **overrides)
+        assert cfg.speedups.compile_blocks == "auto"
+        resolve_auto(cfg, device)
+        s = cfg.speedups
+        return s.compile_blocks, s.channels_last, s.cuda_graphs
+
+    assert decided(gpu) == (True, True, True)
+    assert decided(cpu) == (False, False, True)  # graphs then do not apply: no compile, no GPU
+    assert decided(gpu, speedups={"base_model_precision": "int8-torchao"})[:2] == (False, False)
+    assert decided(gpu, speedups={"channels_last": False}) == (True, False, True)
+    stage_c = {"family": "stable_cascade", "flavour": "tiny",
+               "hub_cache_dir": str(tmp_path / "models")}
+    assert decided(gpu, model=stage_c) == (True, True, False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert decided(gpu)[:2] == (False, False)
+    cfg = tiny_job_config(tmp_path, speedups={"compile_blocks": True})
+    with pytest.raises(ConfigError, match="needs a C compiler"):
+        resolve_auto(cfg, gpu)
+
+
 def test_unet_blocks_compile_static_and_transformer_blocks_keep_the_default(monkeypatch) -> None:
     """Static shapes where dynamic kernels are slow (the UNets' convolution blocks); torch's
     default where token counts vary per caption or bucket (the DiTs)."""

@@ -5,7 +5,8 @@ kind and shape (blocks of a kind share their code, so a compiled graph is reused
 block of the same shapes), leaves the family's Python around the blocks (conditioning, LoRA
 toggles, checkpoint saving) as it is, and keeps a graph break in one place from costing the
 whole model. Off by default (`[speedups] compile_blocks`): bench/RESULTS.md records what it
-measures per family.
+measures per family. `compile_blocks = "auto"`, the default, turns it on with a CUDA GPU
+and a C compiler (`resolve_auto`).
 
 The UNets' blocks (SDXL, the Stage C prior) are compiled for static shapes. Their blocks
 come in many shapes (SDXL's ResnetBlock2D runs at three resolutions with a dozen channel
@@ -22,9 +23,9 @@ Kandinsky 5, the caption length, where dynamic graphs avoid a recompile per leng
 With `[speedups] cuda_graphs` on a CUDA GPU the static-shape blocks replay as CUDA graphs
 (inductor's "reduce-overhead" mode): SDXL's compiled step launches about 10k kernels, and
 without graphs it waits on the CPU launching them (264 ms per step for 179 ms of kernels,
-and its speed followed the host's: 1.13-1.59x; with graphs 2.18x, bench/RESULTS.md). Off
-by default: the step was measured, the whole job with graphs has not run on a GPU yet
-(tests/test_gpu_cuda_graphs.py).
+and its speed followed the host's: 1.13-1.59x; with graphs 2.18x, bench/RESULTS.md).
+`cuda_graphs = "auto"` turns it on for SDXL fine-tuning, where GPU runs showed it; with
+gradient checkpointing (ratio 1) the blocks recompute inside their graphs, which replay too.
 torch's CUDA graph trees keep one recording per block, shape and grad mode, and reuse a
 graph's output memory at the next "generation": the trainer starts one per optimizer step
 (`begin_step`) and, in eval mode, every denoiser call starts one (validation sampling).
@@ -67,14 +68,12 @@ RECOMPILE_LIMIT = 256
 _graphs = False
 
 
-def check_compiler(device: torch.device, backend: str = "inductor") -> None:
-    """The compiler inductor needs on `device`, or exit 2 now rather than at the first
-    compiled step: on a GPU, Triton builds its kernel launcher with a C compiler; on the
-    CPU, inductor writes C++ kernels."""
+def _compiler(device: torch.device) -> tuple[bool, str, str]:
+    """Whether the compiler inductor needs on `device` is on PATH, what it is, and the fix:
+    on a GPU, Triton builds its kernel launcher with a C compiler; on the CPU, inductor
+    writes C++ kernels."""
     import shutil
 
-    if backend != "inductor":
-        return
     if device.type == "cuda":
         names, what = ("cc", "gcc", "clang"), "a C compiler (Triton builds its kernel launcher " \
             "with one)"
@@ -83,14 +82,74 @@ def check_compiler(device: torch.device, backend: str = "inductor") -> None:
     else:
         names, what = ("c++", "g++", "clang++"), "a C++ compiler (inductor's CPU kernels are C++)"
         fix = "install g++ (Debian: apt-get install g++ python3-dev)"
-    if not any(shutil.which(name) for name in names):
+    return any(shutil.which(name) for name in names), what, fix
+
+
+def check_compiler(device: torch.device, backend: str = "inductor") -> None:
+    """The compiler inductor needs on `device`, or exit 2 now rather than at the first
+    compiled step."""
+    if backend != "inductor":
+        return
+    found, what, fix = _compiler(device)
+    if not found:
         raise ConfigError(f"speedups.compile_blocks = true on {device.type} needs {what}, and "
                           "none is on PATH",
                           f"{fix}, or set compile_blocks = false")
 
 
+def resolve_auto(cfg, device: torch.device) -> None:
+    """Decide `[speedups]` compile_blocks, cuda_graphs and channels_last where they are
+    "auto" (their defaults) for this job on `device`, in place, and log each decision;
+    then check the compiler that compile_blocks needs (exit 2 without it). Every process of
+    a job decides alike (same settings, same kind of machine)."""
+    s, log = cfg.speedups, get_logger()
+    if s.compile_blocks == "auto":
+        off = _auto_compile_off_because(cfg, device)
+        s.compile_blocks = off is None
+        log.info("speedup_auto", setting="compile_blocks", value=s.compile_blocks,
+                 reason=off or "a CUDA GPU with a C compiler")
+    if s.channels_last == "auto":
+        # NHWC pays only under compile: eager group norm copies it (SDXL eager: 0.88x).
+        s.channels_last = s.compile_blocks
+        log.info("speedup_auto", setting="channels_last", value=s.channels_last,
+                 reason="follows compile_blocks")
+    if s.cuda_graphs == "auto":
+        off = _auto_graphs_off_because(cfg)
+        s.cuda_graphs = off is None
+        log.info("speedup_auto", setting="cuda_graphs", value=s.cuda_graphs,
+                 reason=off or "measured for this family")
+    if s.compile_blocks:
+        check_compiler(device)
+
+
+def _auto_compile_off_because(cfg, device: torch.device) -> str | None:
+    """Why compile_blocks = "auto" is off for this job (None: on)."""
+    if device.type != "cuda":
+        return "no CUDA GPU (inductor's CPU kernels take longer to build than they save here)"
+    found, what, fix = _compiler(device)
+    if not found:
+        return f"no {what} on PATH: {fix} for the speedup"
+    if cfg.speedups.base_model_precision != "no_change":
+        return "a quantised base: not measured compiled (compile_blocks = true to try)"
+    if cfg.speedups.enable_group_offload:
+        return "group offload: not measured compiled (compile_blocks = true to try)"
+    return None
+
+
+def _auto_graphs_off_because(cfg) -> str | None:
+    """Why cuda_graphs = "auto" is off for this job (None: on where it applies). On where a
+    GPU run showed it: SDXL fine-tuning (step 2.18x, 3.9x with checkpointing; the whole job;
+    tests/test_gpu_cuda_graphs.py)."""
+    if cfg.model.family != "sdxl":
+        return f"family {cfg.model.family!r}: not measured on a GPU (cuda_graphs = true to try)"
+    if cfg.distillation.method != "none":
+        return "distillation: not measured on a GPU (cuda_graphs = true to try)"
+    return None
+
+
 def cuda_graphs_off_because(cfg, device: torch.device) -> str | None:
-    """Why `[speedups] cuda_graphs` does not apply to this job on `device` (None: it does)."""
+    """Why `[speedups] cuda_graphs` (decided, see resolve_auto) does not apply to this job
+    on `device` (None: it does)."""
     if not cfg.speedups.cuda_graphs:
         return "speedups.cuda_graphs = false"
     if device.type != "cuda":
