@@ -287,9 +287,8 @@ class SpeedupsTable(Table):
         "first steps are slower while it compiles; needs a C compiler on a GPU). auto: on with "
         "a CUDA GPU and a C compiler, where it was measured faster (1.1-2.2x the plain step, "
         "bench/RESULTS.md); off on the CPU, with a quantised base or with group offload (not "
-        "measured). With train.gradient_checkpointing (ratio 1) the UNets' blocks that have no "
-        "dropout (sdxl's; not the released Stage C prior's) recompute inside their compiled "
-        "graphs.")
+        "measured). With train.gradient_checkpointing (ratio 1) the UNets' blocks (sdxl, the "
+        "Stage C prior) recompute inside their compiled graphs.")
     cuda_graphs: bool | Literal["auto"] = setting(
         "auto", "With compile_blocks on a CUDA GPU: the UNets' blocks (sdxl, the Stage C prior) "
         "replay as CUDA graphs (torch.compile's reduce-overhead mode), so the step stops "

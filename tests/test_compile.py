@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from job.speedups.compile import apply_regional_compile
@@ -280,32 +281,87 @@ def test_stage_c_prior_recomputes_inside_its_compiled_blocks(tmp_path: Path) -> 
     assert_same_numbers(loss_and_grads(run, family.prior), plain)
 
 
-def test_blocks_with_dropout_keep_the_checkpoint_around_them() -> None:
-    """A block that draws dropout masks (the released Stage C prior's) is not rewritten to
-    recompute inside its graph; one without dropout is."""
-    from torch import nn
+def _dropout_prior():
+    """A tiny Stage C prior with the release's block types and dropout (0.3, so a wrong mask
+    shows), in float64 for a finite-difference check; only the attention layers train, as
+    a LoRA on them would, so the first blocks have nothing to differentiate."""
+    from diffusers import StableCascadeUNet
 
-    class SDCascadeResBlock(nn.Sequential):
-        pass
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.plain = SDCascadeResBlock(nn.Linear(2, 2), nn.Dropout(0.0))
-            self.dropping = SDCascadeResBlock(nn.Linear(2, 2), nn.Dropout(0.1))
-
-        def enable_gradient_checkpointing(self, gradient_checkpointing_func=None):
-            self.func = gradient_checkpointing_func
-
-    model = Model()
-    apply_regional_compile(model, backend="eager", recompute_inside=True)
-    assert "forward" in vars(model.plain) and "forward" not in vars(model.dropping)
+    torch.manual_seed(0)
+    prior = StableCascadeUNet(
+        in_channels=16, out_channels=16, conditioning_dim=32, block_out_channels=(32, 32),
+        num_attention_heads=(2, 2), down_num_layers_per_block=(1, 1),
+        up_num_layers_per_block=(1, 1), switch_level=(False,), clip_text_in_channels=24,
+        clip_text_pooled_in_channels=24, clip_image_in_channels=24, clip_seq=4,
+        dropout=(0.3, 0.3)).train().double()
+    for name, p in prior.named_parameters():
+        p.requires_grad_(".attention." in name)
+    return prior
 
 
-def test_with_checkpointing_only_blocks_recomputing_inside_get_cuda_graphs(monkeypatch) -> None:
-    """With gradient checkpointing and cuda_graphs, a block whose recompute is inside its
-    graph replays as a CUDA graph; a block with dropout, checkpointed from outside (its
-    graph would rerun from eager autograd inside backward), is compiled without graphs."""
+def _directional_derivatives(prior: torch.nn.Module) -> tuple[float, float]:
+    """The gradient of the loss along a random direction of the trainable weights, from
+    backward and from central differences of the loss with the same dropout masks (the
+    same seed before each forward)."""
+    g = torch.Generator().manual_seed(1)
+    inputs = {"sample": torch.randn(2, 16, 8, 8, generator=g, dtype=torch.float64),
+              "timestep_ratio": torch.rand(2, generator=g, dtype=torch.float64),
+              "clip_text": torch.randn(2, 5, 24, generator=g, dtype=torch.float64),
+              "clip_text_pooled": torch.randn(2, 1, 24, generator=g, dtype=torch.float64),
+              "clip_img": torch.zeros(2, 1, 24, dtype=torch.float64)}
+    params = [p for p in prior.parameters() if p.requires_grad]
+    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+
+    def loss():
+        torch.manual_seed(5)
+        return prior(**inputs, return_dict=False)[0].pow(2).mean()
+
+    loss().backward()
+    analytic = sum((p.grad * d).sum() for p, d in zip(params, direction)).item()
+    eps, sides = 1e-5, []
+    for sign in (1, -2):
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(sign * eps * d)
+        # With gradients on, as in the first forward: a compiled no-grad graph is another
+        # graph, and inductor draws its random numbers differently there.
+        sides.append(loss().item())
+    return analytic, (sides[0] - sides[1]) / (2 * eps)
+
+
+@pytest.mark.parametrize("backend", ["aot_eager_decomp_partition", "inductor"])
+def test_dropout_blocks_recompute_inside_with_the_forward_masks(backend: str) -> None:
+    """The released Stage C prior's blocks draw dropout masks. Recomputed inside their
+    compiled graphs, the backward must use the forward's masks: the gradient along a random
+    direction equals the loss's central difference at the same masks. A recompute that
+    draws fresh masks (diffusers' checkpoint without preserve_rng_state, the control) is
+    caught by the same check. The first blocks, which nothing trains, run plainly (torch
+    cannot recompute random ops in their inference graphs: it raised before)."""
+    from functools import partial
+    from types import MethodType
+
+    from torch.utils.checkpoint import checkpoint
+
+    from job.speedups.compile import STATIC_SHAPE_CLASSES
+
+    prior = _dropout_prior()
+    apply_regional_compile(prior, backend=backend, recompute_inside=True)
+    analytic, numeric = _directional_derivatives(prior)
+    assert analytic == pytest.approx(numeric, rel=1e-5)
+
+    control = _dropout_prior()
+    fresh = partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
+    for block in control.modules():
+        if type(block).__name__ in STATIC_SHAPE_CLASSES:
+            block.forward = MethodType(lambda self, *a, forward=block.forward: fresh(forward, *a),
+                                       block)
+    analytic, numeric = _directional_derivatives(control)
+    assert analytic != pytest.approx(numeric, rel=1e-2)
+
+
+def test_with_checkpointing_the_static_blocks_still_get_cuda_graphs(monkeypatch) -> None:
+    """With gradient checkpointing and cuda_graphs, every static-shape block recomputes
+    inside its graph, a block with dropout too, and replays as a CUDA graph."""
     from torch import nn
 
     class SDCascadeResBlock(nn.Sequential):
@@ -324,8 +380,7 @@ def test_with_checkpointing_only_blocks_recomputing_inside_get_cuda_graphs(monke
     monkeypatch.setattr(nn.Module, "compile", lambda self, **kw: modes.__setitem__(
         "dropping" if any(isinstance(m, nn.Dropout) for m in self.modules()) else "plain",
         kw["mode"]))
-    apply_regional_compile(Model(), cuda_graphs=True, recompute_inside=True)
-    assert modes == {"plain": "reduce-overhead", "dropping": None}
-    modes.clear()
-    apply_regional_compile(Model(), cuda_graphs=True)  # no checkpointing: both graphed
+    model = Model()
+    apply_regional_compile(model, cuda_graphs=True, recompute_inside=True)
     assert modes == {"plain": "reduce-overhead", "dropping": "reduce-overhead"}
+    assert "forward" in vars(model.plain) and "forward" in vars(model.dropping)

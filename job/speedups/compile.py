@@ -177,8 +177,8 @@ def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
     checkpoint goes inside each of the UNets' compiled blocks (see `_recompute_inside`; the
     DiTs' blocks keep diffusers' checkpoint around them, measured at 1.68x for SD3.5 Medium)."""
     blocks = [m for m in denoiser.modules() if type(m).__name__ in classes]
-    inside = [b for b in blocks if type(b).__name__ in STATIC_SHAPE_CLASSES
-              and not _has_dropout(b)] if recompute_inside else []
+    inside = [b for b in blocks if type(b).__name__ in STATIC_SHAPE_CLASSES] \
+        if recompute_inside else []
     if recompute_inside:
         _recompute_inside(denoiser, inside)
     dynamo = torch._dynamo.config
@@ -189,11 +189,10 @@ def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
         denoiser.register_forward_pre_hook(_new_generation_when_sampling)
         global _graphs
         _graphs = True
-    # With checkpointing, only the blocks whose recompute is inside their own graph replay
-    # as CUDA graphs: a block checkpointed from outside (dropout) would rerun its graph from
-    # eager autograd in the middle of the backward pass.
-    graphed = {id(b) for b in (inside if recompute_inside else blocks)
-               if type(b).__name__ in STATIC_SHAPE_CLASSES} if cuda_graphs else set()
+    # With checkpointing the static-shape blocks recompute inside their own graphs, so they
+    # replay like the rest (cuda_graphs_off_because refuses checkpointing from outside).
+    graphed = {id(b) for b in blocks if type(b).__name__ in STATIC_SHAPE_CLASSES} \
+        if cuda_graphs else set()
     for block in blocks:
         static = type(block).__name__ in STATIC_SHAPE_CLASSES
         block_mode = "reduce-overhead" if id(block) in graphed else mode
@@ -217,8 +216,10 @@ def _recompute_inside(denoiser: nn.Module, blocks: list[nn.Module]) -> None:
     RESULTS.md). Here each block's own forward calls the checkpoint, which torch.compile
     traces into the block's graph: the backward graph then holds the recomputation with
     the gradients, compiled and fused together, and the parent calls the block directly.
-    Blocks outside `blocks` keep diffusers' checkpoint (see `_has_dropout`). The numbers
-    are the same (tests/test_compile.py)."""
+    Blocks outside `blocks` (the DiTs') keep diffusers' checkpoint. The numbers are the same
+    (tests/test_compile.py); dropout masks (the released Stage C prior's blocks) are drawn
+    once and replayed in the recompute by torch's partitioner, which a finite-difference
+    check of the gradients shows."""
     inside = {id(block) for block in blocks}
 
     def call(block: nn.Module, *args: Any) -> Any:
@@ -231,21 +232,23 @@ def _recompute_inside(denoiser: nn.Module, blocks: list[nn.Module]) -> None:
         block.forward = MethodType(_checkpointed_forward, block)
 
 
-def _has_dropout(block: nn.Module) -> bool:
-    """Whether `block` draws random numbers in training (dropout: the released Stage C
-    prior's blocks). torch.compile refuses random ops in a recomputed region unless it
-    replays their draws itself, so such blocks keep diffusers' checkpoint, which restores
-    the random state for the recompute."""
-    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in block.modules())
-
-
 def _checkpointed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
-    """A block's forward, recomputed in backward when gradients are on (one function for
-    every block, so the blocks of a kind share their compiled graph)."""
+    """A block's forward, recomputed in backward when a gradient will flow through it (one
+    function for every block, so the blocks of a kind share their compiled graph). A block
+    with no trainable weight and no input that needs a gradient (the first blocks of a LoRA
+    on attention only) has no backward: it runs plainly, and compiles as an inference graph,
+    where torch cannot recompute random ops (dropout). These checks run while dynamo
+    traces, as guards, not per call."""
     forward = type(block).forward
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() and _needs_grad(block, args, kwargs):
         return checkpoint(forward, block, *args, use_reentrant=False, **kwargs)
     return forward(block, *args, **kwargs)
+
+
+def _needs_grad(block: nn.Module, args: tuple, kwargs: dict) -> bool:
+    inputs = (*args, *kwargs.values())
+    return any(isinstance(x, torch.Tensor) and x.requires_grad for x in inputs) \
+        or any(p.requires_grad for p in block.parameters())
 
 
 def begin_step() -> None:
