@@ -202,8 +202,8 @@ def test_cuda_graphs_step_aside_for_partial_checkpointing_and_offload(tmp_path: 
         tiny_job_config(tmp_path, speedups=on, train={"gradient_checkpointing": True,
                                                       "gradient_checkpointing_ratio": 0.5}),
         gpu)
-    assert cuda_graphs_off_because(tiny_job_config(tmp_path), gpu) == \
-        "speedups.cuda_graphs = false"
+    assert cuda_graphs_off_because(tiny_job_config(tmp_path, speedups={"cuda_graphs": False}),
+                                   gpu) == "speedups.cuda_graphs = false"
     assert cuda_graphs_off_because(tiny_job_config(tmp_path, speedups=on),
                                    torch.device("cpu")) == "no CUDA GPU"
 
