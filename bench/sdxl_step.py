@@ -95,8 +95,8 @@ def ours(args, config, batch, device, dtype):
 
         apply_regional_compile(family.unet, backend, mode=args.compile_mode,
                                cuda_graphs=args.cuda_graphs,
-                               recompute_inside=args.checkpointing and args.checkpointing_ratio >= 1
-                               and not args.recompute_around)
+                               recompute_inside=args.checkpointing_ratio
+                               if args.checkpointing and not args.recompute_around else 0.0)
     elif args.compile == "stages":
         from job.speedups.compile import UNET_STAGE_CLASSES, apply_regional_compile
 

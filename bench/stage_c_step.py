@@ -13,7 +13,7 @@ a time), batch and settings:
              training loop runs them
 
     python bench/stage_c_step.py [--priors stage-c,stage-c-lite] [--steps 10] [--warmup 3]
-                                 [--gradient-checkpointing] [--compile] [--channels-last]
+                                 [--gradient-checkpointing] [--compile] [--channels-last] [--cuda-graphs]
                                  [--precisions no,bf16] [--fp32-matmul-reference] [--tiny]
 
 Prints JSON and writes it to $OUT/stage_c_bench.json when OUT is set. --tiny runs a toy
@@ -115,12 +115,16 @@ def ours(config, batch_size, precision, args, device) -> dict:
         from job.speedups.compile import apply_regional_compile
 
         apply_regional_compile(prior, "aot_eager" if args.tiny else "inductor",
-                               recompute_inside=args.gradient_checkpointing)
+                               cuda_graphs=args.cuda_graphs and device.type == "cuda",
+                               recompute_inside=1.0 if args.gradient_checkpointing else 0.0)
     params = [p for p in prior.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, "adamw", 1e-4, 0.9, 0.999, 1e-2, 1e-8)
     batch, generator = make_batch(config, batch_size, device), torch.Generator().manual_seed(2)
 
+    from job.speedups.compile import begin_step
+
     def step() -> None:
+        begin_step()  # the trainer's CUDA graph mark (a no-op without --cuda-graphs)
         family.training_loss(batch, generator).mean().backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -223,6 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="ours with [speedups] compile_blocks (regional torch.compile)")
     parser.add_argument("--channels-last", action="store_true",
                         help="ours with [speedups] channels_last")
+    parser.add_argument("--cuda-graphs", action="store_true",
+                        help="with --compile on a GPU: [speedups] cuda_graphs")
     parser.add_argument("--precisions", default="no,bf16",
                         help="no (fp32, largest batch that fits) and/or bf16")
     parser.add_argument("--fp32-matmul-reference", action="store_true",
@@ -238,7 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "lora_rank": RANK, "latents": [LATENT, LATENT],
            "gradient_checkpointing": args.gradient_checkpointing, "compile_blocks": args.compile,
-           "channels_last": args.channels_last, "priors": {}}
+           "channels_last": args.channels_last, "cuda_graphs": args.cuda_graphs, "priors": {}}
     for name in args.priors.split(","):
         config = TINY if args.tiny else PRIORS[name]
         if args.tiny:

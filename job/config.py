@@ -287,13 +287,14 @@ class SpeedupsTable(Table):
         "first steps are slower while it compiles; needs a C compiler on a GPU). auto: on with "
         "a CUDA GPU and a C compiler, where it was measured faster (1.1-2.2x the plain step, "
         "bench/RESULTS.md); off on the CPU, with a quantised base or with group offload (not "
-        "measured). With train.gradient_checkpointing (ratio 1) the UNets' blocks (sdxl, the "
-        "Stage C prior) recompute inside their compiled graphs.")
+        "measured). With train.gradient_checkpointing the UNets' blocks (sdxl, the Stage C "
+        "prior) that recompute (all, or the gradient_checkpointing_ratio share) do it inside "
+        "their compiled graphs.")
     cuda_graphs: bool | Literal["auto"] = setting(
         "auto", "With compile_blocks on a CUDA GPU: the UNets' blocks (sdxl, the Stage C prior) "
         "replay as CUDA graphs (torch.compile's reduce-overhead mode), so the step stops "
         "waiting on the CPU to launch kernels (SDXL: 2.18x the plain step, 3.9x with gradient "
-        "checkpointing). Not with gradient_checkpointing_ratio < 1, group offload or fsdp2. "
+        "checkpointing). Not with group offload or fsdp2. "
         "auto: on for sdxl fine-tuning (measured); off for the Stage C prior and LCM "
         "distillation (not measured on a GPU yet; true to try).")
     channels_last: bool | Literal["auto"] = setting(

@@ -189,8 +189,8 @@ def _prepare_denoiser(cfg: JobConfig, family, device: torch.device):
             get_logger().info("speedup_skipped", speedup="cuda_graphs", reason=off)
         train = cfg.train
         apply_regional_compile(family.denoiser(), cuda_graphs=off is None,
-                               recompute_inside=train.gradient_checkpointing
-                               and train.gradient_checkpointing_ratio >= 1)
+                               recompute_inside=train.gradient_checkpointing_ratio
+                               if train.gradient_checkpointing else 0.0)
     if cfg.distributed.strategy == "fsdp2":
         # Last: the compiled blocks are the units sharded, and the optimizer (built next,
         # by the Trainer) holds the sharded parameters.

@@ -51,7 +51,7 @@ def test_graphed_blocks_train_and_sample_like_eager_blocks(
     if checkpointing:
         eager.enable_gradient_checkpointing()
         graphed.enable_gradient_checkpointing()
-    assert apply_regional_compile(graphed, cuda_graphs=True, recompute_inside=checkpointing) > 0
+    assert apply_regional_compile(graphed, cuda_graphs=True, recompute_inside=1.0 if checkpointing else 0.0) > 0
     batch = _cuda_batch(batch)
     timesteps = torch.tensor([10, 700], device="cuda")
     cond = {"encoder_hidden_states": batch["text.prompt_embeds"],

@@ -142,3 +142,20 @@ def test_ratio_without_checkpointing_is_said_to_be_ignored() -> None:
 
     notes = check_rules(JobConfig.model_validate(config(gradient_checkpointing_ratio=0.5)))
     assert any("gradient_checkpointing_ratio is ignored" in n for n in notes)
+
+
+def test_compiled_dit_blocks_keep_the_selective_checkpoint() -> None:
+    """With compile_blocks, a DiT's blocks (SD3's) keep the family's selective checkpoint
+    (the UNets' blocks recompute inside their graphs instead): half of them recompute, with
+    the same numbers as the plain model."""
+    from job.speedups.compile import apply_regional_compile
+
+    model, call = sd3_model_and_call()
+    plain_loss, plain_grads, _ = loss_grads_and_saved_bytes(model, call)
+    selector = enable_checkpointing(model, 0.5)
+    apply_regional_compile(model, backend="eager", recompute_inside=0.5)
+    loss, grads, _ = loss_grads_and_saved_bytes(model, call)
+    assert selector.calls >= 2 and selector.checkpointed == selector.calls // 2
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-6, atol=1e-7)
+    for name in grads:
+        torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-5, atol=1e-6)

@@ -25,7 +25,7 @@ With `[speedups] cuda_graphs` on a CUDA GPU the static-shape blocks replay as CU
 without graphs it waits on the CPU launching them (264 ms per step for 179 ms of kernels,
 and its speed followed the host's: 1.13-1.59x; with graphs 2.18x, bench/RESULTS.md).
 `cuda_graphs = "auto"` turns it on for SDXL fine-tuning, where GPU runs showed it; with
-gradient checkpointing (ratio 1) the blocks recompute inside their graphs, which replay too.
+gradient checkpointing the blocks that recompute do it inside their graphs, which replay too.
 torch's CUDA graph trees keep one recording per block, shape and grad mode, and reuse a
 graph's output memory at the next "generation": the trainer starts one per optimizer step
 (`begin_step`) and, in eval mode, every denoiser call starts one (validation sampling).
@@ -154,10 +154,6 @@ def cuda_graphs_off_because(cfg, device: torch.device) -> str | None:
         return "speedups.cuda_graphs = false"
     if device.type != "cuda":
         return "no CUDA GPU"
-    if cfg.train.gradient_checkpointing and cfg.train.gradient_checkpointing_ratio < 1:
-        return ("gradient_checkpointing_ratio < 1: the blocks checkpointed from outside would "
-                "rerun their graphs inside backward (ratio 1 puts the recompute inside each "
-                "block's graph)")
     if cfg.speedups.enable_group_offload:
         return "group offload moves the blocks' weights during the step"
     if cfg.distributed.strategy == "fsdp2":
@@ -167,20 +163,18 @@ def cuda_graphs_off_because(cfg, device: torch.device) -> str | None:
 
 def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
                            classes: frozenset[str] = BLOCK_CLASSES, mode: str | None = None,
-                           cuda_graphs: bool = False, recompute_inside: bool = False) -> int:
+                           cuda_graphs: bool = False, recompute_inside: float = 0.0) -> int:
     """Compile every module of `denoiser` whose class is in `classes` (the repeated blocks by
     default) in place, the UNets' for static shapes; returns how many. `mode` is
     torch.compile's for every block; `cuda_graphs` gives the static-shape blocks inductor's
     "reduce-overhead" mode, which replays each graph as a CUDA graph (the DiTs' blocks keep
     dynamic shapes, which CUDA graphs would record once per shape). `recompute_inside`: the
-    denoiser checkpoints every block (gradient checkpointing, ratio 1), and the
-    checkpoint goes inside each of the UNets' compiled blocks (see `_recompute_inside`; the
-    DiTs' blocks keep diffusers' checkpoint around them, measured at 1.68x for SD3.5 Medium)."""
+    denoiser has gradient checkpointing on with this ratio (0: off), and the checkpoint of
+    the UNets' compiled blocks goes inside them (see `_recompute_inside`; the DiTs' blocks
+    keep diffusers' checkpoint around them, measured at 1.68x for SD3.5 Medium)."""
     blocks = [m for m in denoiser.modules() if type(m).__name__ in classes]
-    inside = [b for b in blocks if type(b).__name__ in STATIC_SHAPE_CLASSES] \
-        if recompute_inside else []
-    if recompute_inside:
-        _recompute_inside(denoiser, inside)
+    static = [b for b in blocks if type(b).__name__ in STATIC_SHAPE_CLASSES]
+    inside = _recompute_inside(denoiser, static, recompute_inside) if recompute_inside else []
     dynamo = torch._dynamo.config
     limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
     setattr(dynamo, limit, max(getattr(dynamo, limit), RECOMPILE_LIMIT))
@@ -189,10 +183,9 @@ def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
         denoiser.register_forward_pre_hook(_new_generation_when_sampling)
         global _graphs
         _graphs = True
-    # With checkpointing the static-shape blocks recompute inside their own graphs, so they
-    # replay like the rest (cuda_graphs_off_because refuses checkpointing from outside).
-    graphed = {id(b) for b in blocks if type(b).__name__ in STATIC_SHAPE_CLASSES} \
-        if cuda_graphs else set()
+    # With checkpointing the static-shape blocks that recompute do it inside their own
+    # graphs, so they replay like the rest.
+    graphed = {id(b) for b in static} if cuda_graphs else set()
     for block in blocks:
         static = type(block).__name__ in STATIC_SHAPE_CLASSES
         block_mode = "reduce-overhead" if id(block) in graphed else mode
@@ -203,12 +196,15 @@ def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
                       kinds=kinds, backend=backend, mode=mode or "default",
                       static_shapes=static_kinds,
                       cuda_graphs=sorted({type(b).__name__ for b in blocks if id(b) in graphed}),
-                      recompute_inside=sorted({type(b).__name__ for b in inside}))
+                      recompute_inside=sorted({type(b).__name__ for b in inside}),
+                      blocks_recomputing_inside=len(inside))
     return len(blocks)
 
 
-def _recompute_inside(denoiser: nn.Module, blocks: list[nn.Module]) -> None:
-    """Gradient checkpointing inside the compiled blocks instead of around them.
+def _recompute_inside(denoiser: nn.Module, blocks: list[nn.Module],
+                      ratio: float) -> list[nn.Module]:
+    """Gradient checkpointing inside the compiled blocks instead of around them; returns
+    the blocks that recompute.
 
     diffusers checkpoints a block by calling `checkpoint(block, ...)` from its parent, so a
     compiled block runs its whole compiled forward a second time during backward, launched
@@ -216,20 +212,37 @@ def _recompute_inside(denoiser: nn.Module, blocks: list[nn.Module]) -> None:
     RESULTS.md). Here each block's own forward calls the checkpoint, which torch.compile
     traces into the block's graph: the backward graph then holds the recomputation with
     the gradients, compiled and fused together, and the parent calls the block directly.
-    Blocks outside `blocks` (the DiTs') keep diffusers' checkpoint. The numbers are the same
-    (tests/test_compile.py); dropout masks (the released Stage C prior's blocks) are drawn
-    once and replayed in the recompute by torch's partitioner, which a finite-difference
-    check of the gradients shows."""
-    inside = {id(block) for block in blocks}
+    With a ratio below 1 (selective checkpointing) an evenly spaced share of `blocks`, in
+    module order, recomputes (`SelectiveCheckpointing.chosen`; module order differs from
+    call order only in where the share falls), and the others keep their activations.
+    Blocks outside `blocks` (the DiTs') keep the checkpoint function the family set up
+    (diffusers' checkpoint, or the selective one). The numbers are the same (tests/
+    test_compile.py); dropout masks (the released Stage C prior's blocks) are drawn once and
+    replayed in the recompute by torch's partitioner, which a finite-difference check of
+    the gradients shows."""
+    from job.speedups.checkpointing import SelectiveCheckpointing
 
-    def call(block: nn.Module, *args: Any) -> Any:
-        if id(block) in inside:
-            return block(*args)
+    ours = {id(block) for block in blocks}
+    before = next((m._gradient_checkpointing_func for m in denoiser.modules()
+                   if getattr(m, "gradient_checkpointing", False)
+                   and hasattr(m, "_gradient_checkpointing_func")), None)
+
+    def around(block: nn.Module, *args: Any) -> Any:
         return checkpoint(block, *args, use_reentrant=False)
 
+    outside = before or around
+
+    def call(block: nn.Module, *args: Any) -> Any:
+        if id(block) in ours:
+            return block(*args)
+        return outside(block, *args)
+
     denoiser.enable_gradient_checkpointing(gradient_checkpointing_func=call)
-    for block in blocks:
+    chosen = SelectiveCheckpointing(min(ratio, 1.0)).chosen
+    recomputing = [block for index, block in enumerate(blocks) if chosen(index)]
+    for block in recomputing:
         block.forward = MethodType(_checkpointed_forward, block)
+    return recomputing
 
 
 def _checkpointed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
