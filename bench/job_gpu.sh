@@ -2,20 +2,27 @@
 # The whole job on one GPU against its own training step (issue 9's full-job benchmark):
 # `python -m job run` on a full-size random-init SDXL or SD3.5 Medium (FAMILY sdxl | sd3),
 # 64 random 1024px images cached first, batch 4, 40 steps with a checkpoint every 10 and
-# metrics every step, with the speedups given as --set overrides; then the isolated step
-# (bench/sdxl_step.py or bench/sd3_step.py) and the plain reference step with the same
-# speedups. Steady state: the train rows after the first 10 (compile warm-up). The checkpoint
-# cost is inside the job's rate (a save's time falls in the next step's window).
+# metrics every step, with the job's auto speedups or those given as --set overrides; then
+# the isolated step (bench/sdxl_step.py or bench/sd3_step.py) with the same speedups, and
+# the plain reference step (sdxl: before the job). Steady state: the train rows after the
+# first 10 (compile warm-up). The checkpoint cost is inside the job's rate (a save's time
+# falls in the next step's window).
 #   run: bash bench/job_gpu.sh [FAMILY] [--set key=value ...]    carry: [".whl"]
 #   results: $OUT/job_bench.json, the job's log in $OUT/job_log.jsonl
 set -euo pipefail
 FAMILY=${1:-sdxl}
 shift || true
 source "$(dirname "$0")/job_common.sh"
-if [ $# -eq 0 ]; then
-    set -- --set 'speedups.compile_blocks=true'
-    [ "$FAMILY" = sdxl ] && set -- "$@" --set 'speedups.channels_last=true' \
-        --set 'speedups.cuda_graphs=true'
+# No overrides: the job's "auto" speedups on a GPU (sdxl: compile_blocks, channels_last and
+# cuda_graphs; sd3: compile_blocks), and the isolated step with the same.
+auto=$([ $# -eq 0 ] && echo 1 || echo 0)
+if [ "$FAMILY" = sdxl ]; then
+    # The reference first, so that a deadline that cuts the call short leaves the ratio's
+    # two ends (job and reference) rather than the job alone.
+    ref_flags=()
+    [[ "$*" == *gradient_checkpointing=true* ]] && ref_flags+=(--checkpointing)
+    ref_line=$(python3 bench/sdxl_step.py --mode reference "${ref_flags[@]}" 2>>"$OUT/errors.log" | tail -1)
+    echo "reference step: $ref_line"
 fi
 rm -rf "$D/out-job"
 python3 -m job run $JOB "${common[@]}" --set 'train.max_train_steps=40' \
@@ -26,12 +33,10 @@ cp "$D"/out-job/*/metrics.jsonl "$OUT/job_metrics.jsonl"
 echo "job steady samples/s: $job_rate"
 if [ "$FAMILY" = sdxl ]; then
     flags=(--compile blocks)
-    [[ "$*" == *channels_last=true* ]] && flags+=(--channels-last)
-    [[ "$*" == *cuda_graphs=true* ]] && flags+=(--cuda-graphs)
-    ref_flags=()
-    [[ "$*" == *gradient_checkpointing=true* ]] && flags+=(--checkpointing) ref_flags+=(--checkpointing)
+    [[ $auto = 1 || "$*" == *channels_last=true* ]] && flags+=(--channels-last)
+    [[ $auto = 1 || "$*" == *cuda_graphs=true* ]] && flags+=(--cuda-graphs)
+    [[ "$*" == *gradient_checkpointing=true* ]] && flags+=(--checkpointing)
     step_line=$(python3 bench/sdxl_step.py --mode ours "${flags[@]}" 2>>"$OUT/errors.log" | tail -1)
-    ref_line=$(python3 bench/sdxl_step.py --mode reference "${ref_flags[@]}" 2>>"$OUT/errors.log" | tail -1)
     step_rate=$(echo "$step_line" | python3 -c 'import json,sys; print(json.load(sys.stdin)["samples_per_s"])')
     ref_rate=$(echo "$ref_line" | python3 -c 'import json,sys; print(json.load(sys.stdin)["samples_per_s"])')
 else

@@ -104,6 +104,12 @@ def ours(args, config, device, dtype) -> dict:
     """The sd3 family's step as job/train/loop.py runs it: loss, backward, clip, step."""
     cfg = job_config(args.rank, "bf16" if dtype == torch.bfloat16 else "no", args.checkpointing)
     transformer = make_transformer(config, device, dtype)
+    if args.base != "no_change":
+        # As the job quantises the frozen base: before the LoRA (jobs/sd3.toml: int8-torchao).
+        from job.models.sd3 import _quantisable_base_layer
+        from job.speedups.quantize import quantise
+
+        quantise(transformer, args.base, _quantisable_base_layer)
     if args.checkpointing:
         from job.speedups.checkpointing import enable_checkpointing
 
@@ -192,6 +198,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true",
                         help="ours with [speedups] compile_blocks (regional torch.compile)")
     parser.add_argument("--model", choices=("medium", "large"), default="medium")
+    parser.add_argument("--base", default="no_change",
+                        help="ours: [speedups] base_model_precision (e.g. int8-torchao, as "
+                             "jobs/sd3.toml); the reference keeps bf16 weights")
     parser.add_argument("--fp8", action="store_true",
                         help="ours with [speedups] fp8_base_matmuls (float8 block linears)")
     parser.add_argument("--sdpa", choices=("default", "cudnn", "flash", "efficient"),
@@ -214,7 +223,8 @@ def main(argv: list[str] | None = None) -> dict:
               "latents": [args.batch, 16, args.size // 8, args.size // 8],
               "lora_rank": args.rank, "dtype": str(dtype), "checkpointing": args.checkpointing,
               "checkpointing_ratio": args.checkpointing_ratio,
-              "compile_blocks": args.compile, "fp8_base_matmuls": args.fp8, "sdpa": args.sdpa, "steps": args.steps,
+              "compile_blocks": args.compile, "fp8_base_matmuls": args.fp8,
+              "base_model_precision": args.base, "sdpa": args.sdpa, "steps": args.steps,
               "warmup": args.warmup}
     from sdxl_step import sdpa_context
 

@@ -333,20 +333,25 @@ def _dropout_prior():
     return prior
 
 
-def _directional_derivatives(prior: torch.nn.Module) -> tuple[float, float]:
+def _directional_derivatives(prior: torch.nn.Module,
+                             before_forward=lambda: None) -> tuple[float, float]:
     """The gradient of the loss along a random direction of the trainable weights, from
     backward and from central differences of the loss with the same dropout masks (the
-    same seed before each forward)."""
+    same seed before each forward); `before_forward` runs before each forward (the CUDA
+    graph mark on a GPU)."""
     g = torch.Generator().manual_seed(1)
     inputs = {"sample": torch.randn(2, 16, 8, 8, generator=g, dtype=torch.float64),
               "timestep_ratio": torch.rand(2, generator=g, dtype=torch.float64),
               "clip_text": torch.randn(2, 5, 24, generator=g, dtype=torch.float64),
               "clip_text_pooled": torch.randn(2, 1, 24, generator=g, dtype=torch.float64),
               "clip_img": torch.zeros(2, 1, 24, dtype=torch.float64)}
+    device = next(prior.parameters()).device
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     params = [p for p in prior.parameters() if p.requires_grad]
-    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype) for p in params]
+    direction = [torch.randn(p.shape, generator=g, dtype=p.dtype).to(device) for p in params]
 
     def loss():
+        before_forward()
         torch.manual_seed(5)
         return prior(**inputs, return_dict=False)[0].pow(2).mean()
 
