@@ -13,9 +13,11 @@ set -euo pipefail
 FAMILY=${1:-sdxl}
 shift || true
 source "$(dirname "$0")/job_common.sh"
-# No overrides: the job's "auto" speedups on a GPU (sdxl: compile_blocks, channels_last and
-# cuda_graphs; sd3: compile_blocks), and the isolated step with the same.
-auto=$([ $# -eq 0 ] && echo 1 || echo 0)
+# The job's speedups are "auto" unless the overrides say otherwise (on a GPU, sdxl LoRA:
+# compile_blocks, channels_last and cuda_graphs), and the isolated step gets the same: each
+# flag unless an override turns it off. (Auto turns cuda_graphs off for a checkpointing
+# ratio below 1; pass speedups.cuda_graphs=false with one.)
+off() { [[ "$*" == *"$1=false"* ]]; }
 if [ "$FAMILY" = sdxl ]; then
     # The reference first, so that a deadline that cuts the call short leaves the ratio's
     # two ends (job and reference) rather than the job alone.
@@ -32,10 +34,12 @@ job_rate=$(steady_rate "$D/out-job" 10)
 cp "$D"/out-job/*/metrics.jsonl "$OUT/job_metrics.jsonl"
 echo "job steady samples/s: $job_rate"
 if [ "$FAMILY" = sdxl ]; then
-    flags=(--compile blocks)
-    [[ $auto = 1 || "$*" == *channels_last=true* ]] && flags+=(--channels-last)
-    [[ $auto = 1 || "$*" == *cuda_graphs=true* ]] && flags+=(--cuda-graphs)
-    [[ "$*" == *gradient_checkpointing=true* ]] && flags+=(--checkpointing)
+    overrides="$*"
+    flags=()
+    off compile_blocks "$overrides" || flags+=(--compile blocks)
+    off compile_blocks "$overrides" || off channels_last "$overrides" || flags+=(--channels-last)
+    off compile_blocks "$overrides" || off cuda_graphs "$overrides" || flags+=(--cuda-graphs)
+    [[ "$overrides" == *gradient_checkpointing=true* ]] && flags+=(--checkpointing)
     step_line=$(python3 bench/sdxl_step.py --mode ours "${flags[@]}" 2>>"$OUT/errors.log" | tail -1)
     step_rate=$(echo "$step_line" | python3 -c 'import json,sys; print(json.load(sys.stdin)["samples_per_s"])')
     ref_rate=$(echo "$ref_line" | python3 -c 'import json,sys; print(json.load(sys.stdin)["samples_per_s"])')

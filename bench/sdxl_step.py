@@ -150,6 +150,9 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--tiny", action="store_true")
     args = parser.parse_args()
+    if args.recompute_around and args.cuda_graphs:
+        parser.error("--recompute-around with --cuda-graphs: a block checkpointed from outside "
+                     "would rerun its CUDA graph from eager autograd (the job never does this)")
     cuda, device, dtype = bench_device(args.tiny)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

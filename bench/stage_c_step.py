@@ -172,6 +172,7 @@ def reference(config, batch_size, precision, args, device) -> dict:
 
 
 def fresh_memory(device: torch.device) -> None:
+    torch._dynamo.reset()  # compiled graphs and CUDA graph pools of the previous run go too
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -286,8 +286,8 @@ class SpeedupsTable(Table):
         "auto", "torch.compile each repeated block of the denoiser (regional compile; the "
         "first steps are slower while it compiles; needs a C compiler on a GPU). auto: on with "
         "a CUDA GPU and a C compiler, where it was measured faster (1.1-2.2x the plain step, "
-        "bench/RESULTS.md); off on the CPU, with a quantised base or with group offload (not "
-        "measured). With train.gradient_checkpointing the UNets' blocks (sdxl, the Stage C "
+        "bench/RESULTS.md); off on the CPU, with a quantised base, group offload or fsdp2 "
+        "(not measured). With train.gradient_checkpointing the UNets' blocks (sdxl, the Stage C "
         "prior) that recompute (all, or the gradient_checkpointing_ratio share) do it inside "
         "their compiled graphs.")
     cuda_graphs: bool | Literal["auto"] = setting(
@@ -295,12 +295,13 @@ class SpeedupsTable(Table):
         "replay as CUDA graphs (torch.compile's reduce-overhead mode), so the step stops "
         "waiting on the CPU to launch kernels (SDXL: 2.18x the plain step, 3.9x with gradient "
         "checkpointing). Not with group offload or fsdp2. "
-        "auto: on for sdxl fine-tuning (measured); off for the Stage C prior and LCM "
-        "distillation (not measured on a GPU yet; true to try).")
+        "auto: on for an sdxl LoRA on an unquantised base, checkpointing all blocks or none "
+        "(measured); off otherwise (the Stage C prior, LCM distillation, full fine-tunes, "
+        "ratio < 1: not measured on a GPU yet; true to try).")
     channels_last: bool | Literal["auto"] = setting(
         "auto", "Convolutional denoisers (sdxl's UNet, the Stage C prior) in channels_last "
         "memory format, which cuDNN's tensor-core convolutions prefer; the same numbers. "
-        "auto: with compile_blocks (eager, SDXL measured 0.88x with it).")
+        "auto: with compile_blocks (eager, SDXL measured 0.88x with it), not with fsdp2.")
     base_model_default_dtype: Literal["auto", "bf16", "fp32"] = setting(
         "auto", "dtype of the frozen base's unquantised weights; auto: the "
         "train.mixed_precision dtype.", "base_model_default_dtype")
@@ -749,6 +750,9 @@ def _check_fsdp2(cfg: JobConfig) -> None:
          'set base_model_precision = "no_change"'),
         (s.enable_group_offload, "speedups.enable_group_offload = true: FSDP2 places the "
          "weights itself", "set enable_group_offload = false"),
+        (s.channels_last is True, "speedups.channels_last = true: FSDP2 shards contiguous "
+         "weights only, and channels_last convolution weights are not", "set channels_last = "
+         'false (or "auto", which leaves it off with fsdp2)'),
     ]
     _refuse_first(where, problems)
 

@@ -97,13 +97,12 @@ def test_compile_without_a_compiler_is_a_clear_error(monkeypatch) -> None:
 def test_auto_speedups_decide_per_device_family_and_settings(tmp_path: Path,
                                                             monkeypatch) -> None:
     """compile_blocks, channels_last and cuda_graphs default to "auto": on a CUDA GPU with a
-    C compiler compile (and channels_last with it) is on, cuda_graphs only for sdxl
-    fine-tuning; off on the CPU, without a compiler (no error: the default asks for
-    nothing), with a quantised base or group offload. An explicit true without a compiler
-    is still exit 2, and an explicit setting is never changed."""
+    C compiler compile (and channels_last with it) is on, cuda_graphs only where a GPU run
+    measured it (an sdxl LoRA on an unquantised base, checkpointing all blocks or none);
+    compile is off on the CPU, without a compiler (no error: the default asks for
+    nothing), with a quantised base, group offload or fsdp2. An explicit true without a
+    compiler is still exit 2, and an explicit setting is never changed."""
     import shutil
-
-    import pytest
 
     from helpers import tiny_job_config
 
@@ -115,20 +114,39 @@ def test_auto_speedups_decide_per_device_family_and_settings(tmp_path: Path,
 
     def decided(device, **overrides):
         cfg = tiny_job_config(tmp_path, **overrides)
-        assert cfg.speedups.compile_blocks == "auto"
         resolve_auto(cfg, device)
         s = cfg.speedups
         return s.compile_blocks, s.channels_last, s.cuda_graphs
 
-    assert decided(gpu) == (True, True, True)
-    assert decided(cpu) == (False, False, True)  # graphs then do not apply: no compile, no GPU
-    assert decided(gpu, speedups={"base_model_precision": "int8-torchao"})[:2] == (False, False)
+    on = (True, True, True)
+    assert decided(gpu) == on
+    assert decided(gpu, train={"gradient_checkpointing": True}) == on
+    assert decided(cpu) == (False, False, False)
     assert decided(gpu, speedups={"channels_last": False}) == (True, False, True)
+    assert decided(gpu, speedups={"cuda_graphs": False}) == (True, True, False)
+    # Compile off (and NHWC with it): not measured compiled.
+    assert decided(gpu, speedups={"base_model_precision": "int8-torchao"}) == (False, False,
+                                                                               False)
+    offload = {"family": "kandinsky5-image", "flavour": "tiny",
+               "hub_cache_dir": str(tmp_path / "models")}
+    assert decided(gpu, model=offload, train={"gradient_checkpointing": True},
+                   speedups={"enable_group_offload": True})[:2] == (False, False)
+    assert decided(gpu, model={"model_type": "full"},
+                   distributed={"strategy": "fsdp2"})[:2] == (False, False)
+    # fsdp2 with compile asked for: NHWC stays off (FSDP2 shards contiguous weights only).
+    assert decided(gpu, model={"model_type": "full"}, distributed={"strategy": "fsdp2"},
+                   speedups={"compile_blocks": True})[:2] == (True, False)
+    # Compile on, graphs off: not measured with graphs.
     stage_c = {"family": "stable_cascade", "flavour": "tiny",
                "hub_cache_dir": str(tmp_path / "models")}
     assert decided(gpu, model=stage_c) == (True, True, False)
+    assert decided(gpu, model={"model_type": "full"}) == (True, True, False)
+    assert decided(gpu, distillation={"method": "lcm"}) == (True, True, False)
+    assert decided(gpu, train={"gradient_checkpointing": True,
+                               "gradient_checkpointing_ratio": 0.5}) == (True, True, False)
+    # No compiler: auto stays quiet and off; an explicit true is exit 2 with the fix.
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    assert decided(gpu)[:2] == (False, False)
+    assert decided(gpu) == (False, False, False)
     cfg = tiny_job_config(tmp_path, speedups={"compile_blocks": True})
     with pytest.raises(ConfigError, match="needs a C compiler"):
         resolve_auto(cfg, gpu)

@@ -172,6 +172,18 @@ def test_lora_and_distillation_with_fsdp2_are_refused(tmp_path: Path) -> None:
                                 distributed={"strategy": "fsdp2"}))
 
 
+def test_channels_last_with_fsdp2_is_refused(tmp_path: Path) -> None:
+    """FSDP2 cannot shard a channels_last convolution weight (NotImplementedError at
+    fully_shard): an explicit channels_last = true is exit 2 with the fix; "auto" leaves
+    it off (tests/test_compile.py)."""
+    from job.config import check_rules
+
+    cfg = tiny_job_config(tmp_path, model={"model_type": "full"},
+                          distributed={"strategy": "fsdp2"}, speedups={"channels_last": True})
+    with pytest.raises(ConfigError, match="channels_last = true.*\n.*set channels_last = false"):
+        check_rules(cfg)
+
+
 def test_fsdp2_on_one_process_is_refused_with_the_fix(tmp_path: Path) -> None:
     from job.run import preflight
 

@@ -110,11 +110,15 @@ def resolve_auto(cfg, device: torch.device) -> None:
                  reason=off or "a CUDA GPU with a C compiler")
     if s.channels_last == "auto":
         # NHWC pays only under compile: eager group norm copies it (SDXL eager: 0.88x).
-        s.channels_last = s.compile_blocks
+        # FSDP2 shards contiguous weights only.
+        fsdp2 = cfg.distributed.strategy == "fsdp2"
+        s.channels_last = bool(s.compile_blocks) and not fsdp2
         log.info("speedup_auto", setting="channels_last", value=s.channels_last,
-                 reason="follows compile_blocks")
+                 reason="fsdp2 shards contiguous weights only" if fsdp2
+                 else "follows compile_blocks")
     if s.cuda_graphs == "auto":
-        off = _auto_graphs_off_because(cfg)
+        off = "compile_blocks is off" if not s.compile_blocks else \
+            "no CUDA GPU" if device.type != "cuda" else _auto_graphs_off_because(cfg)
         s.cuda_graphs = off is None
         log.info("speedup_auto", setting="cuda_graphs", value=s.cuda_graphs,
                  reason=off or "measured for this family")
@@ -133,6 +137,8 @@ def _auto_compile_off_because(cfg, device: torch.device) -> str | None:
         return "a quantised base: not measured compiled (compile_blocks = true to try)"
     if cfg.speedups.enable_group_offload:
         return "group offload: not measured compiled (compile_blocks = true to try)"
+    if cfg.distributed.strategy == "fsdp2":
+        return "fsdp2: not measured compiled on GPUs (compile_blocks = true to try)"
     return None
 
 
@@ -140,10 +146,17 @@ def _auto_graphs_off_because(cfg) -> str | None:
     """Why cuda_graphs = "auto" is off for this job (None: on where it applies). On where a
     GPU run showed it: SDXL fine-tuning (step 2.18x, 3.9x with checkpointing; the whole job;
     tests/test_gpu_cuda_graphs.py)."""
+    t, s, to_try = cfg.train, cfg.speedups, "not measured on a GPU (cuda_graphs = true to try)"
     if cfg.model.family != "sdxl":
-        return f"family {cfg.model.family!r}: not measured on a GPU (cuda_graphs = true to try)"
+        return f"family {cfg.model.family!r}: {to_try}"
     if cfg.distillation.method != "none":
-        return "distillation: not measured on a GPU (cuda_graphs = true to try)"
+        return f"distillation: {to_try}"
+    if cfg.model.model_type != "lora":
+        return f"a full fine-tune: {to_try}"
+    if s.base_model_precision != "no_change":
+        return f"a quantised base: {to_try}"
+    if t.gradient_checkpointing and t.gradient_checkpointing_ratio < 1:
+        return f"gradient_checkpointing_ratio < 1: {to_try}"
     return None
 
 
