@@ -99,29 +99,30 @@ def check_compiler(device: torch.device, backend: str = "inductor") -> None:
 
 def resolve_auto(cfg, device: torch.device) -> None:
     """Decide `[speedups]` compile_blocks, cuda_graphs and channels_last where they are
-    "auto" (their defaults) for this job on `device`, in place, and log each decision;
-    then check the compiler that compile_blocks needs (exit 2 without it). Every process of
-    a job decides alike (same settings, same kind of machine)."""
-    s, log = cfg.speedups, get_logger()
+    "auto" (their defaults) for this job on `device`, in place, and log the decisions in
+    one `speedup_auto` line (setting: "on" or "off: why"); then check the compiler that
+    compile_blocks needs (exit 2 without it). Every process of a job decides alike (same
+    settings, same kind of machine)."""
+    s, decided = cfg.speedups, {}
     if s.compile_blocks == "auto":
         off = _auto_compile_off_because(cfg, device)
         s.compile_blocks = off is None
-        log.info("speedup_auto", setting="compile_blocks", value=s.compile_blocks,
-                 reason=off or "a CUDA GPU with a C compiler")
+        decided["compile_blocks"] = off
     if s.channels_last == "auto":
         # NHWC pays only under compile: eager group norm copies it (SDXL eager: 0.88x).
         # FSDP2 shards contiguous weights only.
-        fsdp2 = cfg.distributed.strategy == "fsdp2"
-        s.channels_last = bool(s.compile_blocks) and not fsdp2
-        log.info("speedup_auto", setting="channels_last", value=s.channels_last,
-                 reason="fsdp2 shards contiguous weights only" if fsdp2
-                 else "follows compile_blocks")
+        off = "fsdp2 shards contiguous weights only" if cfg.distributed.strategy == "fsdp2" \
+            else None if s.compile_blocks else "follows compile_blocks (eager: slower)"
+        s.channels_last = off is None
+        decided["channels_last"] = off
     if s.cuda_graphs == "auto":
         off = "compile_blocks is off" if not s.compile_blocks else \
             "no CUDA GPU" if device.type != "cuda" else _auto_graphs_off_because(cfg)
         s.cuda_graphs = off is None
-        log.info("speedup_auto", setting="cuda_graphs", value=s.cuda_graphs,
-                 reason=off or "measured for this family")
+        decided["cuda_graphs"] = off
+    if decided:
+        get_logger().info("speedup_auto", **{key: "on" if off is None else f"off: {off}"
+                                             for key, off in decided.items()})
     if s.compile_blocks:
         check_compiler(device)
 
@@ -129,7 +130,7 @@ def resolve_auto(cfg, device: torch.device) -> None:
 def _auto_compile_off_because(cfg, device: torch.device) -> str | None:
     """Why compile_blocks = "auto" is off for this job (None: on)."""
     if device.type != "cuda":
-        return "no CUDA GPU (inductor's CPU kernels take longer to build than they save here)"
+        return "no CUDA GPU (measured on GPUs only; compile_blocks = true compiles for the CPU)"
     found, what, fix = _compiler(device)
     if not found:
         return f"no {what} on PATH: {fix} for the speedup"
