@@ -115,7 +115,7 @@ def ours(args, mode, config, device, dtype) -> dict:
     from job.speedups.quantize import quantise
     from job.speedups.tread import TokenRouter
     from job.models.kandinsky5 import _quantisable_base_layer
-    from job.models.kandinsky5_rules import resolve_routes
+    from job.models.tread_rules import resolve_routes
 
     cfg = job_config(args, mode, dtype)
     transformer = make_transformer(config, device, dtype)

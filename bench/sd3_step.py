@@ -88,8 +88,11 @@ def make_batch(config: dict, batch: int, size: int, device: torch.device) -> dic
                                                      generator=g).to(device)}
 
 
-def job_config(rank: int, precision: str, checkpointing: bool) -> JobConfig:
+def job_config(rank: int, precision: str, checkpointing: bool, tread: float = 0.0) -> JobConfig:
+    routes = [{"selection_ratio": tread, "start_layer_idx": 2, "end_layer_idx": -2}] \
+        if tread else []
     return JobConfig.model_validate({
+        "tread": {"routes": routes},
         "job": {"name": "bench", "output_dir": "/tmp/bench-out"},
         "model": {"family": "sd3", "flavour": "medium", "model_type": "lora"},
         "lora": {"rank": rank, "alpha": rank, "target_modules": TARGETS},
@@ -102,7 +105,8 @@ def job_config(rank: int, precision: str, checkpointing: bool) -> JobConfig:
 
 def ours(args, config, device, dtype) -> dict:
     """The sd3 family's step as job/train/loop.py runs it: loss, backward, clip, step."""
-    cfg = job_config(args.rank, "bf16" if dtype == torch.bfloat16 else "no", args.checkpointing)
+    cfg = job_config(args.rank, "bf16" if dtype == torch.bfloat16 else "no", args.checkpointing,
+                     args.tread)
     transformer = make_transformer(config, device, dtype)
     if args.base != "no_change":
         # As the job quantises the frozen base: before the LoRA (jobs/sd3.toml: int8-torchao).
@@ -117,6 +121,10 @@ def ours(args, config, device, dtype) -> dict:
     family = SD3Family.around(cfg, transformer, FlowMatchEulerDiscreteScheduler(shift=3.0),
                               device, dtype)
     family.add_lora()
+    if args.tread:
+        from job.speedups.tread import apply_tread
+
+        apply_tread(family)
     if args.fp8:
         from job.speedups.float8 import apply_float8_base
 
@@ -198,6 +206,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--compile", action="store_true",
                         help="ours with [speedups] compile_blocks (regional torch.compile)")
     parser.add_argument("--model", choices=("medium", "large"), default="medium")
+    parser.add_argument("--tread", type=float, default=0.0,
+                        help="ours: a TREAD route over blocks 2..-2 with this share of the "
+                             "image tokens skipping it (e.g. 0.5)")
     parser.add_argument("--base", default="no_change",
                         help="ours: [speedups] base_model_precision (e.g. int8-torchao, as "
                              "jobs/sd3.toml); the reference keeps bf16 weights")
@@ -224,7 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
               "lora_rank": args.rank, "dtype": str(dtype), "checkpointing": args.checkpointing,
               "checkpointing_ratio": args.checkpointing_ratio,
               "compile_blocks": args.compile, "fp8_base_matmuls": args.fp8,
-              "base_model_precision": args.base, "sdpa": args.sdpa, "steps": args.steps,
+              "base_model_precision": args.base, "tread": args.tread, "sdpa": args.sdpa,
+              "steps": args.steps,
               "warmup": args.warmup}
     from sdxl_step import sdpa_context
 

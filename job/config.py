@@ -464,8 +464,9 @@ class TreadTable(Table):
     """[tread]: TREAD token routing in training (arXiv 2501.04765)."""
 
     routes: list[TreadRoute] = setting(
-        [], "Routes; during training a random subset of image tokens bypasses each route's "
-        "blocks and rejoins after them. Empty: no routing.")
+        [], "Routes (families kandinsky5-image and sd3); during training a random subset "
+        "of image tokens bypasses each route's blocks and rejoins after them. Empty: no "
+        "routing.")
 
 
 class Kandinsky5Table(Table):

@@ -12,7 +12,7 @@ from helpers import tiny_job_config
 from job.config import check_rules
 from job.errors import ConfigError
 from job.models.kandinsky5 import Kandinsky5Family
-from job.models.kandinsky5_rules import resolve_routes
+from job.models.tread_rules import resolve_routes
 from job.speedups.offload import apply_group_offload
 from job.speedups.tread import Routing, TokenRouter, _gather
 

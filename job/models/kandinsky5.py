@@ -34,7 +34,8 @@ from job.models.base import PreparedImage
 from job.models.common import (FamilyCommon, config_hash, error_detail, tokenizer_hash,
                                weights_source)
 from job.models.kandinsky5_output import Kandinsky5SamplingExport
-from job.models.kandinsky5_rules import is_i2i, resolve_routes
+from job.models.kandinsky5_rules import is_i2i
+from job.models.tread_rules import resolve_routes
 from job.train import distributed
 
 # Kept unquantised: embedders, modulations and the output layer set every token's scale.
@@ -190,6 +191,12 @@ class Kandinsky5Family(FamilyCommon, Kandinsky5SamplingExport):
     def denoiser(self) -> nn.Module:
         """The DiT (trained)."""
         return self.transformer
+
+    def token_router(self):
+        """TREAD's router on the visual blocks for the resolved routes (job/speedups/tread.py)."""
+        from job.speedups.tread import TokenRouter
+
+        return TokenRouter(self.transformer.visual_transformer_blocks, self.routes)
 
     def quantisation_targets(self) -> dict[str, tuple[nn.Module, Callable[[nn.Module, str], bool]]]:
         """[speedups] precision key -> (module, which of its layers may be quantised)."""

@@ -66,7 +66,7 @@ FAMILIES: dict[str, FamilySpec] = {
         default_flavour="medium",
         # 8x VAE times 2x2 patches.
         alignment=16,
-        features=("quantisation", "skip_layer_guidance", "sageattention", "fp8_matmuls"),
+        features=("quantisation", "skip_layer_guidance", "sageattention", "fp8_matmuls", "tread"),
         settings_table="sd3",
         rules="job.models.sd3_rules:check_sd3",
     ),

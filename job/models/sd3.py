@@ -22,6 +22,7 @@ from job.models.common import (FamilyCommon, config_hash, error_detail, tokenize
                                weights_source)
 from job.models.sd3_output import SD3SamplingExport
 from job.models.sd3_rules import check_skip_layer_guidance
+from job.models.tread_rules import resolve_routes
 from job.train import distributed
 
 # Kept unquantised: the input/output projections and embedders are small, and their
@@ -54,6 +55,8 @@ class SD3Family(FamilyCommon, SD3SamplingExport):
         self._pipeline = None
         # An attention processor for sampling only (job/speedups/attention.py); None: SDPA.
         self.sampling_attention = None
+        self.routes: list[tuple[int, int, float]] = []  # [tread], resolved at load
+        self.router = None  # job/speedups/tread.py, when [tread] has routes
         self._prompt_cache: dict[str, dict[str, torch.Tensor]] = {}  # validation prompts
 
     @classmethod
@@ -63,6 +66,8 @@ class SD3Family(FamilyCommon, SD3SamplingExport):
         text encoders or VAE (bench/sd3_step.py times training steps on random weights)."""
         family = cls(cfg, device, dtype)
         family.transformer, family.scheduler = transformer, scheduler
+        family.routes = resolve_routes(cfg.tread.routes, transformer.config.num_layers,
+                                       "transformer blocks")
         return family
 
     # -- loading ----------------------------------------------------------------------
@@ -104,6 +109,8 @@ class SD3Family(FamilyCommon, SD3SamplingExport):
             raise self._load_error(err) from None
         # The transformer skips only layer indices it has; others would be silently ignored.
         check_skip_layer_guidance(self.cfg, self.transformer.config.num_layers)
+        self.routes = resolve_routes(self.cfg.tread.routes, self.transformer.config.num_layers,
+                                     "transformer blocks")
         self._place_and_freeze()
 
     def _place_and_freeze(self) -> None:
@@ -276,14 +283,25 @@ class SD3Family(FamilyCommon, SD3SamplingExport):
         return flow.dynamic_shift_mu(seq_len, c.base_image_seq_len, c.max_image_seq_len,
                                      c.base_shift, c.max_shift)
 
+    def token_router(self):
+        """TREAD's router on the transformer blocks for the resolved routes
+        (job/speedups/tread.py)."""
+        from job.speedups.tread import JointTokenRouter
+
+        return JointTokenRouter(self.transformer.transformer_blocks, self.routes)
+
     def training_loss(self, batch: dict[str, torch.Tensor],
                       generator: torch.Generator) -> torch.Tensor:
-        """Per-sample loss [B]: sigmas, then noise, drawn from `generator` on the CPU (so CPU
-        and GPU runs see the same draws), weighted by [sd3] loss_weighting."""
+        """Per-sample loss [B]: sigmas, then noise, then TREAD's token choice (with routes),
+        drawn from `generator` on the CPU (so CPU and GPU runs see the same draws),
+        weighted by [sd3] loss_weighting."""
         latents = batch["latents"]
         sigmas = self.training_sigmas(latents.shape[0], tuple(latents.shape[-2:]), generator)
         noise = distributed.randn(latents.shape, generator, device=latents.device)
-        losses = self._losses(batch, distributed.to_device(sigmas, latents.device), noise)
+        patch = self.transformer.config.patch_size
+        routing = self.router.draw(latents, generator, (patch, patch)) if self.router else None
+        losses = self._losses(batch, distributed.to_device(sigmas, latents.device), noise,
+                              routing)
         weights = flow.loss_weights(self.settings.loss_weighting, sigmas)
         return losses * distributed.to_device(weights, losses.device)
 
@@ -296,20 +314,23 @@ class SD3Family(FamilyCommon, SD3SamplingExport):
         return self._losses(batch, sigmas, noise.to(device, torch.float32))
 
     def _losses(self, batch: dict[str, torch.Tensor], sigmas: torch.Tensor,
-                noise: torch.Tensor) -> torch.Tensor:
-        """Per-sample MSE (fp32) between the predicted and the true velocity."""
+                noise: torch.Tensor, routing=None) -> torch.Tensor:
+        """Per-sample MSE (fp32) between the predicted and the true velocity, over every
+        token (a TREAD `routing` only narrows which tokens run the routed blocks)."""
         latents = batch["latents"].float()
         noisy = flow.noisy_latents(latents, noise, sigmas)
-        prediction = self.denoise(noisy, flow.timesteps_of(sigmas), batch)
+        prediction = self.denoise(noisy, flow.timesteps_of(sigmas), batch, routing)
         error = F.mse_loss(prediction.float(), flow.flow_target(latents, noise),
                            reduction="none")
         return error.mean(dim=tuple(range(1, error.ndim)))
 
     def denoise(self, noisy: torch.Tensor, timesteps: torch.Tensor,
-                batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The transformer's velocity prediction, under autocast."""
+                batch: dict[str, torch.Tensor], routing=None) -> torch.Tensor:
+        """The transformer's velocity prediction, under autocast; a TREAD routing travels
+        as joint_attention_kwargs (job/speedups/tread.py; None: every token everywhere)."""
         with self._autocast():
             return self.transformer(
                 hidden_states=noisy, timestep=timesteps,
                 encoder_hidden_states=batch["text.prompt_embeds"],
-                pooled_projections=batch["text.pooled_prompt_embeds"], return_dict=False)[0]
+                pooled_projections=batch["text.pooled_prompt_embeds"],
+                joint_attention_kwargs=routing, return_dict=False)[0]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from job.config import JobConfig
 from job.errors import ConfigError
+from job.models.tread_rules import resolve_routes
 
 # Transformer blocks of the flavours' default weights (their transformer/config.json).
 FLAVOUR_DEPTHS = {"large": 38, "medium": 24, "3.0-medium": 24, "tiny": 4}
@@ -29,7 +30,10 @@ def check_sd3(cfg: JobConfig) -> list[str]:
         notes.append(f"sd3.flow_schedule_shift = {s.flow_schedule_shift} is ignored: "
                      "flow_schedule_auto_shift = true computes the shift from each batch's "
                      "image size; remove one of the two")
-    return notes + check_skip_layer_guidance(cfg, known_depth(cfg))
+    depth = known_depth(cfg)
+    if depth is not None:  # an explicit path: checked against the loaded depth
+        resolve_routes(cfg.tread.routes, depth, "transformer blocks")
+    return notes + check_skip_layer_guidance(cfg, depth)
 
 
 def known_depth(cfg: JobConfig) -> int | None:
