@@ -1,9 +1,10 @@
-"""Write an SD3.5 Medium-shaped random-init pipeline folder for whole-job benchmarks on a GPU
-machine without the hub: the full-size transformer (its transformer/config.json dims) and an
+"""Write an SD3.5 Medium- (or Large-) shaped random-init pipeline folder for whole-job
+benchmarks on a GPU machine without the hub: the full-size transformer (its
+transformer/config.json dims) and an
 SD3-shaped 16-channel VAE; the text encoders keep their output widths (CLIP-L 768, CLIP-G
 1280, T5 4096) but only 2 layers each, since training reads their outputs from the cache.
 
-    python bench/build_random_sd3.py FOLDER
+    python bench/build_random_sd3.py FOLDER [medium|large]
 """
 
 from __future__ import annotations
@@ -16,13 +17,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.sd3_step import SD35_MEDIUM  # noqa: E402
+from bench.sd3_step import SD35_LARGE, SD35_MEDIUM  # noqa: E402
 from job.models.sd3_tiny import (SCALING_FACTOR, SHIFT_FACTOR,  # noqa: E402
                                  build_t5_tokenizer)
 from job.models.sdxl_tiny import build_tokenizer, write_vocab_files  # noqa: E402
 
 
-def main(folder: Path) -> None:
+def main(folder: Path, model: str = "medium") -> None:
     from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler,
                            SD3Transformer2DModel, StableDiffusion3Pipeline)
     from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, T5Config,
@@ -43,7 +44,8 @@ def main(folder: Path) -> None:
 
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        transformer = SD3Transformer2DModel(**SD35_MEDIUM).to(torch.bfloat16)
+        dims = {"medium": SD35_MEDIUM, "large": SD35_LARGE}[model]
+        transformer = SD3Transformer2DModel(**dims).to(torch.bfloat16)
         vae = AutoencoderKL(
             in_channels=3, out_channels=3, latent_channels=16, layers_per_block=2,
             block_out_channels=(128, 256, 512, 512), sample_size=1024,
@@ -67,4 +69,4 @@ def main(folder: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), *sys.argv[2:3])

@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Issue 10's FSDP2 run: a full fine-tune of a full-size random-init SD3.5 Large transformer
+# (8.1B parameters), sharded over N GPUs of one host (accelerate launch, [distributed]
+# strategy = "fsdp2"), with a sharded distributed checkpoint, then resumed from it.
+# adamw_bf16 (bf16 weights with Kahan compensation: about half the fp32-AdamW checkpoint's
+# 97 GB), 1024 px, batch 1 per GPU, gradient checkpointing, 32 random images.
+#   run 1: 4 steps, a checkpoint at step 4 (step_interval 4);
+#   run 2: the same job to 6 steps: resumes from step 4 and writes step 6 (total_limit 1
+#          prunes step 4 once step 6 is complete).
+# Prints samples/s per run, peak GiB per GPU, the checkpoint's size and write time.
+#   run: bash bench/fsdp2_sd3_large.sh [N]   carry: [".whl"]   results: $OUT/fsdp2_sd3_large.json
+set -euo pipefail
+N=${1:-4}
+FAMILY=sd3
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+D=/tmp/job-sd3-large
+if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 D
+mkdir -p "$D/data"
+[ -f "$D/model/model_index.json" ] || python3 bench/build_random_sd3.py "$D/model" large
+python3 - <<'PY'
+import numpy as np, os
+from PIL import Image
+d = os.environ["D"] + "/data"
+rng = np.random.default_rng(0)
+for i in range(32):
+    if not os.path.exists(f"{d}/{i:03d}.png"):
+        Image.fromarray(rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)).save(f"{d}/{i:03d}.png")
+        open(f"{d}/{i:03d}.txt", "w").write(f"random image number {i}\n")
+PY
+sets=(model.flavour='"large"' model.model_type='"full"' model.pretrained_model_name_or_path="\"$D/model\""
+      speedups.base_model_precision='"no_change"' 'validation.guidance_skip_layers=[]'
+      validation.enabled=false distributed.strategy='"fsdp2"' optimizer.name='"adamw_bf16"'
+      train.mixed_precision='"bf16"' train.batch_size=1 train.gradient_checkpointing=true
+      train.log_every=1 checkpoint.step_interval=4 checkpoint.total_limit=1
+      datasets.0.instance_data_dir="\"$D/data\"" datasets.0.synthetic_images=0
+      datasets.0.resolution=1024 datasets.0.aspect_bucket_alignment=64
+      cache.dir="\"$D/cache\"" job.device='"cuda"' job.output_dir="\"$D/out\"")
+args=()
+for s in "${sets[@]}"; do args+=(--set "$s"); done
+run() {  # $1 steps
+    accelerate launch --multi_gpu --num_processes "$N" --mixed_precision no --dynamo_backend no \
+        -m job run jobs/sd3.toml "${args[@]}" --set "train.max_train_steps=$1" --json-logs \
+        >> "$OUT/fsdp2_log.jsonl" 2>&1 || { tail -40 "$OUT/fsdp2_log.jsonl"; exit 1; }
+}
+rm -rf "$D/out"
+run 4
+du -sb "$D"/out/*/checkpoints/step-000004 > "$OUT/checkpoint_size.txt"
+run 6
+python3 - "$N" <<'PY' | tee "$OUT/fsdp2_sd3_large.json"
+import glob, json, os, sys
+d = os.environ["D"]
+rows = [json.loads(l) for l in open(glob.glob(f"{d}/out/*/metrics.jsonl")[0])]
+train = [r for r in rows if r["event"] == "train"]
+size = int(open(os.environ["OUT"] + "/checkpoint_size.txt").read().split()[0])
+print(json.dumps({
+    "gpus": int(sys.argv[1]), "steps": [r["step"] for r in train],
+    "samples_per_s": [round(r["samples_per_s"], 3) for r in train],
+    "peak_gpu_memory_gib": max(r.get("peak_gpu_memory_gib") or 0 for r in train),
+    "checkpoints": [{k: r[k] for k in ("step", "seconds")} for r in rows if r["event"] == "checkpoint"],
+    "resumed": [r["step"] for r in rows if r["event"] == "resumed"],
+    "checkpoint_step4_gb": round(size / 1e9, 1),
+    "final": sorted(os.listdir(glob.glob(f"{d}/out/*")[0]))}, indent=2))
+PY
