@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Issue 10's GPU measurements, one device call each on the kind named (each inside
 # bench/run_list.sh's deadline). Every result line also lands in $OUT/results.txt.
-#   run: bash bench/issue10_calls.sh 2|4|fsdp2      carry: [".whl"]
-#   kinds: 2 -> nvidia-h200-x2, 4 and fsdp2 -> nvidia-h200-x4
+#   run: bash bench/issue10_calls.sh 2|4|fsdp2|fsdp2-resume      carry: [".whl"]
+#   kinds: 2 -> nvidia-h200-x2; 4, fsdp2 and fsdp2-resume -> nvidia-h200-x4 (fsdp2-resume
+#   right after fsdp2, on the same warm machine: it continues fsdp2's checkpoint)
 set -uo pipefail
 here=$(dirname "$0")
 case "${1:?which call: 2, 4 or fsdp2}" in
 2|4)  # SD3.5 Medium LoRA, 1 GPU then N GPUs of the same host (DDP), steady samples/s.
     DEADLINE=560 bash "$here/run_list.sh" \
         "bash bench/ddp_scaling.sh $1 sd3 > \$OUT/ddp.log 2>&1; tr -d '\\n ' < \$OUT/ddp_scaling.json" ;;
-fsdp2)  # SD3.5 Large full fine-tune sharded over 4 GPUs, a sharded checkpoint, a resume.
+fsdp2|fsdp2-resume)  # SD3.5 Large full fine-tune sharded over 4 GPUs: a sharded
+    # checkpoint (fsdp2), then a resume from it (fsdp2-resume).
+    phase=$([ "$1" = fsdp2 ] && echo first || echo resume)
     DEADLINE=560 bash "$here/run_list.sh" \
-        "bash bench/fsdp2_sd3_large.sh 4 > \$OUT/fsdp2.log 2>&1; tr -d '\\n ' < \$OUT/fsdp2_sd3_large.json" ;;
+        "bash bench/fsdp2_sd3_large.sh 4 $phase > \$OUT/fsdp2.log 2>&1; tr -d '\\n ' < \$OUT/fsdp2_sd3_large.json" ;;
 esac

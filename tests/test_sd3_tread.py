@@ -51,44 +51,56 @@ def draw(router, seed: int = 5) -> Routing:
     return router.draw(torch.zeros(2, 16, 8, 12), torch.Generator().manual_seed(seed))
 
 
-def test_routed_forward_is_the_gathered_blocks_scattered_back() -> None:
+def by_hand(model, x, routes, kept):
+    """The routed forward written out with the model's own pieces: at a route's first block
+    its kept image tokens are gathered, after its last block they are scattered back."""
+    blocks = model.transformer_blocks
+    image = model.pos_embed(x["hidden_states"])
+    temb = model.time_text_embed(x["timestep"], x["pooled_projections"])
+    text = model.context_embedder(x["encoder_hidden_states"])
+    full = None
+    for i, block in enumerate(blocks):
+        route = next((r for r, (first, last, _) in enumerate(routes) if first <= i <= last), None)
+        if route is not None and i == routes[route][0]:
+            full, image = image, _gather(image, kept[route])
+        text, image = block(hidden_states=image, encoder_hidden_states=text, temb=temb)
+        if route is not None and i == routes[route][1]:
+            index = kept[route][..., None].expand(-1, -1, full.shape[-1])
+            image = full.scatter(1, index, image)
+    out = model.proj_out(model.norm_out(image, temb))
+    return out.reshape(2, 4, 6, 2, 2, 16).permute(0, 5, 1, 3, 2, 4).reshape(2, 16, 8, 12)
+
+
+@pytest.mark.parametrize("routes", [[(1, 4, 0.5)], [(0, 5, 0.5)], [(5, 5, 0.75)], [(3, 3, 0.5)],
+                                    [(0, 0, 0.25), (2, 5, 0.5)]],
+                         ids=["middle", "all", "last", "one", "two"])
+def test_routed_forward_is_the_gathered_blocks_scattered_back(routes) -> None:
+    """Routes of several blocks, every block, the last block alone (its text output is
+    None), one middle block, and two routes, each against the computation by hand."""
     model = transformer()
     blocks = model.transformer_blocks
-    router = JointTokenRouter(blocks, [(1, 4, 0.5)])
+    router = JointTokenRouter(blocks, routes)
     seen = []  # what each block runs on (hooks after the router's gather)
     for block in blocks:
         block.register_forward_pre_hook(
             lambda m, args, kwargs: seen.append(kwargs["hidden_states"].shape[1]),
             with_kwargs=True)
     routing = draw(router)
-    kept = routing.kept[0]
-    assert kept.shape == (2, 12) and torch.equal(kept, kept.sort(dim=1).values)
+    kept = routing.kept
+    assert all(torch.equal(k, k.sort(dim=1).values) for k in kept)
     with torch.no_grad():
         routed = run(model, routing)
-    # 24 image tokens (8x12 latents, 2x2 patches): blocks 0 and 5 see all, 1-4 the 12 kept.
-    assert seen == [24, 12, 12, 12, 12, 24]
-
-    # The same computation by hand with the model's own pieces.
+    # 24 image tokens (8x12 latents, 2x2 patches); a route's blocks see its kept ones.
+    expected_tokens = [24] * 6
+    for r, (first, last, ratio) in enumerate(routes):
+        assert kept[r].shape == (2, 24 - int(24 * ratio))
+        expected_tokens[first:last + 1] = [kept[r].shape[1]] * (last - first + 1)
+    assert seen == expected_tokens
     router.remove()
-    x = inputs()
     with torch.no_grad():
-        image = model.pos_embed(x["hidden_states"])
-        temb = model.time_text_embed(x["timestep"], x["pooled_projections"])
-        text = model.context_embedder(x["encoder_hidden_states"])
-
-        def block(i, image, text):
-            return blocks[i](hidden_states=image, encoder_hidden_states=text, temb=temb)
-
-        text, image = block(0, image, text)
-        part = _gather(image, kept)
-        for i in range(1, 5):
-            text, part = block(i, part, text)
-        image = image.scatter(1, kept[..., None].expand(-1, -1, image.shape[-1]), part)
-        _, image = block(5, image, text)
-        out = model.proj_out(model.norm_out(image, temb))
-        out = out.reshape(2, 4, 6, 2, 2, 16).permute(0, 5, 1, 3, 2, 4).reshape(2, 16, 8, 12)
+        expected = by_hand(model, inputs(), routes, kept)
         plain = run(model)
-    torch.testing.assert_close(routed, out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(routed, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(routed, plain)  # routing changed the result
 
 
@@ -96,7 +108,8 @@ def test_checkpointing_recomputes_the_same_route_and_gradients_reach_every_token
     grads = []
     for checkpointing in (False, True):
         model = transformer(checkpointing).train()
-        router = JointTokenRouter(model.transformer_blocks, [(1, 4, 0.5)])
+        # Every block routed: a bypassing token's only way to the output is the bypass.
+        router = JointTokenRouter(model.transformer_blocks, [(0, 5, 0.5)])
         x = inputs()
         x["hidden_states"].requires_grad_(True)
         run(model, draw(router), x).square().mean().backward()
@@ -175,9 +188,14 @@ def test_routes_are_checked_against_the_depth(tmp_path: Path) -> None:
         check_rules(cfg(2, 30))
 
 
-def test_an_sd3_job_trains_with_a_route(tmp_path: Path) -> None:
+def test_an_sd3_job_trains_with_a_route(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import job.speedups.tread as tread
     from job.run import run_job
     from test_sd3_run import sd3_job
+
+    routers = []
+    real = tread.apply_tread
+    monkeypatch.setattr(tread, "apply_tread", lambda family: routers.append(real(family)))
 
     route = ('tread.routes=[{selection_ratio = 0.5, start_layer_idx = 1, '
              'end_layer_idx = 2}]')
@@ -186,3 +204,6 @@ def test_an_sd3_job_trains_with_a_route(tmp_path: Path) -> None:
     out = Path(cfg.output_path())
     log = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if r["event"] == "train"] == [1, 2]
+    # The job routed: the router of its resolved route was installed on the transformer.
+    assert len(routers) == 1 and routers[0].routes == [(1, 2, 0.5)]
+    assert isinstance(routers[0], JointTokenRouter) and routers[0].handles
