@@ -196,9 +196,8 @@ def test_fsdp2_on_one_process_is_refused_with_the_fix(tmp_path: Path) -> None:
 
 def test_adamw_bf16_shards_and_resumes_like_an_uninterrupted_run(tmp_path: Path,
                                                                  models_dir: Path) -> None:
-    """adamw_bf16 (bf16 weights and Kahan compensation buffers: half the fp32 optimizer's
-    checkpoint, bench/fsdp2_sd3_large.sh) under FSDP2: its sharded state resumes, and the
-    resumed steps match an uninterrupted run's (step 4's loss follows step 3's update, made
+    """adamw_bf16 (bf16 weights with Kahan compensation buffers beside fp32 moments)
+    under FSDP2: its sharded state resumes, and the resumed steps match an uninterrupted run's (step 4's loss follows step 3's update, made
     with the restored moments and compensation)."""
     extra = ('model.model_type="full"', FSDP2, 'optimizer.name="adamw_bf16"',
              'train.mixed_precision="bf16"', "train.batch_size=2", "checkpoint.step_interval=2")
