@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Issue 9's remaining GPU measurements, one device call each (each inside bench/run_list.sh's
 # deadline, results in $OUT/results.txt as they end). Order: 1 checks what session 7 built.
-#   run: bash bench/issue9_calls.sh 1|2|3      carry: [".whl"]
+#   run: bash bench/issue9_calls.sh 1|2|3|4      carry: [".whl"]
 set -uo pipefail
 here=$(dirname "$0")
 sdxl="python3 bench/sdxl_step.py"
 stage_c="python3 bench/stage_c_step.py"
-case "${1:?which call: 1, 2 or 3}" in
+case "${1:?which call: 1, 2, 3 or 4}" in
 1)  # Stage C: dropout blocks now recompute inside their graphs (lite missed 1.5x by 3% with
     # the checkpoint around them); CUDA graphs for the prior (cuda_graphs auto is off for it);
     # the GPU tests of the session's changes.
@@ -33,4 +33,9 @@ case "${1:?which call: 1, 2 or 3}" in
         "bash bench/job_gpu.sh sdxl > \$OUT/job_gpu.log 2>&1; tail -12 \$OUT/job_gpu.log | tr '\\n' ' '" \
         "python3 bench/vae_caching.py" \
         "python3 bench/sd3_step.py --model large --batch 2 --compile --checkpointing --steps 5 --warmup 3" ;;
+4)  # Kandinsky 5 Lite without gradient checkpointing (issue 9's first K5 row; the
+    # checkpointed rows are in RESULTS.md), plain and compiled, with TREAD.
+    k5="python3 bench/kandinsky5_step.py --no-checkpointing --steps 6 --warmup 4"
+    DEADLINE=550 bash "$here/run_list.sh" "$k5 --mode reference" "$k5 --mode compile" \
+        "$k5 --mode tread-compile" ;;
 esac

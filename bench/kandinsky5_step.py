@@ -4,8 +4,9 @@ base, TREAD) vs a plain diffusers + peft step, and the step's peak memory under 
 A full-size random-init Lite transformer (kandinskylab's config_t2i.yaml dims: model_dim
 2560, ff 10240, 50 visual + 2 text blocks, head dim 128), LoRA rank 16 on the attention
 projections, 1024 px (128x128x16 latents), 256 Qwen tokens, bf16 weights and autocast, fp32
-LoRA weights, AdamW, gradient checkpointing in every mode. One mode per process, so each
-peak is its own:
+LoRA weights, AdamW, gradient checkpointing in every mode unless --no-checkpointing (issue
+9's table has both rows; the offload modes need checkpointing). One mode per process, so
+each peak is its own:
 
   reference  a plain diffusers + peft step: logit-normal sigmas, the pipeline's layout
              ([B, 1, h, w, C] latents, rope positions), velocity MSE
@@ -100,7 +101,7 @@ def job_config(args, mode: str, dtype: torch.dtype) -> JobConfig:
         "job": {"name": "bench", "output_dir": "/tmp/bench-out"},
         "model": {"family": "kandinsky5-image", "model_type": "lora"},
         "lora": {"rank": args.rank, "alpha": args.rank},
-        "train": {"max_train_steps": 1, "gradient_checkpointing": True,
+        "train": {"max_train_steps": 1, "gradient_checkpointing": not args.no_checkpointing,
                   "mixed_precision": "bf16" if dtype == torch.bfloat16 else "no"},
         "optimizer": {"name": "adamw", "learning_rate": 1e-4},
         "speedups": {**speedups, "compile_blocks": mode.endswith("compile")}, "tread": tread,
@@ -119,7 +120,8 @@ def ours(args, mode, config, device, dtype) -> dict:
 
     cfg = job_config(args, mode, dtype)
     transformer = make_transformer(config, device, dtype)
-    transformer.enable_gradient_checkpointing()
+    if not args.no_checkpointing:
+        transformer.enable_gradient_checkpointing()
     if cfg.speedups.base_model_precision != "no_change":
         quantise(transformer, cfg.speedups.base_model_precision, _quantisable_base_layer)
     family = Kandinsky5Family.around(cfg, transformer, FlowMatchEulerDiscreteScheduler(),
@@ -154,7 +156,8 @@ def reference(args, config, device, dtype) -> dict:
     """A plain diffusers + peft Kandinsky 5 LoRA step, laid out as the stock pipeline feeds
     the transformer."""
     transformer = make_transformer(config, device, dtype)
-    transformer.enable_gradient_checkpointing()
+    if not args.no_checkpointing:
+        transformer.enable_gradient_checkpointing()
     transformer.requires_grad_(False)
     transformer.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank,
                                        init_lora_weights="gaussian",
@@ -200,6 +203,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--cap-gib", type=float, default=None)
+    parser.add_argument("--no-checkpointing", action="store_true",
+                        help="reference and ours without gradient checkpointing")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args(argv)
@@ -211,7 +216,9 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"mode": args.mode, "model": "tiny" if args.tiny else "kandinsky5 lite (random)",
               "device": torch.cuda.get_device_name(0) if cuda else "cpu",
               "torch": torch.__version__, "batch": args.batch, "size": args.size,
-              "cap_gib": args.cap_gib}
+              "cap_gib": args.cap_gib, "checkpointing": not args.no_checkpointing}
+    if args.no_checkpointing and args.mode in ("offload", "offload-stream", "job"):
+        parser.error(f"--mode {args.mode} offloads, which needs gradient checkpointing")
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         if args.cap_gib:
