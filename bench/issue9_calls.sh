@@ -34,8 +34,10 @@ case "${1:?which call: 1, 2, 3 or 4}" in
         "python3 bench/vae_caching.py" \
         "python3 bench/sd3_step.py --model large --batch 2 --compile --checkpointing --steps 5 --warmup 3" ;;
 4)  # Kandinsky 5 Lite without gradient checkpointing (issue 9's first K5 row; the
-    # checkpointed rows are in RESULTS.md), plain and compiled, with TREAD.
+    # checkpointed rows are in RESULTS.md), plain and compiled, with TREAD; then SDXL's
+    # activation memory budget (new) with CUDA graphs, against the checkpointed rows.
     k5="python3 bench/kandinsky5_step.py --no-checkpointing --steps 6 --warmup 4"
     DEADLINE=550 bash "$here/run_list.sh" "$k5 --mode reference" "$k5 --mode compile" \
-        "$k5 --mode tread-compile" ;;
+        "$k5 --mode tread-compile" \
+        "$sdxl --mode ours --compile blocks --channels-last --cuda-graphs --memory-budget 0.3 --steps 6 --warmup 4" ;;
 esac

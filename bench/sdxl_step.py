@@ -17,6 +17,8 @@ cached. One configuration per process, so each peak is its own:
   --sdpa cudnn|flash|efficient   SDPA restricted to (preferring) one backend
   --checkpointing    gradient checkpointing (reference and ours alike)
   --checkpointing-ratio R   ours checkpoints an evenly spaced share R of the blocks
+  --memory-budget B  ours keeps a share B of the compiled blocks' activations (torch's
+                     partitioner recomputes the rest; [train] activation_memory_budget)
 
     python bench/sdxl_step.py --mode ours --compile blocks --channels-last [--profile] [--tiny]
 
@@ -94,7 +96,7 @@ def ours(args, config, batch, device, dtype):
         from job.speedups.compile import apply_regional_compile
 
         apply_regional_compile(family.unet, backend, mode=args.compile_mode,
-                               cuda_graphs=args.cuda_graphs,
+                               cuda_graphs=args.cuda_graphs, memory_budget=args.memory_budget,
                                recompute_inside=args.checkpointing_ratio
                                if args.checkpointing and not args.recompute_around else 0.0)
     elif args.compile == "stages":
@@ -138,6 +140,8 @@ def main() -> None:
     parser.add_argument("--recompute-around", action="store_true",
                         help="with --compile blocks --checkpointing: diffusers' checkpoint around "
                              "the compiled blocks (the job puts it inside them)")
+    parser.add_argument("--memory-budget", type=float, default=None,
+                        help="with --compile blocks: [train] activation_memory_budget")
     parser.add_argument("--checkpointing-ratio", type=float, default=1.0,
                         help="ours: [train] gradient_checkpointing_ratio (share of blocks)")
     parser.add_argument("--batch", type=int, default=4)
@@ -168,7 +172,8 @@ def main() -> None:
         step = build(args, config, batch, device, dtype)
         result = timed(step, args.warmup, args.steps, args.batch, device, args.profile)
     line = {"mode": args.mode, "compile": args.compile, "compile_mode": args.compile_mode,
-            "cuda_graphs": args.cuda_graphs, "channels_last": args.channels_last,
+            "cuda_graphs": args.cuda_graphs, "memory_budget": args.memory_budget,
+            "channels_last": args.channels_last,
             "sdpa": args.sdpa, "pageable_draws": args.pageable_draws, "checkpointing": args.checkpointing,
             "recompute_around": args.recompute_around,
             "checkpointing_ratio": args.checkpointing_ratio, "batch": args.batch,

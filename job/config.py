@@ -87,6 +87,12 @@ class TrainTable(Table):
         1.0, "With gradient_checkpointing: the share of the denoiser's blocks that recompute, "
         "evenly spaced (1.0 every block; 0.5 every other block keeps its activations: more "
         "memory, less recompute).", gt=0, le=1)
+    activation_memory_budget: float | None = setting(
+        None, "With compile_blocks: the share of the compiled blocks' activations kept for "
+        "the backward pass; torch's partitioner recomputes the cheapest of the rest "
+        "(selective activation checkpointing by a memory budget: 0.5 keeps about half, "
+        "recomputing norms and pointwise ops before matmuls). None: all kept. Blocks that "
+        "gradient_checkpointing recomputes keep only their inputs anyway.", gt=0, le=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = setting(
         "bf16", "Autocast precision; trainable weights stay fp32 unless the optimizer says.",
         "mixed_precision")
@@ -698,6 +704,12 @@ def _check_offload_and_routing(cfg: JobConfig, spec: Any) -> list[str]:
                           "and torchao's quantised weights cannot be pinned",
                           "set group_offload_use_stream = false (synchronous offload), or "
                           'base_model_precision = "no_change"')
+    if cfg.train.activation_memory_budget is not None and s.compile_blocks is False:
+        raise ConfigError(f"train.activation_memory_budget = "
+                          f"{cfg.train.activation_memory_budget} with speedups.compile_blocks = "
+                          "false: the budget is applied by torch.compile's partitioner to the "
+                          "compiled blocks", 'set compile_blocks = true (or "auto" on a GPU), '
+                          "or remove activation_memory_budget")
     if s.channels_last is True and "channels_last" not in spec.features:
         notes.append(f"speedups.channels_last is ignored: family {spec.name!r} has no "
                      "convolutional denoiser")

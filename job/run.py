@@ -192,7 +192,8 @@ def _prepare_denoiser(cfg: JobConfig, family, device: torch.device):
         train = cfg.train
         apply_regional_compile(family.denoiser(), cuda_graphs=off is None,
                                recompute_inside=train.gradient_checkpointing_ratio
-                               if train.gradient_checkpointing else 0.0)
+                               if train.gradient_checkpointing else 0.0,
+                               memory_budget=train.activation_memory_budget)
     if cfg.distributed.strategy == "fsdp2":
         # Last: the compiled blocks are the units sharded, and the optimizer (built next,
         # by the Trainer) holds the sharded parameters.

@@ -312,6 +312,54 @@ def test_half_the_blocks_recompute_inside_at_ratio_one_half(tmp_path: Path,
     assert all_recompute < half < everything, (all_recompute, half, everything)
 
 
+def test_activation_memory_budget_keeps_less_and_gives_the_same_numbers(
+        tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """[train] activation_memory_budget: torch's partitioner keeps that share of the
+    compiled blocks' activations and recomputes the rest; the loss and gradients are the
+    uncompiled UNet's, and a smaller budget keeps less (measured on the tiny UNet, aot_eager
+    with inductor's partitioner)."""
+    import torch._functorch.config as functorch_config
+
+    monkeypatch.setattr(functorch_config, "activation_memory_budget",
+                        functorch_config.activation_memory_budget)  # restored afterwards
+    family = load_family(tmp_path, models_dir)
+    family.add_lora()
+    batch = make_batch(family, SIZES)
+    timesteps = torch.tensor([10, 700])
+    noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(0))
+
+    def run():
+        return family.eval_loss(batch, timesteps, noise).mean()
+
+    plain = loss_and_grads(run, family.unet)
+    saved = {}
+    for budget in (1.0, 0.5, 0.1):
+        torch._dynamo.reset()  # the budget is read when a graph compiles
+        unet = family.unet
+        apply_regional_compile(unet, backend="aot_eager_decomp_partition",
+                               memory_budget=budget)
+        assert functorch_config.activation_memory_budget == budget
+        assert_same_numbers(loss_and_grads(run, unet), plain)
+        _, saved[budget] = _saved_bytes(run, unet)
+    assert saved[0.1] < saved[0.5] < saved[1.0], saved
+
+
+def test_activation_memory_budget_needs_compiled_blocks(tmp_path: Path) -> None:
+    from helpers import tiny_job_config
+
+    from job.config import check_rules
+    from job.errors import ConfigError
+    from job.speedups.compile import resolve_auto
+
+    budget = {"activation_memory_budget": 0.5}
+    with pytest.raises(ConfigError, match="compile_blocks = false.*\n.*set compile_blocks"):
+        check_rules(tiny_job_config(tmp_path, train=budget, speedups={"compile_blocks": False}))
+    cfg = tiny_job_config(tmp_path, train=budget)  # compile_blocks "auto": off on the CPU
+    check_rules(cfg)
+    with pytest.raises(ConfigError, match="auto turned off here .no CUDA GPU"):
+        resolve_auto(cfg, torch.device("cpu"))
+
+
 def test_stage_c_prior_recomputes_inside_its_compiled_blocks(tmp_path: Path) -> None:
     """The Stage C prior's blocks (called by position, some with the text or the
     timestep embedding) checkpointed inside their compiled graphs: the same loss and

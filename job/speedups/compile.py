@@ -125,6 +125,12 @@ def resolve_auto(cfg, device: torch.device) -> None:
                                              for key, off in decided.items()})
     if s.compile_blocks:
         check_compiler(device)
+    elif cfg.train.activation_memory_budget is not None:
+        raise ConfigError(f"train.activation_memory_budget = "
+                          f"{cfg.train.activation_memory_budget} needs compile_blocks, which "
+                          f"auto turned off here ({decided.get('compile_blocks')})",
+                          "set speedups.compile_blocks = true, or remove "
+                          "activation_memory_budget")
 
 
 def _auto_compile_off_because(cfg, device: torch.device) -> str | None:
@@ -177,7 +183,8 @@ def cuda_graphs_off_because(cfg, device: torch.device) -> str | None:
 
 def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
                            classes: frozenset[str] = BLOCK_CLASSES, mode: str | None = None,
-                           cuda_graphs: bool = False, recompute_inside: float = 0.0) -> int:
+                           cuda_graphs: bool = False, recompute_inside: float = 0.0,
+                           memory_budget: float | None = None) -> int:
     """Compile every module of `denoiser` whose class is in `classes` (the repeated blocks by
     default) in place, the UNets' for static shapes; returns how many. `mode` is
     torch.compile's for every block; `cuda_graphs` gives the static-shape blocks inductor's
@@ -185,8 +192,15 @@ def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
     dynamic shapes, which CUDA graphs would record once per shape). `recompute_inside`: the
     denoiser has gradient checkpointing on with this ratio (0: off), and the checkpoint of
     the UNets' compiled blocks goes inside them (see `_recompute_inside`; the DiTs' blocks
-    keep diffusers' checkpoint around them, measured at 1.68x for SD3.5 Medium)."""
+    keep diffusers' checkpoint around them, measured at 1.68x for SD3.5 Medium).
+    `memory_budget`: torch's activation memory budget for the compiled graphs (the share of
+    their activations kept for backward, the partitioner recomputing the cheapest rest; a
+    process-wide torch setting, read when each graph compiles)."""
     blocks = [m for m in denoiser.modules() if type(m).__name__ in classes]
+    if memory_budget is not None:
+        import torch._functorch.config as functorch_config
+
+        functorch_config.activation_memory_budget = memory_budget
     static = [b for b in blocks if type(b).__name__ in STATIC_SHAPE_CLASSES]
     inside = _recompute_inside(denoiser, static, recompute_inside) if recompute_inside else []
     dynamo = torch._dynamo.config
@@ -211,7 +225,7 @@ def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
                       static_shapes=static_kinds,
                       cuda_graphs=sorted({type(b).__name__ for b in blocks if id(b) in graphed}),
                       recompute_inside=sorted({type(b).__name__ for b in inside}),
-                      blocks_recomputing_inside=len(inside))
+                      blocks_recomputing_inside=len(inside), activation_memory_budget=memory_budget)
     return len(blocks)
 
 
