@@ -91,7 +91,7 @@ class TrainTable(Table):
         None, "With compile_blocks: the share of the compiled blocks' activations kept for "
         "the backward pass; torch's partitioner recomputes the cheapest of the rest "
         "(selective activation checkpointing by a memory budget: 0.5 keeps about half, "
-        "recomputing norms and pointwise ops before matmuls). None: all kept. Blocks that "
+        "recomputing what the partitioner judges cheapest). None: all kept. Blocks that "
         "gradient_checkpointing recomputes keep only their inputs anyway.", gt=0, le=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = setting(
         "bf16", "Autocast precision; trainable weights stay fp32 unless the optimizer says.",
