@@ -18,7 +18,7 @@ case "${1:?which call: 1, 2, 3 or 4}" in
 2)  # fp32 Stage C (both references: tunejob's TF32 default and torch's fp32 matmuls); fp8;
     # SageAttention for sd3; SD3 TREAD (new) with compile; selective checkpointing with graphs.
     DEADLINE=550 bash "$here/run_list.sh" \
-        "$stage_c --precisions no --priors stage-c-lite --compile --channels-last --fp32-matmul-reference --max-fp32-batch 56 --steps 5 --warmup 3 | tail -1" \
+        "$stage_c --precisions no --priors stage-c-lite --compile --channels-last --fp32-matmul-reference --max-fp32-batch 56 --steps 5 --warmup 3 --profile | tail -1" \
         "python3 bench/sd3_step.py --compile --fp8 --steps 6 --warmup 3" \
         "python3 bench/sage_sampling.py --family sd3" \
         "python3 bench/sd3_step.py --compile --tread 0.5 --steps 6 --warmup 3" \
