@@ -94,6 +94,31 @@ def test_compile_without_a_compiler_is_a_clear_error(monkeypatch) -> None:
     compile_speedup.check_compiler(torch.device("cpu"), backend="aot_eager")  # no codegen
 
 
+def test_compile_without_the_python_headers_is_a_clear_error(monkeypatch, tmp_path) -> None:
+    """gcc without python3-dev: Triton's launcher (and inductor's C++ kernels) include
+    Python.h, so an explicit compile_blocks = true is exit 2 naming the missing header,
+    and "auto" stays off with the reason."""
+    import shutil
+    import sysconfig
+
+    from helpers import tiny_job_config
+
+    from job.errors import ConfigError
+    from job.speedups import compile as compile_speedup
+
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"include": str(tmp_path)})
+    with pytest.raises(ConfigError, match="needs the Python headers, and .*Python.h is missing") \
+            as raised:
+        compile_speedup.check_compiler(torch.device("cuda"))
+    assert "python3-dev" in raised.value.hint
+    cfg = tiny_job_config(tmp_path)
+    compile_speedup.resolve_auto(cfg, torch.device("cuda"))
+    assert cfg.speedups.compile_blocks is False
+    (tmp_path / "Python.h").write_text("")
+    compile_speedup.check_compiler(torch.device("cuda"))  # headers there: nothing missing
+
+
 def test_auto_speedups_decide_per_device_family_and_settings(tmp_path: Path,
                                                             monkeypatch) -> None:
     """compile_blocks, channels_last and cuda_graphs default to "auto": on a CUDA GPU with a

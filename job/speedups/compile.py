@@ -68,21 +68,29 @@ RECOMPILE_LIMIT = 256
 _graphs = False
 
 
-def _compiler(device: torch.device) -> tuple[bool, str, str]:
-    """Whether the compiler inductor needs on `device` is on PATH, what it is, and the fix:
-    on a GPU, Triton builds its kernel launcher with a C compiler; on the CPU, inductor
-    writes C++ kernels."""
+def _compiler_missing(device: torch.device) -> tuple[str | None, str]:
+    """What inductor needs on `device` and this machine lacks (None: nothing), and the fix.
+    On a GPU, Triton builds its kernel launcher with a C compiler and the Python headers;
+    on the CPU, inductor writes C++ kernels against the same headers."""
     import shutil
+    import sysconfig
+    from pathlib import Path
 
     if device.type == "cuda":
-        names, what = ("cc", "gcc", "clang"), "a C compiler (Triton builds its kernel launcher " \
-            "with one)"
+        compilers = ("cc", "gcc", "clang")
+        what = "a C compiler (Triton builds its kernel launcher with one)"
         fix = ("install gcc and the Python headers (Debian: apt-get install gcc libc6-dev "
                "python3-dev; the tunejob image has them)")
     else:
-        names, what = ("c++", "g++", "clang++"), "a C++ compiler (inductor's CPU kernels are C++)"
-        fix = "install g++ (Debian: apt-get install g++ python3-dev)"
-    return any(shutil.which(name) for name in names), what, fix
+        compilers = ("c++", "g++", "clang++")
+        what = "a C++ compiler (inductor's CPU kernels are C++)"
+        fix = "install g++ and the Python headers (Debian: apt-get install g++ python3-dev)"
+    if not any(shutil.which(name) for name in compilers):
+        return f"{what}, and none is on PATH", fix
+    header = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    if not header.is_file():
+        return f"the Python headers, and {header} is missing", fix
+    return None, fix
 
 
 def check_compiler(device: torch.device, backend: str = "inductor") -> None:
@@ -90,10 +98,9 @@ def check_compiler(device: torch.device, backend: str = "inductor") -> None:
     compiled step."""
     if backend != "inductor":
         return
-    found, what, fix = _compiler(device)
-    if not found:
-        raise ConfigError(f"speedups.compile_blocks = true on {device.type} needs {what}, and "
-                          "none is on PATH",
+    missing, fix = _compiler_missing(device)
+    if missing:
+        raise ConfigError(f"speedups.compile_blocks = true on {device.type} needs {missing}",
                           f"{fix}, or set compile_blocks = false")
 
 
@@ -137,9 +144,9 @@ def _auto_compile_off_because(cfg, device: torch.device) -> str | None:
     """Why compile_blocks = "auto" is off for this job (None: on)."""
     if device.type != "cuda":
         return "no CUDA GPU (measured on GPUs only; compile_blocks = true compiles for the CPU)"
-    found, what, fix = _compiler(device)
-    if not found:
-        return f"no {what} on PATH: {fix} for the speedup"
+    missing, fix = _compiler_missing(device)
+    if missing:
+        return f"it needs {missing}: {fix} for the speedup"
     if cfg.speedups.base_model_precision != "no_change":
         return "a quantised base: not measured compiled (compile_blocks = true to try)"
     if cfg.speedups.enable_group_offload:
