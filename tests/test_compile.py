@@ -33,15 +33,23 @@ def assert_same_numbers(got, expected) -> None:
         torch.testing.assert_close(grads[name], plain_grads[name], rtol=1e-4, atol=1e-6)
 
 
-def test_compiled_blocks_give_the_same_loss_and_gradients(tmp_path: Path, models_dir: Path) -> None:
+def lora_unet_loss(tmp_path: Path, models_dir: Path):
+    """The tiny SDXL family with a LoRA, and a function giving its eval loss on one fixed
+    batch, timesteps and noise (the comparisons below run it before and after compiling)."""
     family = load_family(tmp_path, models_dir)
     family.add_lora()
     batch = make_batch(family, SIZES)
-    timesteps, noise = torch.tensor([10, 700]), torch.randn(batch["latents"].shape,
-                                                            generator=torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([10, 700])
+    noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(0))
 
     def run():
         return family.eval_loss(batch, timesteps, noise).mean()
+
+    return family, run
+
+
+def test_compiled_blocks_give_the_same_loss_and_gradients(tmp_path: Path, models_dir: Path) -> None:
+    family, run = lora_unet_loss(tmp_path, models_dir)
 
     plain = loss_and_grads(run, family.unet)
     compiled = apply_regional_compile(family.unet, backend="aot_eager")
@@ -276,14 +284,7 @@ def test_recompute_inside_compiled_blocks_gives_the_same_numbers_and_saves_less(
     diffusers' own checkpointing, no more saved activations than it keeps (issue 9: peak
     within 10% of the checkpointed reference), and the blocks of a kind still share their
     graphs (no recompile per block)."""
-    family = load_family(tmp_path, models_dir)
-    family.add_lora()
-    batch = make_batch(family, SIZES)
-    timesteps = torch.tensor([10, 700])
-    noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(0))
-
-    def run():
-        return family.eval_loss(batch, timesteps, noise).mean()
+    family, run = lora_unet_loss(tmp_path, models_dir)
 
     _, everything = _saved_bytes(run, family.unet)
     family.unet.enable_gradient_checkpointing()
@@ -312,14 +313,7 @@ def test_half_the_blocks_recompute_inside_at_ratio_one_half(tmp_path: Path,
     activations fall between all and none recomputing."""
     from job.speedups.compile import BLOCK_CLASSES, STATIC_SHAPE_CLASSES
 
-    family = load_family(tmp_path, models_dir)
-    family.add_lora()
-    batch = make_batch(family, SIZES)
-    timesteps = torch.tensor([10, 700])
-    noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(0))
-
-    def run():
-        return family.eval_loss(batch, timesteps, noise).mean()
+    family, run = lora_unet_loss(tmp_path, models_dir)
 
     plain = loss_and_grads(run, family.unet)
     _, everything = _saved_bytes(run, family.unet)
@@ -347,14 +341,7 @@ def test_activation_memory_budget_keeps_less_and_gives_the_same_numbers(
 
     monkeypatch.setattr(functorch_config, "activation_memory_budget",
                         functorch_config.activation_memory_budget)  # restored afterwards
-    family = load_family(tmp_path, models_dir)
-    family.add_lora()
-    batch = make_batch(family, SIZES)
-    timesteps = torch.tensor([10, 700])
-    noise = torch.randn(batch["latents"].shape, generator=torch.Generator().manual_seed(0))
-
-    def run():
-        return family.eval_loss(batch, timesteps, noise).mean()
+    family, run = lora_unet_loss(tmp_path, models_dir)
 
     plain = loss_and_grads(run, family.unet)
     saved = {}
