@@ -18,26 +18,8 @@ set -euo pipefail
 N=${1:-4}
 PHASE=${2:-first}
 export OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-D=/tmp/job-sd3-large
-if [ -d .whl ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl
-    export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 D
-mkdir -p "$D/data"
-[ -f "$D/model/model_index.json" ] || python3 bench/build_random_sd3.py "$D/model" large
-python3 - <<'PY'
-import numpy as np, os
-from PIL import Image
-d = os.environ["D"] + "/data"
-rng = np.random.default_rng(0)
-for i in range(32):
-    if not os.path.exists(f"{d}/{i:03d}.png"):
-        Image.fromarray(rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)).save(f"{d}/{i:03d}.png")
-        open(f"{d}/{i:03d}.txt", "w").write(f"random image number {i}\n")
-PY
+FAMILY=sd3 D=/tmp/job-sd3-large IMAGES=32 MODEL_SIZE=large
+source "$(dirname "$0")/job_common.sh"  # wheels, the model folder, the images
 sets=(model.flavour='"large"' model.model_type='"full"' model.pretrained_model_name_or_path="\"$D/model\""
       speedups.base_model_precision='"no_change"' 'validation.guidance_skip_layers=[]'
       validation.enabled=false distributed.strategy='"fsdp2"' optimizer.name='"adamw"'

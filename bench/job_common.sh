@@ -1,7 +1,9 @@
-# Sourced by the whole-job benchmarks (ddp_scaling.sh, job_gpu.sh): installs the carried
-# wheels, builds a full-size random-init model folder for $FAMILY (sdxl | sd3) and 64 random
-# 1024px images under $D, and sets `common` to the job's --set overrides: LoRA rank 16 on the
-# attention projections, batch 4 per GPU, bf16, AdamW, validation off, metrics every step.
+# Sourced by the whole-job benchmarks (ddp_scaling.sh, job_gpu.sh, fsdp2_sd3_large.sh):
+# installs the carried wheels, builds a full-size random-init model folder for $FAMILY (sdxl |
+# sd3; $MODEL_SIZE, if set, is passed to the builder: sd3 "large") and $IMAGES (default 64)
+# random 1024px images under $D (default /tmp/job-$FAMILY), and sets `common` to the job's
+# --set overrides: LoRA rank 16 on the attention projections, batch 4 per GPU, bf16, AdamW,
+# validation off, metrics every step.
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -9,9 +11,10 @@ if [ -d .whl ]; then
         --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site:$PWD
 fi
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 D=/tmp/job-$FAMILY
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 D=${D:-/tmp/job-$FAMILY} IMAGES=${IMAGES:-64}
 mkdir -p "$D/data"
-[ -f "$D/model/model_index.json" ] || python3 "bench/build_random_$FAMILY.py" "$D/model"
+[ -f "$D/model/model_index.json" ] || \
+    python3 "bench/build_random_$FAMILY.py" "$D/model" ${MODEL_SIZE:+"$MODEL_SIZE"}
 if [ "$FAMILY" = sd3 ]; then
     JOB=jobs/sd3.toml
     family=(--set 'model.flavour="medium"' --set 'speedups.base_model_precision="no_change"'
@@ -25,7 +28,7 @@ import numpy as np, os
 from PIL import Image
 d = os.environ["D"] + "/data"
 rng = np.random.default_rng(0)
-for i in range(64):
+for i in range(int(os.environ["IMAGES"])):
     if not os.path.exists(f"{d}/{i:03d}.png"):
         Image.fromarray(rng.integers(0, 255, (1024, 1024, 3), dtype=np.uint8)).save(f"{d}/{i:03d}.png")
         open(f"{d}/{i:03d}.txt", "w").write(f"random image number {i}\n")
