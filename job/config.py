@@ -89,10 +89,10 @@ class TrainTable(Table):
         "memory, less recompute).", gt=0, le=1)
     activation_memory_budget: float | None = setting(
         None, "With compile_blocks: the share of the compiled blocks' activations kept for "
-        "the backward pass; torch's partitioner recomputes the cheapest of the rest "
-        "(selective activation checkpointing by a memory budget: 0.5 keeps about half, "
-        "recomputing what the partitioner judges cheapest). None: all kept. Blocks that "
-        "gradient_checkpointing recomputes keep only their inputs anyway.", gt=0, le=1)
+        "the backward pass, torch's partitioner recomputing the rest it judges cheapest "
+        "(selective activation checkpointing by a memory budget: 0.5 keeps about half). "
+        "None: all kept. Blocks that gradient_checkpointing recomputes keep only their "
+        "inputs anyway.", gt=0, le=1)
     mixed_precision: Literal["no", "bf16", "fp16"] = setting(
         "bf16", "Autocast precision; trainable weights stay fp32 unless the optimizer says.",
         "mixed_precision")
