@@ -107,8 +107,9 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
     """Load, cache, resume, train, validate, export."""
     with phases.phase("load"):
         device, dtype = preflight(cfg, out)
-        summary.speedups = {key: getattr(cfg.speedups, key)
-                            for key in ("compile_blocks", "channels_last", "cuda_graphs")}
+        from job.speedups.compile import AUTO_SETTINGS
+
+        summary.speedups = {key: getattr(cfg.speedups, key) for key in AUTO_SETTINGS}
         # Imported after preflight, which should answer in seconds: these pull in
         # diffusers and torchvision.
         from job.data.prepare import prepare_data

@@ -64,6 +64,9 @@ STATIC_SHAPE_CLASSES = frozenset({
 # Graphs per block kind: about 12 per bucket for SDXL's resnets, so room for about 20
 # training buckets and validation sizes (each graph compiles only if its shape runs).
 RECOMPILE_LIMIT = 256
+# The [speedups] settings that default to "auto" (resolve_auto decides them; summary.json
+# records the decisions).
+AUTO_SETTINGS = ("compile_blocks", "channels_last", "cuda_graphs")
 # Set once any denoiser's blocks replay as CUDA graphs (begin_step marks then).
 _graphs = False
 
