@@ -7,7 +7,8 @@
 # the plain reference step (sdxl: before the job). Steady state: the train rows after the
 # first 10 (compile warm-up). The checkpoint cost is inside the job's rate (a save's time
 # falls in the next step's window).
-#   run: bash bench/job_gpu.sh [FAMILY] [--set key=value ...]    carry: [".whl"]
+# STEP=0 leaves the isolated step out (the job against the reference only).
+#   run: [STEP=0] bash bench/job_gpu.sh [FAMILY] [--set key=value ...]    carry: [".whl"]
 #   results: $OUT/job_bench.json, the job's log in $OUT/job_log.jsonl
 set -euo pipefail
 FAMILY=${1:-sdxl}
@@ -33,7 +34,10 @@ python3 -m job run $JOB "${common[@]}" --set 'train.max_train_steps=40' \
 job_rate=$(steady_rate "$D/out-job" 10)
 cp "$D"/out-job/*/metrics.jsonl "$OUT/job_metrics.jsonl"
 echo "job steady samples/s: $job_rate"
-if [ "$FAMILY" = sdxl ]; then
+if [ "${STEP:-1}" = 0 ] && [ "$FAMILY" = sdxl ]; then
+    step_rate=nan
+    ref_rate=$(echo "$ref_line" | python3 -c 'import json,sys; print(json.load(sys.stdin)["samples_per_s"])')
+elif [ "$FAMILY" = sdxl ]; then
     overrides="$*"
     flags=()
     off compile_blocks "$overrides" || flags+=(--compile blocks)
@@ -57,9 +61,11 @@ PY
 python3 - "$FAMILY" "$job_rate" "$step_rate" "$ref_rate" "$checkpoint_s" "$*" <<'PY' | tee "$OUT/job_bench.json"
 import json, sys
 family, job, step, ref, ckpt, overrides = sys.argv[1:]
-job, step, ref = float(job), float(step), float(ref)
+job, ref = float(job), float(ref)
+step = None if step == "nan" else float(step)  # STEP=0: no isolated step
 print(json.dumps({"family": family, "overrides": overrides, "job_samples_per_s": job,
                   "step_samples_per_s": step, "reference_step_samples_per_s": ref,
-                  "job_over_step": round(job / step, 3), "job_over_reference": round(job / ref, 3),
+                  "job_over_step": step and round(job / step, 3),
+                  "job_over_reference": round(job / ref, 3),
                   "checkpoint_seconds": json.loads(ckpt)}, indent=2))
 PY
