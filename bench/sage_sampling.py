@@ -89,11 +89,14 @@ def denoiser_and_call(family: str, tiny: bool, device, dtype):
         rope = [torch.arange(1, device=device), torch.arange(h, device=device),
                 torch.arange(w, device=device)]
 
-        def call(x, t):
-            return model(hidden_states=x, encoder_hidden_states=batch["text.prompt_embeds"].to(dtype),
-                         pooled_projections=batch["text.pooled_prompt_embeds"].to(dtype),
-                         timestep=t.expand(2) * 1000, visual_rope_pos=rope,
-                         text_rope_pos=torch.arange(tokens, device=device), return_dict=False)[0]
+        def call(x, t):  # under autocast, as the family samples: its time embedding is fp32
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                return model(hidden_states=x,
+                             encoder_hidden_states=batch["text.prompt_embeds"].to(dtype),
+                             pooled_projections=batch["text.pooled_prompt_embeds"].to(dtype),
+                             timestep=t.expand(2) * 1000, visual_rope_pos=rope,
+                             text_rope_pos=torch.arange(tokens, device=device),
+                             return_dict=False)[0]
     return model, call, tuple(shape)
 
 

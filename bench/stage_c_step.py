@@ -13,7 +13,7 @@ a time), batch and settings:
              training loop runs them
 
     python bench/stage_c_step.py [--priors stage-c,stage-c-lite] [--steps 10] [--warmup 3]
-                                 [--gradient-checkpointing] [--compile] [--channels-last] [--cuda-graphs]
+                                 [--gradient-checkpointing] [--compile] [--channels-last] [--cuda-graphs] [--flex-attention]
                                  [--precisions no,bf16] [--fp32-matmul-reference] [--tiny]
 
 Prints JSON and writes it to $OUT/stage_c_bench.json when OUT is set. --tiny runs a toy
@@ -116,7 +116,8 @@ def ours(config, batch_size, precision, args, device) -> dict:
 
         apply_regional_compile(prior, "aot_eager" if args.tiny else "inductor",
                                cuda_graphs=args.cuda_graphs and device.type == "cuda",
-                               recompute_inside=1.0 if args.gradient_checkpointing else 0.0)
+                               recompute_inside=1.0 if args.gradient_checkpointing else 0.0,
+                               flex_fp32_attention=args.flex_attention)
     params = [p for p in prior.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, "adamw", 1e-4, 0.9, 0.999, 1e-2, 1e-8)
     batch, generator = make_batch(config, batch_size, device), torch.Generator().manual_seed(2)
@@ -230,6 +231,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="ours with [speedups] channels_last")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="with --compile on a GPU: [speedups] cuda_graphs")
+    parser.add_argument("--flex-attention", action="store_true",
+                        help='with --compile: [speedups] fp32_attention = "flex"')
     parser.add_argument("--precisions", default="no,bf16",
                         help="no (fp32, largest batch that fits) and/or bf16")
     parser.add_argument("--fp32-matmul-reference", action="store_true",
@@ -245,7 +248,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "lora_rank": RANK, "latents": [LATENT, LATENT],
            "gradient_checkpointing": args.gradient_checkpointing, "compile_blocks": args.compile,
-           "channels_last": args.channels_last, "cuda_graphs": args.cuda_graphs, "priors": {}}
+           "channels_last": args.channels_last, "cuda_graphs": args.cuda_graphs,
+           "flex_attention": args.flex_attention, "priors": {}}
     for name in args.priors.split(","):
         config = TINY if args.tiny else PRIORS[name]
         if args.tiny:

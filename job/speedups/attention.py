@@ -1,8 +1,18 @@
-"""SageAttention for validation sampling (attention_mechanism = "sageattention").
+"""Attention kernels other than PyTorch's SDPA defaults.
 
-SageAttention quantises Q and K to int8 in its forward kernel and has no backward pass,
-so it never touches training: the family swaps its processors in around sampling only,
-and training keeps PyTorch's SDPA.
+SageAttention for validation sampling (attention_mechanism = "sageattention"): it quantises
+Q and K to int8 in its forward kernel and has no backward pass, so it never touches
+training: the family swaps its processors in around sampling only, and training keeps
+PyTorch's SDPA.
+
+fp32 attention through flex_attention (`[speedups] fp32_attention = "flex"`,
+`FlexFp32AttnProcessor`): SDPA has no TF32 kernel, so an fp32 attention (mixed_precision =
+"no") runs the memory-efficient kernel on the CUDA cores, 44% of a Stage C lite fp32 step
+(bench/RESULTS.md, session 8). torch's flex_attention, compiled inside the regional-compile
+graphs, is a flash-style Triton kernel whose matmuls follow torch's fp32 matmul precision:
+with `[speedups] allow_tf32` they run on the tensor cores with TF32 inputs (10 mantissa
+bits, fp32 sums), the rounding TF32 already gives every other fp32 matmul of the step.
+Opt-in until it is measured on a GPU (tests/test_gpu_flex_attention.py, bench/issue9_call4.sh).
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from job.config import SpeedupsTable
 from job.log import get_logger
@@ -98,3 +109,70 @@ class JointAttentionProcessor:
         """[B, S, H*D] -> [B, H, S, D], with the per-head norm when the block has one."""
         x = x.view(x.shape[0], -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
         return norm(x) if norm is not None else x
+
+
+class FlexFp32AttnProcessor:
+    """diffusers' AttnProcessor2_0 (self- and cross-attention of `Attention`: SDXL's
+    transformer blocks, the Stage C prior's attention blocks) with fp32 attention through
+    flex_attention; other dtypes (bf16 autocast) keep SDPA, whose flash and cuDNN kernels
+    take them. Only for compiled blocks: eager flex_attention is an unfused reference.
+    Masks, spatial and group norms (unused by those blocks) go to AttnProcessor2_0."""
+
+    def __init__(self) -> None:
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.fallback = AttnProcessor2_0()
+
+    def __call__(self, attn, hidden_states: torch.Tensor,
+                 encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 *args, **kwargs) -> torch.Tensor:
+        if attention_mask is not None or attn.spatial_norm is not None \
+                or attn.group_norm is not None:
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                 temb, *args, **kwargs)
+        residual = hidden_states
+        image = hidden_states.ndim == 4
+        if image:
+            batch, channels, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
+        context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            context = attn.norm_encoder_hidden_states(context)
+        q = self._heads(attn, attn.to_q(hidden_states), attn.norm_q)
+        k = self._heads(attn, attn.to_k(context), attn.norm_k)
+        v = self._heads(attn, attn.to_v(context), None)
+        if q.dtype == k.dtype == v.dtype == torch.float32 and q.is_cuda:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            out = flex_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v)
+        out = out.transpose(1, 2).flatten(2).to(q.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
+        if image:
+            out = out.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    @staticmethod
+    def _heads(attn, x: torch.Tensor, norm) -> torch.Tensor:
+        x = x.view(x.shape[0], -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+        return x if norm is None else norm(x)
+
+
+def use_flex_fp32_attention(blocks: list[torch.nn.Module]) -> int:
+    """`FlexFp32AttnProcessor` on the CUDA `Attention` modules inside `blocks` (about to be
+    compiled) that run diffusers' default AttnProcessor2_0; returns how many. Their fp32
+    attention's precision then follows torch's fp32 matmul setting (TF32 with allow_tf32)."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    swapped = 0
+    for block in blocks:
+        for module in block.modules():
+            if isinstance(module, Attention) and type(module.processor) is AttnProcessor2_0 \
+                    and next(module.parameters()).is_cuda:
+                module.set_processor(FlexFp32AttnProcessor())
+                swapped += 1
+    return swapped

@@ -135,7 +135,12 @@ def resolve_auto(cfg, device: torch.device) -> None:
                                              for key, off in decided.items()})
     if s.compile_blocks:
         check_compiler(device)
-    elif cfg.train.activation_memory_budget is not None:
+        return
+    if s.fp32_attention == "flex":
+        raise ConfigError('speedups.fp32_attention = "flex" needs compile_blocks, which auto '
+                          f"turned off here ({decided.get('compile_blocks')})",
+                          'set speedups.compile_blocks = true, or fp32_attention = "sdpa"')
+    if cfg.train.activation_memory_budget is not None:
         raise ConfigError(f"train.activation_memory_budget = "
                           f"{cfg.train.activation_memory_budget} needs compile_blocks, which "
                           f"auto turned off here ({decided.get('compile_blocks')})",
@@ -194,7 +199,8 @@ def cuda_graphs_off_because(cfg, device: torch.device) -> str | None:
 def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
                            classes: frozenset[str] = BLOCK_CLASSES, mode: str | None = None,
                            cuda_graphs: bool = False, recompute_inside: float = 0.0,
-                           memory_budget: float | None = None) -> int:
+                           memory_budget: float | None = None,
+                           flex_fp32_attention: bool = False) -> int:
     """Compile every module of `denoiser` whose class is in `classes` (the repeated blocks by
     default) in place, the UNets' for static shapes; returns how many. `mode` is
     torch.compile's for every block; `cuda_graphs` gives the static-shape blocks inductor's
@@ -205,7 +211,9 @@ def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
     keep diffusers' checkpoint around them, measured at 1.68x for SD3.5 Medium).
     `memory_budget`: torch's activation memory budget for the compiled graphs (the share of
     their activations kept for backward, the partitioner recomputing the cheapest rest; a
-    process-wide torch setting, read when each graph compiles)."""
+    process-wide torch setting, read when each graph compiles). `flex_fp32_attention`:
+    the blocks' `Attention` modules run fp32 attention through flex_attention
+    (`[speedups] fp32_attention = "flex"`, job/speedups/attention.py)."""
     blocks = [m for m in denoiser.modules() if type(m).__name__ in classes]
     if memory_budget is not None:
         import torch._functorch.config as functorch_config
@@ -224,6 +232,9 @@ def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
     # With checkpointing the static-shape blocks that recompute do it inside their own
     # graphs, so they replay like the rest.
     graphed = {id(b) for b in static} if cuda_graphs else set()
+    from job.speedups.attention import use_flex_fp32_attention
+
+    flex_attention = use_flex_fp32_attention(blocks) if flex_fp32_attention else 0
     for block in blocks:
         static = type(block).__name__ in STATIC_SHAPE_CLASSES
         block_mode = "reduce-overhead" if id(block) in graphed else mode
@@ -235,7 +246,8 @@ def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
                       static_shapes=static_kinds,
                       cuda_graphs=sorted({type(b).__name__ for b in blocks if id(b) in graphed}),
                       recompute_inside=sorted({type(b).__name__ for b in inside}),
-                      blocks_recomputing_inside=len(inside), activation_memory_budget=memory_budget)
+                      blocks_recomputing_inside=len(inside), activation_memory_budget=memory_budget,
+                      flex_fp32_attention=flex_attention)
     return len(blocks)
 
 
