@@ -311,8 +311,8 @@ class SpeedupsTable(Table):
         "waiting on the CPU to launch kernels (SDXL: 2.18x the plain step, 3.9x with gradient "
         "checkpointing). Not with group offload or fsdp2. "
         "auto: on for an sdxl LoRA on an unquantised base, checkpointing all blocks or none "
-        "(measured); off otherwise (the Stage C prior, LCM distillation, full fine-tunes, "
-        "ratio < 1: not measured on a GPU yet; true to try).")
+        "(measured); off for the Stage C prior (no gain measured) and otherwise (LCM "
+        "distillation, full fine-tunes, ratio < 1: not measured on a GPU yet; true to try).")
     channels_last: bool | Literal["auto"] = setting(
         "auto", "Convolutional denoisers (sdxl's UNet, the Stage C prior) in channels_last "
         "memory format, which cuDNN's tensor-core convolutions prefer; the same numbers. "

@@ -169,6 +169,10 @@ def _auto_graphs_off_because(cfg) -> str | None:
     GPU run showed it: SDXL fine-tuning (step 2.18x, 3.9x with checkpointing; the whole job;
     tests/test_gpu_cuda_graphs.py)."""
     t, s, to_try = cfg.train, cfg.speedups, "not measured on a GPU (cuda_graphs = true to try)"
+    if cfg.model.family == "stable_cascade":
+        # bench/RESULTS.md, session 8: lite, bf16, checkpointing: 155.2 ms with graphs,
+        # 156.4 without (its larger blocks launch fewer kernels per step than SDXL's).
+        return "the Stage C prior: no gain measured on a GPU (cuda_graphs = true to try)"
     if cfg.model.family != "sdxl":
         return f"family {cfg.model.family!r}: {to_try}"
     if cfg.distillation.method != "none":
