@@ -76,10 +76,14 @@ def test_flex_needs_compiled_blocks_and_a_family_with_its_blocks(tmp_path) -> No
     flex = {"fp32_attention": "flex"}
     with pytest.raises(ConfigError, match="compile_blocks = false.*\n.*set compile_blocks"):
         check_rules(tiny_job_config(tmp_path, speedups={**flex, "compile_blocks": False}))
-    cfg = tiny_job_config(tmp_path, speedups=flex)  # compile_blocks "auto": off on the CPU
+    cfg = tiny_job_config(tmp_path, speedups=flex)
     assert not any("fp32_attention" in note for note in check_rules(cfg))
-    with pytest.raises(ConfigError, match="auto turned off here .no CUDA GPU"):
-        resolve_auto(cfg, torch.device("cpu"))
+    resolve_auto(cfg, torch.device("cpu"))  # a CPU run of a GPU job file: SDPA, a warning
+    assert cfg.speedups.fp32_attention == "sdpa"
+    # On a GPU, where auto leaves compile off (here a quantised base, or no compiler): exit 2.
+    quantised = tiny_job_config(tmp_path, speedups={**flex, "base_model_precision": "int8-torchao"})
+    with pytest.raises(ConfigError, match="needs compile_blocks, which auto turned off here"):
+        resolve_auto(quantised, torch.device("cuda"))
     sd3 = tiny_job_config(tmp_path, speedups=flex, model={"family": "sd3", "flavour": "medium"})
     assert any("fp32_attention" in note and "ignored" in note for note in check_rules(sd3))
     bf16 = tiny_job_config(tmp_path, speedups=flex, train={"mixed_precision": "bf16"})

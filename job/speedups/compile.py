@@ -114,6 +114,11 @@ def resolve_auto(cfg, device: torch.device) -> None:
     compile_blocks needs (exit 2 without it). Every process of a job decides alike (same
     settings, same kind of machine)."""
     s, decided = cfg.speedups, {}
+    if s.fp32_attention == "flex" and device.type != "cuda":
+        get_logger().warning("speedup_skipped", speedup="fp32_attention",
+                             reason="flex_attention's training kernels are CUDA-only",
+                             using="PyTorch SDPA")
+        s.fp32_attention = "sdpa"
     if s.compile_blocks == "auto":
         off = _auto_compile_off_because(cfg, device)
         s.compile_blocks = off is None
