@@ -13,7 +13,8 @@ a time), batch and settings:
              training loop runs them
 
     python bench/stage_c_step.py [--priors stage-c,stage-c-lite] [--steps 10] [--warmup 3]
-                                 [--gradient-checkpointing] [--compile] [--channels-last] [--cuda-graphs] [--flex-attention]
+                                 [--gradient-checkpointing] [--compile] [--channels-last]
+                                 [--cuda-graphs] [--flex-attention]
                                  [--precisions no,bf16] [--fp32-matmul-reference] [--tiny]
 
 Prints JSON and writes it to $OUT/stage_c_bench.json when OUT is set. --tiny runs a toy

@@ -273,9 +273,9 @@ class SpeedupsTable(Table):
         "prior's compiled blocks. sdpa: PyTorch SDPA, whose fp32 kernel runs on the CUDA cores "
         "(44% of a Stage C lite fp32 step, bench/RESULTS.md); flex: torch's flex_attention "
         "compiled into the blocks, on the tensor cores in TF32 with allow_tf32 (the rounding "
-        "TF32 gives every other fp32 matmul). Needs compile_blocks and a CUDA GPU (elsewhere: SDPA, "
-        "with a warning). Experimental: checked on "
-        "the CPU, not yet run or measured on a GPU. bf16/fp16 attention keeps SDPA.")
+        "TF32 gives every other fp32 matmul). Needs compile_blocks and a CUDA GPU (elsewhere: "
+        "SDPA, with a warning). Experimental: checked on the CPU, not yet run or measured on a "
+        "GPU. bf16/fp16 attention keeps SDPA.")
     attention_mechanism: Literal["diffusers", "sageattention"] = setting(
         "diffusers", "diffusers: PyTorch SDPA everywhere; sageattention: SageAttention for "
         "validation sampling only (it has no backward pass), SDPA with a warning when the "
