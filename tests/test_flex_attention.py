@@ -88,3 +88,32 @@ def test_flex_needs_compiled_blocks_and_a_family_with_its_blocks(tmp_path) -> No
     assert any("fp32_attention" in note and "ignored" in note for note in check_rules(sd3))
     bf16 = tiny_job_config(tmp_path, speedups=flex, train={"mixed_precision": "bf16"})
     assert any("changes nothing with mixed_precision" in note for note in check_rules(bf16))
+
+
+def test_compiled_block_traces_the_flex_branch(monkeypatch) -> None:
+    """The processor's flex branch traced into one graph with a Stage C attention block (no
+    graph break), as regional compile does on a GPU, gives SDPA's output. aot_eager runs
+    the traced graph with flex's reference kernel: inductor's CPU flex template does not
+    take a call without a block mask, and the Triton kernel is the GPU test's."""
+    import job.speedups.attention as attention
+
+    monkeypatch.setattr(attention, "FLEX_DEVICES", ("cuda", "cpu"))
+    torch.manual_seed(0)
+    block = SDCascadeAttnBlock(c=128, c_cond=32, nhead=2, self_attn=True).eval()  # head 64
+    x, kv = torch.randn(2, 128, 6, 6), torch.randn(2, 9, 32)
+    with torch.no_grad():
+        exact = block(x, kv)
+        _processors(block, FlexFp32AttnProcessor())
+        import torch.nn.attention.flex_attention as flex_module
+
+        calls, flex = [], flex_module.flex_attention
+
+        def counted(*args, **kwargs):  # traced once by dynamo
+            calls.append(args[0].shape)
+            return flex(*args, **kwargs)
+
+        monkeypatch.setattr(flex_module, "flex_attention", counted)
+        torch._dynamo.reset()
+        out = torch.compile(block, backend="aot_eager", fullgraph=True)(x, kv)
+    assert calls == [torch.Size([2, 2, 36, 64])], calls  # batch, heads, 6x6 tokens, head dim
+    torch.testing.assert_close(out, exact, rtol=1e-4, atol=1e-5)

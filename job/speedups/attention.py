@@ -12,7 +12,8 @@ fp32 attention through flex_attention (`[speedups] fp32_attention = "flex"`,
 graphs, is a flash-style Triton kernel whose matmuls follow torch's fp32 matmul precision:
 with `[speedups] allow_tf32` they run on the tensor cores with TF32 inputs (10 mantissa
 bits, fp32 sums), the rounding TF32 already gives every other fp32 matmul of the step.
-Opt-in until it is measured on a GPU (tests/test_gpu_flex_attention.py, bench/issue9_call4.sh).
+Opt-in until it is measured on a GPU (tests/test_gpu_flex_attention.py, bench/issue9_call4.sh);
+the CPU tests check its attention, its gradients through SDPA and its one-graph trace.
 """
 
 from __future__ import annotations
@@ -111,6 +112,11 @@ class JointAttentionProcessor:
         return norm(x) if norm is not None else x
 
 
+# Where the processor's fp32 attention goes to flex_attention: CUDA, where it trains (flex's
+# CPU kernels have no backward; tests add "cpu" to check the compiled forward).
+FLEX_DEVICES = ("cuda",)
+
+
 class FlexFp32AttnProcessor:
     """diffusers' AttnProcessor2_0 (self- and cross-attention of `Attention`: SDXL's
     transformer blocks, the Stage C prior's attention blocks) with fp32 attention through
@@ -142,7 +148,7 @@ class FlexFp32AttnProcessor:
         q = self._heads(attn, attn.to_q(hidden_states), attn.norm_q)
         k = self._heads(attn, attn.to_k(context), attn.norm_k)
         v = self._heads(attn, attn.to_v(context), None)
-        if q.dtype == k.dtype == v.dtype == torch.float32 and q.is_cuda:
+        if q.dtype == k.dtype == v.dtype == torch.float32 and q.device.type in FLEX_DEVICES:
             from torch.nn.attention.flex_attention import flex_attention
 
             out = flex_attention(q, k, v)
