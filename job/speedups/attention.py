@@ -13,7 +13,8 @@ graphs, is a flash-style Triton kernel whose matmuls follow torch's fp32 matmul 
 with `[speedups] allow_tf32` they run on the tensor cores with TF32 inputs (10 mantissa
 bits, fp32 sums), the rounding TF32 already gives every other fp32 matmul of the step.
 Opt-in until it is measured on a GPU (tests/test_gpu_flex_attention.py, bench/issue9_call4.sh);
-the CPU tests check its attention, its gradients through SDPA and its one-graph trace.
+the CPU tests check its reshaping and gradients (through its SDPA branch), the flex call's
+attention and the flex branch's one-graph trace.
 """
 
 from __future__ import annotations
