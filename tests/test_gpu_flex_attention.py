@@ -1,8 +1,9 @@
-"""On a CUDA GPU (marked `gpu`; `python -m pytest -m gpu tests/test_gpu_tf32_attention.py` on
-the GPU machine): the Stage C prior's attention block, compiled by regional compile with
-TF32 allowed, runs its fp32 attention through flex_attention, and its output and gradients
-stay within TF32's rounding of fp32 (SDPA with TF32 off), with and without the recompute
-inside the compiled block; under bf16 autocast the processor's result is SDPA's."""
+"""On a CUDA GPU (marked `gpu`; `python -m pytest -m gpu tests/test_gpu_flex_attention.py` on
+the GPU machine): a Stage C prior (the released block types, head dim 64, 24x24 latents:
+576 image tokens) compiled by regional compile with `flex_fp32_attention` and TF32 allowed
+runs its fp32 attention through flex_attention, and its output and gradients stay within
+TF32's rounding of fp32 (the same prior with SDPA and TF32 off), with and without the
+recompute inside the compiled blocks; under bf16 autocast the processor's result is SDPA's."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from diffusers.models.unets.unet_stable_cascade import SDCascadeAttnBlock
+from diffusers import StableCascadeUNet
 
 from job.speedups.attention import FlexFp32AttnProcessor
 from job.speedups.compile import apply_regional_compile
@@ -23,52 +24,64 @@ def relative_error(value, exact) -> float:
     return ((value.float() - exact.float()).norm() / exact.float().norm()).item()
 
 
-class Prior(torch.nn.Module):  # regional compile looks for blocks inside a denoiser
-    def __init__(self) -> None:
-        super().__init__()
-        self.block = SDCascadeAttnBlock(c=256, c_cond=128, nhead=4, self_attn=True)  # head 64
+def make_prior() -> StableCascadeUNet:
+    torch.manual_seed(0)
+    return StableCascadeUNet(
+        in_channels=16, out_channels=16, conditioning_dim=64, block_out_channels=(128, 128),
+        num_attention_heads=(2, 2), down_num_layers_per_block=(1, 1),
+        up_num_layers_per_block=(1, 1), switch_level=(False,), clip_text_in_channels=32,
+        clip_text_pooled_in_channels=32, clip_image_in_channels=32, clip_seq=4,
+        dropout=(0.0, 0.0)).cuda()
 
-    def forward(self, x, kv):
-        return self.block(x, kv)
+
+def inputs(batch: int) -> dict:
+    g = torch.Generator(device="cuda").manual_seed(1)
+    return {"sample": torch.randn(batch, 16, 24, 24, device="cuda", generator=g),
+            "timestep_ratio": torch.rand(batch, device="cuda", generator=g),
+            "clip_text_pooled": torch.randn(batch, 1, 32, device="cuda", generator=g),
+            "clip_text": torch.randn(batch, 77, 32, device="cuda", generator=g),
+            "clip_img": torch.randn(batch, 1, 32, device="cuda", generator=g)}
 
 
-def run(model, x, kv, grad):
-    x = x.clone().requires_grad_(True)
-    out = model(x, kv)
-    out.backward(grad)
-    return out.detach(), x.grad, [p.grad for p in model.parameters()]
+def run(prior, batch: dict):
+    sample = batch["sample"].clone().requires_grad_(True)
+    out = prior(**{**batch, "sample": sample}).sample
+    out.square().mean().backward()
+    return out.detach(), sample.grad, [p.grad for p in prior.parameters()]
 
 
 @pytest.mark.parametrize("recompute_inside", [0.0, 1.0])
 def test_fp32_attention_through_flex_within_tf32_rounding(recompute_inside: float) -> None:
-    torch.manual_seed(0)
-    exact_model = Prior().cuda()
-    model = copy.deepcopy(exact_model)
-    x = torch.randn(4, 256, 24, 24, device="cuda")  # 576 image tokens + 85 conditioning
-    kv = torch.randn(4, 85, 128, device="cuda")
-    grad = torch.randn(4, 256, 24, 24, device="cuda")
+    exact_prior = make_prior()
+    prior = copy.deepcopy(exact_prior)
+    batch = inputs(4)
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-        exact = run(exact_model, x, kv, grad)
+        exact = run(exact_prior, batch)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        apply_regional_compile(model, recompute_inside=recompute_inside, flex_fp32_attention=True)
-        assert isinstance(model.block.attention.processor, FlexFp32AttnProcessor)
-        ours = run(model, x, kv, grad)
+        torch._dynamo.reset()
+        if recompute_inside:
+            prior.enable_gradient_checkpointing()
+        apply_regional_compile(prior, recompute_inside=recompute_inside,
+                               flex_fp32_attention=True)
+        processors = [m.processor for m in prior.modules() if hasattr(m, "set_processor")]
+        assert processors and all(isinstance(p, FlexFp32AttnProcessor) for p in processors)
+        ours = run(prior, batch)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-    assert relative_error(ours[0], exact[0]) < 2e-3
-    assert relative_error(ours[1], exact[1]) < 5e-3
+    assert relative_error(ours[0], exact[0]) < 5e-3
+    assert relative_error(ours[1], exact[1]) < 1e-2
     for a, b in zip(ours[2], exact[2]):
-        assert relative_error(a, b) < 5e-3
+        assert relative_error(a, b) < 1e-2
 
 
 def test_bf16_autocast_result_unchanged() -> None:
-    torch.manual_seed(0)
-    exact_model = Prior().cuda()
-    model = copy.deepcopy(exact_model)
-    apply_regional_compile(model, flex_fp32_attention=True)
-    x, kv = torch.randn(2, 256, 24, 24, device="cuda"), torch.randn(2, 85, 128, device="cuda")
+    exact_prior = make_prior()
+    prior = copy.deepcopy(exact_prior)
+    torch._dynamo.reset()
+    apply_regional_compile(prior, flex_fp32_attention=True)
+    batch = inputs(2)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
-        ours, exact = model(x, kv), exact_model(x, kv)
-    assert relative_error(ours, exact) < 1e-2
+        ours, exact = prior(**batch).sample, exact_prior(**batch).sample
+    assert relative_error(ours, exact) < 2e-2
