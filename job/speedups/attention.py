@@ -86,15 +86,15 @@ class JointAttentionProcessor:
                  encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, *args, **kwargs):
         batch, image_tokens = hidden_states.shape[0], hidden_states.shape[1]
-        q = self._heads(attn, attn.to_q(hidden_states), attn.norm_q)
-        k = self._heads(attn, attn.to_k(hidden_states), attn.norm_k)
-        v = self._heads(attn, attn.to_v(hidden_states), None)
+        q = _heads(attn, attn.to_q(hidden_states), attn.norm_q)
+        k = _heads(attn, attn.to_k(hidden_states), attn.norm_k)
+        v = _heads(attn, attn.to_v(hidden_states), None)
         if encoder_hidden_states is not None:
-            q = torch.cat([q, self._heads(attn, attn.add_q_proj(encoder_hidden_states),
+            q = torch.cat([q, _heads(attn, attn.add_q_proj(encoder_hidden_states),
                                           attn.norm_added_q)], dim=2)
-            k = torch.cat([k, self._heads(attn, attn.add_k_proj(encoder_hidden_states),
+            k = torch.cat([k, _heads(attn, attn.add_k_proj(encoder_hidden_states),
                                           attn.norm_added_k)], dim=2)
-            v = torch.cat([v, self._heads(attn, attn.add_v_proj(encoder_hidden_states), None)],
+            v = torch.cat([v, _heads(attn, attn.add_v_proj(encoder_hidden_states), None)],
                           dim=2)
         out = self.attention(q, k, v)
         out = out.transpose(1, 2).reshape(batch, -1, out.shape[1] * out.shape[3]).to(q.dtype)
@@ -106,11 +106,11 @@ class JointAttentionProcessor:
             context = attn.to_add_out(context)
         return image, context
 
-    @staticmethod
-    def _heads(attn, x: torch.Tensor, norm) -> torch.Tensor:
-        """[B, S, H*D] -> [B, H, S, D], with the per-head norm when the block has one."""
-        x = x.view(x.shape[0], -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-        return norm(x) if norm is not None else x
+
+def _heads(attn, x: torch.Tensor, norm) -> torch.Tensor:
+    """[B, S, H*D] -> [B, H, S, D], with the per-head norm when the block has one."""
+    x = x.view(x.shape[0], -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+    return norm(x) if norm is not None else x
 
 
 # Where the processor's fp32 attention goes to flex_attention: CUDA, where it trains (flex's
@@ -146,9 +146,9 @@ class FlexFp32AttnProcessor:
         context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
         if encoder_hidden_states is not None and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        q = self._heads(attn, attn.to_q(hidden_states), attn.norm_q)
-        k = self._heads(attn, attn.to_k(context), attn.norm_k)
-        v = self._heads(attn, attn.to_v(context), None)
+        q = _heads(attn, attn.to_q(hidden_states), attn.norm_q)
+        k = _heads(attn, attn.to_k(context), attn.norm_k)
+        v = _heads(attn, attn.to_v(context), None)
         if q.dtype == k.dtype == v.dtype == torch.float32 and q.device.type in FLEX_DEVICES:
             from torch.nn.attention.flex_attention import flex_attention
 
@@ -162,11 +162,6 @@ class FlexFp32AttnProcessor:
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
-
-    @staticmethod
-    def _heads(attn, x: torch.Tensor, norm) -> torch.Tensor:
-        x = x.view(x.shape[0], -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-        return x if norm is None else norm(x)
 
 
 def use_flex_fp32_attention(blocks: list[torch.nn.Module]) -> int:
