@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
         if "bf16" in args.precisions.split(","):
             row["bf16"] = both(config, 2 if args.tiny else args.bf16_batch, "bf16", args, device)
         print(json.dumps({name: out["priors"][name]}), flush=True)
-    print(json.dumps(out, indent=2))
+    print(json.dumps(out))  # one line: bench/run_list.sh keeps each command's last line
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "stage_c_bench.json").write_text(json.dumps(out, indent=2))
     return out
