@@ -117,8 +117,11 @@ def ours(config, batch_size, precision, args, device) -> dict:
 
         apply_regional_compile(prior, "aot_eager" if args.tiny else "inductor",
                                cuda_graphs=args.cuda_graphs and device.type == "cuda",
-                               recompute_inside=1.0 if args.gradient_checkpointing else 0.0,
-                               flex_fp32_attention=args.flex_attention)
+                               recompute_inside=1.0 if args.gradient_checkpointing else 0.0)
+        if args.flex_attention:
+            from job.speedups.attention import apply_flex_fp32_attention
+
+            apply_flex_fp32_attention(prior)
     params = [p for p in prior.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, "adamw", 1e-4, 0.9, 0.999, 1e-2, 1e-8)
     batch, generator = make_batch(config, batch_size, device), torch.Generator().manual_seed(2)

@@ -194,8 +194,11 @@ def _prepare_denoiser(cfg: JobConfig, family, device: torch.device):
         apply_regional_compile(family.denoiser(), cuda_graphs=off is None,
                                recompute_inside=train.gradient_checkpointing_ratio
                                if train.gradient_checkpointing else 0.0,
-                               memory_budget=train.activation_memory_budget,
-                               flex_fp32_attention=cfg.speedups.fp32_attention == "flex")
+                               memory_budget=train.activation_memory_budget)
+        if cfg.speedups.fp32_attention == "flex":
+            from job.speedups.attention import apply_flex_fp32_attention
+
+            apply_flex_fp32_attention(family.denoiser())
     if cfg.distributed.strategy == "fsdp2":
         # Last: the compiled blocks are the units sharded, and the optimizer (built next,
         # by the Trainer) holds the sharded parameters.

@@ -13,7 +13,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from diffusers.models.unets.unet_stable_cascade import SDCascadeAttnBlock
 from torch.nn.attention.flex_attention import flex_attention
 
-from job.speedups.attention import FlexFp32AttnProcessor, use_flex_fp32_attention
+from job.speedups.attention import FlexFp32AttnProcessor, apply_flex_fp32_attention
 
 
 def _processors(block: torch.nn.Module, processor) -> None:
@@ -61,9 +61,9 @@ def test_flex_attention_call_is_sdpas_attention() -> None:
 
 
 def test_nothing_is_swapped_without_cuda() -> None:
-    block = SDCascadeAttnBlock(c=64, c_cond=32, nhead=2)
-    assert use_flex_fp32_attention([block]) == 0
-    assert type(block.attention.processor) is AttnProcessor2_0
+    prior = torch.nn.Sequential(SDCascadeAttnBlock(c=64, c_cond=32, nhead=2))
+    assert apply_flex_fp32_attention(prior) == 0
+    assert type(prior[0].attention.processor) is AttnProcessor2_0
 
 
 def test_flex_needs_compiled_blocks_and_a_family_with_its_blocks(tmp_path) -> None:

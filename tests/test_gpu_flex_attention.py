@@ -1,6 +1,6 @@
 """On a CUDA GPU (marked `gpu`; `python -m pytest -m gpu tests/test_gpu_flex_attention.py` on
 the GPU machine): a Stage C prior (the released block types, head dim 64, 24x24 latents:
-576 image tokens) compiled by regional compile with `flex_fp32_attention` and TF32 allowed
+576 image tokens) compiled by regional compile with `apply_flex_fp32_attention` and TF32 allowed
 runs its fp32 attention through flex_attention, and its output and gradients stay within
 TF32's rounding of fp32 (the same prior with SDPA and TF32 off), with and without the
 recompute inside the compiled blocks; under bf16 autocast the processor's result is SDPA's."""
@@ -13,7 +13,7 @@ import pytest
 import torch
 from diffusers import StableCascadeUNet
 
-from job.speedups.attention import FlexFp32AttnProcessor
+from job.speedups.attention import FlexFp32AttnProcessor, apply_flex_fp32_attention
 from job.speedups.compile import apply_regional_compile
 
 pytestmark = [pytest.mark.gpu,
@@ -63,8 +63,8 @@ def test_fp32_attention_through_flex_within_tf32_rounding(recompute_inside: floa
         torch._dynamo.reset()
         if recompute_inside:
             prior.enable_gradient_checkpointing()
-        apply_regional_compile(prior, recompute_inside=recompute_inside,
-                               flex_fp32_attention=True)
+        apply_regional_compile(prior, recompute_inside=recompute_inside)
+        assert apply_flex_fp32_attention(prior) == 4  # each attention block's
         processors = [m.processor for m in prior.modules() if hasattr(m, "set_processor")]
         assert processors and all(isinstance(p, FlexFp32AttnProcessor) for p in processors)
         ours = run(prior, batch)
@@ -80,7 +80,8 @@ def test_bf16_autocast_result_unchanged() -> None:
     exact_prior = make_prior()
     prior = copy.deepcopy(exact_prior)
     torch._dynamo.reset()
-    apply_regional_compile(prior, flex_fp32_attention=True)
+    apply_regional_compile(prior)
+    apply_flex_fp32_attention(prior)
     batch = inputs(2)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         ours, exact = prior(**batch).sample, exact_prior(**batch).sample

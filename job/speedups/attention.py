@@ -116,6 +116,8 @@ def _heads(attn, x: torch.Tensor, norm) -> torch.Tensor:
 # Where the processor's fp32 attention goes to flex_attention: CUDA, where it trains (flex's
 # CPU kernels have no backward; tests add "cpu" to check the compiled forward).
 FLEX_DEVICES = ("cuda",)
+FLEX_SKIPPED = dict(speedup="fp32_attention", reason="flex_attention's training kernels are "
+                    "CUDA-only", using="PyTorch SDPA")
 
 
 class FlexFp32AttnProcessor:
@@ -164,17 +166,26 @@ class FlexFp32AttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def use_flex_fp32_attention(blocks: list[torch.nn.Module]) -> int:
-    """`FlexFp32AttnProcessor` on the CUDA `Attention` modules inside `blocks` (about to be
-    compiled) that run diffusers' default AttnProcessor2_0; returns how many. Their fp32
-    attention's precision then follows torch's fp32 matmul setting (TF32 with allow_tf32)."""
+def apply_flex_fp32_attention(denoiser: torch.nn.Module) -> int:
+    """`FlexFp32AttnProcessor` on the CUDA `Attention` modules of the denoiser's compiled
+    blocks (regional compile's block classes) that run diffusers' default AttnProcessor2_0;
+    returns how many. Their fp32 attention's precision follows torch's fp32 matmul setting
+    (TF32 with allow_tf32). Called with compile_blocks on (the config rules see to it):
+    dynamo traces the processor when a block first runs, so the order does not matter."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-    swapped = 0
-    for block in blocks:
-        for module in block.modules():
-            if isinstance(module, Attention) and type(module.processor) is AttnProcessor2_0 \
-                    and next(module.parameters()).is_cuda:
-                module.set_processor(FlexFp32AttnProcessor())
-                swapped += 1
-    return swapped
+    from job.speedups.compile import BLOCK_CLASSES
+
+    log = get_logger()
+    if not torch.cuda.is_available():
+        log.warning("speedup_skipped", **FLEX_SKIPPED)
+        return 0
+    modules = [m for block in denoiser.modules() if type(block).__name__ in BLOCK_CLASSES
+               for m in block.modules() if isinstance(m, Attention)
+               and type(m.processor) is AttnProcessor2_0 and next(m.parameters()).is_cuda]
+    for module in modules:
+        module.set_processor(FlexFp32AttnProcessor())
+    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    log.info("speedup_active", speedup="flex_fp32_attention", attention_modules=len(modules),
+             matmul_precision=precision)
+    return len(modules)

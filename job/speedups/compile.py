@@ -115,9 +115,9 @@ def resolve_auto(cfg, device: torch.device) -> None:
     settings, same kind of machine)."""
     s, decided = cfg.speedups, {}
     if s.fp32_attention == "flex" and device.type != "cuda":
-        get_logger().warning("speedup_skipped", speedup="fp32_attention",
-                             reason="flex_attention's training kernels are CUDA-only",
-                             using="PyTorch SDPA")
+        from job.speedups.attention import FLEX_SKIPPED
+
+        get_logger().warning("speedup_skipped", **FLEX_SKIPPED)
         s.fp32_attention = "sdpa"
     if s.compile_blocks == "auto":
         off = _auto_compile_off_because(cfg, device)
@@ -208,8 +208,7 @@ def cuda_graphs_off_because(cfg, device: torch.device) -> str | None:
 def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
                            classes: frozenset[str] = BLOCK_CLASSES, mode: str | None = None,
                            cuda_graphs: bool = False, recompute_inside: float = 0.0,
-                           memory_budget: float | None = None,
-                           flex_fp32_attention: bool = False) -> int:
+                           memory_budget: float | None = None) -> int:
     """Compile every module of `denoiser` whose class is in `classes` (the repeated blocks by
     default) in place, the UNets' for static shapes; returns how many. `mode` is
     torch.compile's for every block; `cuda_graphs` gives the static-shape blocks inductor's
@@ -220,9 +219,7 @@ def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
     keep diffusers' checkpoint around them, measured at 1.68x for SD3.5 Medium).
     `memory_budget`: torch's activation memory budget for the compiled graphs (the share of
     their activations kept for backward, the partitioner recomputing the cheapest rest; a
-    process-wide torch setting, read when each graph compiles). `flex_fp32_attention`:
-    the blocks' `Attention` modules run fp32 attention through flex_attention
-    (`[speedups] fp32_attention = "flex"`, job/speedups/attention.py)."""
+    process-wide torch setting, read when each graph compiles)."""
     blocks = [m for m in denoiser.modules() if type(m).__name__ in classes]
     if memory_budget is not None:
         import torch._functorch.config as functorch_config
@@ -241,9 +238,6 @@ def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
     # With checkpointing the static-shape blocks that recompute do it inside their own
     # graphs, so they replay like the rest.
     graphed = {id(b) for b in static} if cuda_graphs else set()
-    from job.speedups.attention import use_flex_fp32_attention
-
-    flex_attention = use_flex_fp32_attention(blocks) if flex_fp32_attention else 0
     for block in blocks:
         static = type(block).__name__ in STATIC_SHAPE_CLASSES
         block_mode = "reduce-overhead" if id(block) in graphed else mode
@@ -255,8 +249,7 @@ def apply_regional_compile(denoiser: nn.Module, backend: str = "inductor",
                       static_shapes=static_kinds,
                       cuda_graphs=sorted({type(b).__name__ for b in blocks if id(b) in graphed}),
                       recompute_inside=sorted({type(b).__name__ for b in inside}),
-                      blocks_recomputing_inside=len(inside), activation_memory_budget=memory_budget,
-                      flex_fp32_attention=flex_attention)
+                      blocks_recomputing_inside=len(inside), activation_memory_budget=memory_budget)
     return len(blocks)
 
 
