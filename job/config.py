@@ -613,18 +613,18 @@ def _check_family_features(cfg: JobConfig, spec: Any) -> list[str]:
                                             "text_encoder_2_precision", "text_encoder_3_precision")
                  if getattr(s, k) != "no_change"}
     if quantised and "quantisation" not in spec.features:
-        able = [f.name for f in FAMILIES.values() if "quantisation" in f.features]
         key, value = next(iter(quantised.items()))
         raise ConfigError(f'speedups.{key} = "{value}" but family {spec.name!r} loads its '
                           "weights unquantised", f"quantisation works with family "
-                          f"{', '.join(able) or '(none)'}; or set {key} = \"no_change\"")
+                          f"{_able('quantisation')}; or set {key} = \"no_change\"")
     if cfg.validation.guidance_skip_layers and "skip_layer_guidance" not in spec.features:
         notes.append(f"validation.guidance_skip_layers is ignored: family {spec.name!r} samples "
                      "with a pipeline that has no skip-layer guidance")
     if s.attention_mechanism == "sageattention" and "sageattention" not in spec.features:
         notes.append(f'speedups.attention_mechanism = "sageattention" is ignored: family '
                      f"{spec.name!r} samples with PyTorch SDPA")
-    notes += _check_offload_and_routing(cfg, spec) + _check_fp8(cfg, spec)
+    notes += _check_offload(cfg, spec) + _check_compiled_speedups(cfg, spec) \
+        + _check_routing(cfg, spec) + _check_fp8(cfg, spec)
     for other in FAMILIES.values():
         table = other.settings_table
         if table and other.name != spec.name and table in cfg.model_fields_set:
@@ -636,16 +636,15 @@ def _check_family_features(cfg: JobConfig, spec: Any) -> list[str]:
 def _check_fp8(cfg: JobConfig, spec: Any) -> list[str]:
     """[speedups] fp8_base_matmuls: a LoRA on a DiT's unquantised bf16 base, not offloaded."""
     from job.errors import ConfigError
-    from job.models.registry import FAMILIES
 
     s = cfg.speedups
     if not s.fp8_base_matmuls:
         return []
     where = "speedups.fp8_base_matmuls = true"
     if "fp8_matmuls" not in spec.features:
-        able = ", ".join(f.name for f in FAMILIES.values() if "fp8_matmuls" in f.features)
         raise ConfigError(f"{where} but family {spec.name!r} has no float8 block linears",
-                          f"fp8_base_matmuls works with family {able}; or set it to false")
+                          f"fp8_base_matmuls works with family {_able('fp8_matmuls')}; or set "
+                          "it to false")
     problems = [
         (cfg.model.model_type != "lora", 'model.model_type = "full" (a full fine-tune needs '
          "weight gradients, which this layer does not compute)", 'train a LoRA'),
@@ -672,16 +671,11 @@ def _refuse_first(where: str, problems: list[tuple[bool, str, str]], or_else: st
             raise ConfigError(f"{where} with {what}", fix + or_else)
 
 
-def _check_offload_and_routing(cfg: JobConfig, spec: Any) -> list[str]:
-    """Group offload, model CPU offload, TREAD and conditioning data against the family."""
+def _check_offload(cfg: JobConfig, spec: Any) -> list[str]:
+    """Group offload and model CPU offload against the family and each other."""
     from job.errors import ConfigError
-    from job.models.registry import FAMILIES
 
     s, notes = cfg.speedups, []
-
-    def able(feature: str) -> str:
-        return ", ".join(f.name for f in FAMILIES.values() if feature in f.features) or "(none)"
-
     if s.enable_group_offload and s.enable_model_cpu_offload:
         raise ConfigError("speedups.enable_group_offload and speedups.enable_model_cpu_offload "
                           "are both on; they move the same weights with different hooks",
@@ -690,7 +684,7 @@ def _check_offload_and_routing(cfg: JobConfig, spec: Any) -> list[str]:
     if s.enable_group_offload and "offload" not in spec.features:
         raise ConfigError(f"speedups.enable_group_offload = true but family {spec.name!r} keeps "
                           "its denoiser on the GPU", f"group offload works with family "
-                          f"{able('offload')}; or set enable_group_offload = false")
+                          f"{_able('offload')}; or set enable_group_offload = false")
     if s.enable_group_offload and cfg.train.gradient_checkpointing \
             and cfg.train.gradient_checkpointing_ratio < 1:
         raise ConfigError(f"speedups.enable_group_offload = true with "
@@ -714,6 +708,17 @@ def _check_offload_and_routing(cfg: JobConfig, spec: Any) -> list[str]:
                           "and torchao's quantised weights cannot be pinned",
                           "set group_offload_use_stream = false (synchronous offload), or "
                           'base_model_precision = "no_change"')
+    for key in ("enable_model_cpu_offload", "offload_during_startup"):
+        if getattr(s, key) and "offload" not in spec.features:
+            notes.append(f"speedups.{key} is ignored: family {spec.name!r} does not offload")
+    return notes
+
+
+def _check_compiled_speedups(cfg: JobConfig, spec: Any) -> list[str]:
+    """Settings that act through the compiled blocks, and channels_last's family."""
+    from job.errors import ConfigError
+
+    s, notes = cfg.speedups, []
     if s.fp32_attention == "flex" and s.compile_blocks is False:
         raise ConfigError('speedups.fp32_attention = "flex" with compile_blocks = false: '
                           "flex_attention is fast only compiled into the blocks",
@@ -735,19 +740,29 @@ def _check_offload_and_routing(cfg: JobConfig, spec: Any) -> list[str]:
     if s.channels_last is True and "channels_last" not in spec.features:
         notes.append(f"speedups.channels_last is ignored: family {spec.name!r} has no "
                      "convolutional denoiser")
-    for key in ("enable_model_cpu_offload", "offload_during_startup"):
-        if getattr(s, key) and "offload" not in spec.features:
-            notes.append(f"speedups.{key} is ignored: family {spec.name!r} does not offload")
+    return notes
+
+
+def _check_routing(cfg: JobConfig, spec: Any) -> list[str]:
+    """TREAD routes and conditioning images against the family."""
+    from job.errors import ConfigError
+
     if cfg.tread.routes and "tread" not in spec.features:
         raise ConfigError(f"[tread] routes are set but family {spec.name!r} has no token "
-                          f"routing", f"TREAD works with family {able('tread')}; or remove "
+                          f"routing", f"TREAD works with family {_able('tread')}; or remove "
                           "[tread]")
-    if "conditioning" not in spec.features:
-        for i, ds in enumerate(cfg.datasets):
-            if ds.conditioning_data_dir:
-                notes.append(f"datasets[{i}].conditioning_data_dir is ignored: family "
-                             f"{spec.name!r} trains without conditioning images")
-    return notes
+    if "conditioning" in spec.features:
+        return []
+    return [f"datasets[{i}].conditioning_data_dir is ignored: family {spec.name!r} trains "
+            "without conditioning images" for i, ds in enumerate(cfg.datasets)
+            if ds.conditioning_data_dir]
+
+
+def _able(feature: str) -> str:
+    """The families with `feature`, for an error's fix."""
+    from job.models.registry import FAMILIES
+
+    return ", ".join(f.name for f in FAMILIES.values() if feature in f.features) or "(none)"
 
 
 def _check_distillation(cfg: JobConfig, spec: Any) -> None:
