@@ -282,8 +282,8 @@ def test_recompute_inside_compiled_blocks_gives_the_same_numbers_and_saves_less(
         tmp_path: Path, models_dir: Path) -> None:
     """Gradient checkpointing moved inside the compiled blocks: the loss and gradients of
     diffusers' own checkpointing, no more saved activations than it keeps (issue 9: peak
-    within 10% of the checkpointed reference), and the blocks of a kind still share their
-    graphs (no recompile per block)."""
+    within 10% of the checkpointed reference), the blocks of a kind still share their
+    graphs (no recompile per block), and no block's graph breaks."""
     family, run = lora_unet_loss(tmp_path, models_dir)
 
     _, everything = _saved_bytes(run, family.unet)
@@ -300,6 +300,10 @@ def test_recompute_inside_compiled_blocks_gives_the_same_numbers_and_saves_less(
     assert_same_numbers(loss_and_grads(run, family.unet), plain)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert 0 < graphs < blocks
+    # Each block is one graph: a break would run its recompute (and, with fp32_attention =
+    # "flex", flex's unfused reference) eagerly.
+    assert not torch._dynamo.utils.counters["graph_break"], \
+        dict(torch._dynamo.utils.counters["graph_break"])
     _, inside = _saved_bytes(run, family.unet)
     # Measured: 0.35 MB inside, 0.41 MB with diffusers' checkpointing, 3.1 MB without.
     assert inside <= 1.1 * kept and inside < 0.2 * everything, (inside, kept, everything)

@@ -293,6 +293,10 @@ def _recompute_inside(denoiser: nn.Module, blocks: list[nn.Module],
     chosen = SelectiveCheckpointing(min(ratio, 1.0)).chosen
     recomputing = [block for index, block in enumerate(blocks) if chosen(index)]
     for block in recomputing:
+        # The class's forward, bound here: dynamo cannot trace `type(block).forward` when
+        # diffusers marks the class allow_in_graph (BasicTransformerBlock), and broke the
+        # block's graph there (its checkpoint and recompute then ran eagerly).
+        block._class_forward = MethodType(type(block).forward, block)
         block.forward = MethodType(_checkpointed_forward, block)
     return recomputing
 
@@ -304,10 +308,10 @@ def _checkpointed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
     on attention only) has no backward: it runs plainly, and compiles as an inference graph,
     where torch cannot recompute random ops (dropout). These checks run while dynamo
     traces, as guards, not per call."""
-    forward = type(block).forward
+    forward = block._class_forward
     if torch.is_grad_enabled() and _needs_grad(block, args, kwargs):
-        return checkpoint(forward, block, *args, use_reentrant=False, **kwargs)
-    return forward(block, *args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
 
 
 def _needs_grad(block: nn.Module, args: tuple, kwargs: dict) -> bool:
