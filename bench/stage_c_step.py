@@ -246,6 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile", action="store_true",
                         help="also profile two steps (GPU busy share, top kernels)")
     args = parser.parse_args(argv)
+    if args.flex_attention and not args.compile:
+        parser.error("--flex-attention needs --compile (flex_attention is fast only compiled)")
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

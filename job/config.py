@@ -719,18 +719,18 @@ def _check_compiled_speedups(cfg: JobConfig, spec: Any) -> list[str]:
     from job.errors import ConfigError
 
     s, notes = cfg.speedups, []
-    if s.fp32_attention == "flex" and s.compile_blocks is False:
-        raise ConfigError('speedups.fp32_attention = "flex" with compile_blocks = false: '
-                          "flex_attention is fast only compiled into the blocks",
-                          'set compile_blocks = true (or "auto" on a GPU), or fp32_attention '
-                          '= "sdpa"')
     if s.fp32_attention == "flex" and "flex_attention" not in spec.features:
         notes.append(f'speedups.fp32_attention = "flex" is ignored: family {spec.name!r} '
                      "has its own attention processors (SDPA)")
     elif s.fp32_attention == "flex" and cfg.train.mixed_precision != "no":
-        notes.append(f'speedups.fp32_attention = "flex" changes nothing with mixed_precision = '
+        notes.append(f'speedups.fp32_attention = "flex" is ignored with mixed_precision = '
                      f'"{cfg.train.mixed_precision}": the attention runs in '
                      f"{cfg.train.mixed_precision} through SDPA; it applies to fp32 training")
+    elif s.fp32_attention == "flex" and s.compile_blocks is False:
+        raise ConfigError('speedups.fp32_attention = "flex" with compile_blocks = false: '
+                          "flex_attention is fast only compiled into the blocks",
+                          'set compile_blocks = true (or "auto" on a GPU), or fp32_attention '
+                          '= "sdpa"')
     if cfg.train.activation_memory_budget is not None and s.compile_blocks is False:
         raise ConfigError(f"train.activation_memory_budget = "
                           f"{cfg.train.activation_memory_budget} with speedups.compile_blocks = "

@@ -66,7 +66,10 @@ def test_nothing_is_swapped_without_cuda() -> None:
     assert type(prior[0].attention.processor) is AttnProcessor2_0
 
 
-def test_flex_needs_compiled_blocks_and_a_family_with_its_blocks(tmp_path) -> None:
+def test_flex_needs_compiled_blocks_where_it_applies(tmp_path) -> None:
+    """fp32_attention = "flex" on an fp32 sdxl or Stage C job needs compiled blocks (exit 2
+    without them); where it cannot act (another family, bf16, the CPU) it is ignored, said
+    in a note or a warning, and never an error."""
     from helpers import tiny_job_config
 
     from job.config import check_rules
@@ -74,20 +77,28 @@ def test_flex_needs_compiled_blocks_and_a_family_with_its_blocks(tmp_path) -> No
     from job.speedups.compile import resolve_auto
 
     flex = {"fp32_attention": "flex"}
+    no_compile = {**flex, "compile_blocks": False}
     with pytest.raises(ConfigError, match="compile_blocks = false.*\n.*set compile_blocks"):
-        check_rules(tiny_job_config(tmp_path, speedups={**flex, "compile_blocks": False}))
+        check_rules(tiny_job_config(tmp_path, speedups=no_compile))
     cfg = tiny_job_config(tmp_path, speedups=flex)
     assert not any("fp32_attention" in note for note in check_rules(cfg))
     resolve_auto(cfg, torch.device("cpu"))  # a CPU run of a GPU job file: SDPA, a warning
     assert cfg.speedups.fp32_attention == "sdpa"
     # On a GPU, where auto leaves compile off (here a quantised base, or no compiler): exit 2.
-    quantised = tiny_job_config(tmp_path, speedups={**flex, "base_model_precision": "int8-torchao"})
+    quantised = {**flex, "base_model_precision": "int8-torchao"}
     with pytest.raises(ConfigError, match="needs compile_blocks, which auto turned off here"):
-        resolve_auto(quantised, torch.device("cuda"))
-    sd3 = tiny_job_config(tmp_path, speedups=flex, model={"family": "sd3", "flavour": "medium"})
-    assert any("fp32_attention" in note and "ignored" in note for note in check_rules(sd3))
-    bf16 = tiny_job_config(tmp_path, speedups=flex, train={"mixed_precision": "bf16"})
-    assert any("changes nothing with mixed_precision" in note for note in check_rules(bf16))
+        resolve_auto(tiny_job_config(tmp_path, speedups=quantised), torch.device("cuda"))
+    # Ignored, with a note, whatever compile does.
+    sd3 = {"model": {"family": "sd3", "flavour": "medium"}}
+    bf16 = {"model": {"family": "stable_cascade", "flavour": "tiny"},
+            "train": {"mixed_precision": "bf16"}, "job": {"i_know_what_i_am_doing": True}}
+    for other, said in ((sd3, "is ignored: family 'sd3'"),
+                        (bf16, 'is ignored with mixed_precision = "bf16"')):
+        for speedups in (flex, no_compile, quantised):
+            cfg = tiny_job_config(tmp_path, speedups=speedups, **other)
+            assert any(said in note for note in check_rules(cfg)), check_rules(cfg)
+            resolve_auto(cfg, torch.device("cuda"))
+            assert cfg.speedups.fp32_attention == "sdpa"
 
 
 def test_compiled_block_traces_the_flex_branch(monkeypatch) -> None:

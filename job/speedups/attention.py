@@ -183,6 +183,11 @@ def apply_flex_fp32_attention(denoiser: torch.nn.Module) -> int:
     modules = [m for block in denoiser.modules() if type(block).__name__ in BLOCK_CLASSES
                for m in block.modules() if isinstance(m, Attention)
                and type(m.processor) is AttnProcessor2_0 and next(m.parameters()).is_cuda]
+    if not modules:
+        log.warning("speedup_skipped", speedup="fp32_attention", using="PyTorch SDPA",
+                    reason="no CUDA Attention module with diffusers' default processor in the "
+                    "compiled blocks")
+        return 0
     for module in modules:
         module.set_processor(FlexFp32AttnProcessor())
     precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"

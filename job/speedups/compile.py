@@ -114,6 +114,8 @@ def resolve_auto(cfg, device: torch.device) -> None:
     compile_blocks needs (exit 2 without it). Every process of a job decides alike (same
     settings, same kind of machine)."""
     s, decided = cfg.speedups, {}
+    if s.fp32_attention == "flex" and not flex_applies(cfg):
+        s.fp32_attention = "sdpa"  # check_rules' note said why
     if s.fp32_attention == "flex" and device.type != "cuda":
         from job.speedups.attention import FLEX_SKIPPED
 
@@ -151,6 +153,15 @@ def resolve_auto(cfg, device: torch.device) -> None:
                           f"auto turned off here ({decided.get('compile_blocks')})",
                           "set speedups.compile_blocks = true, or remove "
                           "activation_memory_budget")
+
+
+def flex_applies(cfg) -> bool:
+    """Whether `[speedups] fp32_attention = "flex"` can act: fp32 training of a family whose
+    compiled blocks run diffusers' Attention (sdxl, the Stage C prior)."""
+    from job.models.registry import spec_for
+
+    return cfg.train.mixed_precision == "no" \
+        and "flex_attention" in spec_for(cfg.model.family).features
 
 
 def _auto_compile_off_because(cfg, device: torch.device) -> str | None:
