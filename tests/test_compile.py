@@ -505,3 +505,49 @@ def test_with_checkpointing_the_static_blocks_still_get_cuda_graphs(monkeypatch)
     apply_regional_compile(model, cuda_graphs=True, recompute_inside=1.0)
     assert modes == {"plain": "reduce-overhead", "dropping": "reduce-overhead"}
     assert "forward" in vars(model.plain) and "forward" in vars(model.dropping)
+
+
+def _family_with_batch(kind: str, tmp_path: Path):
+    """A tiny family of `kind` with a LoRA, its denoiser and a training batch."""
+    models = tmp_path / "models"
+    if kind == "sdxl":
+        family = load_family(tmp_path, models)
+        batch = make_batch(family, SIZES)
+    elif kind == "sd3":
+        import sd3_helpers
+
+        family = sd3_helpers.load_family(tmp_path, models)
+        batch = sd3_helpers.make_batch(family)
+    elif kind == "stable_cascade":
+        import stage_c_helpers
+
+        family = stage_c_helpers.load_family(tmp_path, models)
+        batch = stage_c_helpers.make_batch(family)
+    else:
+        import test_kandinsky5_family as kandinsky5
+
+        family = kandinsky5.load_family(tmp_path, models)
+        batch = kandinsky5.make_batch(family)
+    family.add_lora()
+    return family, family.denoiser(), batch
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("kind", ["sdxl", "sd3", "stable_cascade", "kandinsky5-image"])
+def test_no_compiled_block_breaks_its_graph(kind: str, checkpointing: bool,
+                                            tmp_path: Path) -> None:
+    """A training step of every family with compiled blocks, with and without gradient
+    checkpointing, traces each block into whole graphs: a graph break runs the rest of
+    the block eagerly (the speedup silently lost; with fp32_attention = "flex", its
+    unfused reference kernel)."""
+    family, denoiser, batch = _family_with_batch(kind, tmp_path)
+    if checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    assert apply_regional_compile(denoiser, backend="aot_eager",
+                                  recompute_inside=1.0 if checkpointing else 0.0) > 0
+    family.training_loss(batch, torch.Generator().manual_seed(0)).mean().backward()
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+    assert not torch._dynamo.utils.counters["graph_break"], \
+        dict(torch._dynamo.utils.counters["graph_break"])
