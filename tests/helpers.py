@@ -1,4 +1,4 @@
-"""Shared test helpers: a minimal job config for the tiny SDXL, built in code."""
+"""Shared test helpers: a minimal job config for the tiny SDXL, built in code, and checks."""
 
 from __future__ import annotations
 
@@ -138,3 +138,8 @@ def assert_an_unsharded_copy_exports_in_place(family: Any, out_dir: Path,
     assert saved.keys() == weights.keys()
     for key, value in weights.items():
         torch.testing.assert_close(saved[key], value, rtol=0, atol=0, msg=key)
+
+
+def relative_error(value: Any, exact: Any) -> float:
+    """||value - exact|| / ||exact||, in fp32."""
+    return ((value.float() - exact.float()).norm() / exact.float().norm()).item()

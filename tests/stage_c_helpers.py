@@ -14,6 +14,21 @@ from job.models.stable_cascade_tiny import ensure_tiny_decoder, ensure_tiny_prio
 CAPTIONS = ["a photo of the red circle", "a yellow square on a black background, " * 12]
 
 
+def small_prior(width: int, conditioning_dim: int, clip_dim: int,
+                dropout: float) -> torch.nn.Module:
+    """A StableCascadeUNet built in code with the release's block types (one of each per
+    level, two levels, two heads: head dim width / 2), seeded; its other sizes given."""
+    from diffusers import StableCascadeUNet
+
+    torch.manual_seed(0)
+    return StableCascadeUNet(
+        in_channels=16, out_channels=16, conditioning_dim=conditioning_dim,
+        block_out_channels=(width, width), num_attention_heads=(2, 2),
+        down_num_layers_per_block=(1, 1), up_num_layers_per_block=(1, 1), switch_level=(False,),
+        clip_text_in_channels=clip_dim, clip_text_pooled_in_channels=clip_dim,
+        clip_image_in_channels=clip_dim, clip_seq=4, dropout=(dropout, dropout))
+
+
 def prior_folder(models_dir: Path) -> Path:
     """Where the `tiny` flavour builds (and finds) its prior under hub_cache_dir."""
     return ensure_tiny_prior(models_dir / "tunejob-tiny" / "stable_cascade")

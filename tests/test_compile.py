@@ -401,15 +401,9 @@ def _dropout_prior():
     """A tiny Stage C prior with the release's block types and dropout (0.3, so a wrong mask
     shows), in float64 for a finite-difference check; only the attention layers train, as
     a LoRA on them would, so the first blocks have nothing to differentiate."""
-    from diffusers import StableCascadeUNet
+    from stage_c_helpers import small_prior
 
-    torch.manual_seed(0)
-    prior = StableCascadeUNet(
-        in_channels=16, out_channels=16, conditioning_dim=32, block_out_channels=(32, 32),
-        num_attention_heads=(2, 2), down_num_layers_per_block=(1, 1),
-        up_num_layers_per_block=(1, 1), switch_level=(False,), clip_text_in_channels=24,
-        clip_text_pooled_in_channels=24, clip_image_in_channels=24, clip_seq=4,
-        dropout=(0.3, 0.3)).train().double()
+    prior = small_prior(width=32, conditioning_dim=32, clip_dim=24, dropout=0.3).train().double()
     for name, p in prior.named_parameters():
         p.requires_grad_(".attention." in name)
     return prior

@@ -16,6 +16,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
+from helpers import relative_error
 from job.config import JobConfig, check_rules
 from job.errors import ConfigError
 from job.speedups.float8 import (E4M3, Float8FrozenLinear, apply_float8_base, quantize_rows)
@@ -23,10 +24,6 @@ from test_sd3_run import rows, sd3_job
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 import sd3_step  # noqa: E402
-
-
-def relative_error(value: torch.Tensor, exact: torch.Tensor) -> float:
-    return ((value.float() - exact.float()).norm() / exact.float().norm()).item()
 
 
 def test_rows_quantise_within_e4m3_precision() -> None:

@@ -14,9 +14,11 @@ import copy
 
 import pytest
 import torch
-from diffusers import StableCascadeUNet, UNet2DConditionModel
+from diffusers import UNet2DConditionModel
 
 import torch.nn.attention.flex_attention as flex_module
+from helpers import relative_error
+from stage_c_helpers import small_prior
 from job.speedups.attention import FlexFp32AttnProcessor, apply_flex_fp32_attention
 from job.speedups.compile import apply_regional_compile
 
@@ -25,18 +27,8 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.filterwarnings("error:flex_attention called without torch.compile")]
 
 
-def relative_error(value, exact) -> float:
-    return ((value.float() - exact.float()).norm() / exact.float().norm()).item()
-
-
 def stage_c():
-    torch.manual_seed(0)
-    prior = StableCascadeUNet(
-        in_channels=16, out_channels=16, conditioning_dim=64, block_out_channels=(128, 128),
-        num_attention_heads=(2, 2), down_num_layers_per_block=(1, 1),
-        up_num_layers_per_block=(1, 1), switch_level=(False,), clip_text_in_channels=32,
-        clip_text_pooled_in_channels=32, clip_image_in_channels=32, clip_seq=4,
-        dropout=(0.0, 0.0)).cuda()
+    prior = small_prior(width=128, conditioning_dim=64, clip_dim=32, dropout=0.0).cuda()
     g = torch.Generator(device="cuda").manual_seed(1)
 
     def inputs(batch: int) -> dict:

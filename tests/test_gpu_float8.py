@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import relative_error
 from job.speedups.float8 import Float8FrozenLinear, apply_float8_base
 
 pytestmark = pytest.mark.gpu
@@ -18,10 +19,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 def fp8_gpu() -> bool:
     return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
-
-
-def relative_error(value, exact) -> float:
-    return ((value.float() - exact.float()).norm() / exact.float().norm()).item()
 
 
 @pytest.mark.skipif(not fp8_gpu(), reason="needs a GPU of compute capability 8.9+")
