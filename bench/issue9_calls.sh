@@ -11,12 +11,12 @@ case "${1:?which call: 1, 2, 3 or 4}" in
     # both references (tunejob's TF32 default and torch's fp32 matmuls), lite profiled; the
     # SageAttention sampling ratio for the prior.
     DEADLINE=${DEADLINE:-550} bash "$here/run_list.sh" \
-        "$stage_c --precisions bf16 --gradient-checkpointing --compile --channels-last --priors stage-c-lite --steps 5 --warmup 3 | grep '^{\"stage' | tail -1" \
-        "$stage_c --precisions bf16 --gradient-checkpointing --compile --channels-last --cuda-graphs --priors stage-c-lite --steps 5 --warmup 3 | grep '^{\"stage' | tail -1" \
-        "$stage_c --precisions bf16 --compile --channels-last --cuda-graphs --priors stage-c-lite --steps 5 --warmup 3 | grep '^{\"stage' | tail -1" \
+        "$stage_c --precisions bf16 --gradient-checkpointing --compile --channels-last --priors stage-c-lite --steps 5 --warmup 3" \
+        "$stage_c --precisions bf16 --gradient-checkpointing --compile --channels-last --cuda-graphs --priors stage-c-lite --steps 5 --warmup 3" \
+        "$stage_c --precisions bf16 --compile --channels-last --cuda-graphs --priors stage-c-lite --steps 5 --warmup 3" \
         "python3 bench/sage_sampling.py --family stage-c" \
-        "$stage_c --precisions no --priors stage-c-lite --compile --channels-last --fp32-matmul-reference --max-fp32-batch 56 --steps 5 --warmup 3 --profile | grep '^{\"stage' | tail -1" \
-        "$stage_c --precisions no --priors stage-c --compile --channels-last --fp32-matmul-reference --max-fp32-batch 16 --steps 4 --warmup 3 | grep '^{\"stage' | tail -1" ;;
+        "$stage_c --precisions no --priors stage-c-lite --compile --channels-last --fp32-matmul-reference --max-fp32-batch 56 --steps 5 --warmup 3 --profile" \
+        "$stage_c --precisions no --priors stage-c --compile --channels-last --fp32-matmul-reference --max-fp32-batch 16 --steps 4 --warmup 3" ;;
 2)  # The whole SDXL job with its auto speedups against the plain reference step in the same
     # call; SD3.5 Large with checkpointing; SageAttention sampling for sd3.
     DEADLINE=555 bash "$here/run_list.sh" \
