@@ -14,7 +14,7 @@ a time), batch and settings:
 
     python bench/stage_c_step.py [--priors stage-c,stage-c-lite] [--steps 10] [--warmup 3]
                                  [--gradient-checkpointing] [--compile] [--channels-last]
-                                 [--cuda-graphs] [--flex-attention]
+                                 [--cuda-graphs] [--fp16-flash]
                                  [--precisions no,bf16] [--fp32-matmul-reference] [--tiny]
 
 Prints JSON and writes it to $OUT/stage_c_bench.json when OUT is set. --tiny runs a toy
@@ -112,16 +112,16 @@ def ours(config, batch_size, precision, args, device) -> dict:
         apply_channels_last(prior)
     family = StableCascadeFamily.around(cfg, prior, device, dtype)
     family.add_lora()
+    if args.fp16_flash and device.type == "cuda":
+        from job.speedups.attention import apply_fp16_flash_attention
+
+        apply_fp16_flash_attention(prior)
     if args.compile:
         from job.speedups.compile import apply_regional_compile
 
         apply_regional_compile(prior, "aot_eager" if args.tiny else "inductor",
                                cuda_graphs=args.cuda_graphs and device.type == "cuda",
                                recompute_inside=1.0 if args.gradient_checkpointing else 0.0)
-        if args.flex_attention:
-            from job.speedups.attention import apply_flex_fp32_attention
-
-            apply_flex_fp32_attention(prior)
     params = [p for p in prior.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, "adamw", 1e-4, 0.9, 0.999, 1e-2, 1e-8)
     batch, generator = make_batch(config, batch_size, device), torch.Generator().manual_seed(2)
@@ -235,8 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
                         help="ours with [speedups] channels_last")
     parser.add_argument("--cuda-graphs", action="store_true",
                         help="with --compile on a GPU: [speedups] cuda_graphs")
-    parser.add_argument("--flex-attention", action="store_true",
-                        help='with --compile: [speedups] fp32_attention = "flex"')
+    parser.add_argument("--fp16-flash", action="store_true",
+                        help='ours with [speedups] fp32_attention = "fp16_flash" (a GPU)')
     parser.add_argument("--precisions", default="no,bf16",
                         help="no (fp32, largest batch that fits) and/or bf16")
     parser.add_argument("--fp32-matmul-reference", action="store_true",
@@ -246,8 +246,6 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile", action="store_true",
                         help="also profile two steps (GPU busy share, top kernels)")
     args = parser.parse_args(argv)
-    if args.flex_attention and not args.compile:
-        parser.error("--flex-attention needs --compile (flex_attention is fast only compiled)")
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -255,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
            "torch": torch.__version__, "lora_rank": RANK, "latents": [LATENT, LATENT],
            "gradient_checkpointing": args.gradient_checkpointing, "compile_blocks": args.compile,
            "channels_last": args.channels_last, "cuda_graphs": args.cuda_graphs,
-           "flex_attention": args.flex_attention, "priors": {}}
+           "fp32_attention": "fp16_flash" if args.fp16_flash else "sdpa", "priors": {}}
     for name in args.priors.split(","):
         config = TINY if args.tiny else PRIORS[name]
         if args.tiny:

@@ -268,14 +268,15 @@ class SpeedupsTable(Table):
     allow_tf32: bool = setting(
         True, "TF32 matmuls on Ampere and newer GPUs (10 mantissa bits in, fp32 sums).",
         "allow_tf32")
-    fp32_attention: Literal["sdpa", "flex"] = setting(
+    fp32_attention: Literal["sdpa", "fp16_flash"] = setting(
         "sdpa", "Kernel for fp32 attention (mixed_precision = \"no\") in sdxl's and the Stage C "
-        "prior's compiled blocks. sdpa: PyTorch SDPA, whose fp32 kernel runs on the CUDA cores "
-        "(44% of a Stage C lite fp32 step, bench/RESULTS.md); flex: torch's flex_attention "
-        "compiled into the blocks, on the tensor cores in TF32 with allow_tf32 (the rounding "
-        "TF32 gives every other fp32 matmul). Needs compile_blocks and a CUDA GPU (elsewhere: "
-        "SDPA, with a warning). Experimental: checked on the CPU, not yet run or measured on a "
-        "GPU. bf16/fp16 attention keeps SDPA.")
+        "prior's blocks. sdpa: PyTorch SDPA, whose fp32 kernel runs on the CUDA cores (44% of "
+        "a Stage C lite fp32 step, bench/RESULTS.md); fp16_flash: FlashAttention with fp16 "
+        "inputs and fp32 sums on the tensor cores (the 10 mantissa bits TF32 gives every "
+        "other fp32 matmul), v and the output gradient scaled exactly by powers of two per "
+        "head so fp16's range does not cut them. Needs a CUDA GPU of compute capability 8.0+ "
+        "(elsewhere: SDPA, with a warning). Experimental: checked on the CPU, not yet "
+        "measured on a GPU. bf16/fp16 attention keeps SDPA.")
     attention_mechanism: Literal["diffusers", "sageattention"] = setting(
         "diffusers", "diffusers: PyTorch SDPA everywhere; sageattention: SageAttention for "
         "validation sampling only (it has no backward pass), SDPA with a warning when the "
@@ -719,18 +720,13 @@ def _check_compiled_speedups(cfg: JobConfig, spec: Any) -> list[str]:
     from job.errors import ConfigError
 
     s, notes = cfg.speedups, []
-    if s.fp32_attention == "flex" and "flex_attention" not in spec.features:
-        notes.append(f'speedups.fp32_attention = "flex" is ignored: family {spec.name!r} '
-                     "has its own attention processors (SDPA)")
-    elif s.fp32_attention == "flex" and cfg.train.mixed_precision != "no":
-        notes.append(f'speedups.fp32_attention = "flex" is ignored with mixed_precision = '
-                     f'"{cfg.train.mixed_precision}": the attention runs in '
+    if s.fp32_attention == "fp16_flash" and "fp32_attention" not in spec.features:
+        notes.append(f'speedups.fp32_attention = "fp16_flash" is ignored: family '
+                     f"{spec.name!r} has its own attention processors (SDPA)")
+    elif s.fp32_attention == "fp16_flash" and cfg.train.mixed_precision != "no":
+        notes.append(f'speedups.fp32_attention = "fp16_flash" is ignored with mixed_precision '
+                     f'= "{cfg.train.mixed_precision}": the attention runs in '
                      f"{cfg.train.mixed_precision} through SDPA; it applies to fp32 training")
-    elif s.fp32_attention == "flex" and s.compile_blocks is False:
-        raise ConfigError('speedups.fp32_attention = "flex" with compile_blocks = false: '
-                          "flex_attention is fast only compiled into the blocks",
-                          'set compile_blocks = true (or "auto" on a GPU), or fp32_attention '
-                          '= "sdpa"')
     if cfg.train.activation_memory_budget is not None and s.compile_blocks is False:
         raise ConfigError(f"train.activation_memory_budget = "
                           f"{cfg.train.activation_memory_budget} with speedups.compile_blocks = "

@@ -183,6 +183,11 @@ def _prepare_denoiser(cfg: JobConfig, family, device: torch.device):
 
         apply_group_offload(family.denoiser(), cfg.speedups, device)
     objective = build_objective(cfg, family, device)
+    if cfg.speedups.fp32_attention == "fp16_flash":
+        from job.speedups.attention import apply_fp16_flash_attention, fp16_flash_applies
+
+        if fp16_flash_applies(cfg):  # elsewhere check_rules' note said why it is ignored
+            apply_fp16_flash_attention(family.denoiser())
     if cfg.speedups.compile_blocks:
         # After the LoRA and any distillation student exist: the graphs include them.
         from job.speedups.compile import apply_regional_compile, cuda_graphs_off_because
@@ -195,10 +200,6 @@ def _prepare_denoiser(cfg: JobConfig, family, device: torch.device):
                                recompute_inside=train.gradient_checkpointing_ratio
                                if train.gradient_checkpointing else 0.0,
                                memory_budget=train.activation_memory_budget)
-        if cfg.speedups.fp32_attention == "flex":
-            from job.speedups.attention import apply_flex_fp32_attention
-
-            apply_flex_fp32_attention(family.denoiser())
     if cfg.distributed.strategy == "fsdp2":
         # Last: the compiled blocks are the units sharded, and the optimizer (built next,
         # by the Trainer) holds the sharded parameters.

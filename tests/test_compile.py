@@ -300,8 +300,7 @@ def test_recompute_inside_compiled_blocks_gives_the_same_numbers_and_saves_less(
     assert_same_numbers(loss_and_grads(run, family.unet), plain)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert 0 < graphs < blocks
-    # Each block is one graph: a break would run its recompute (and, with fp32_attention =
-    # "flex", flex's unfused reference) eagerly.
+    # Each block is one graph: a break would run its recompute eagerly.
     assert not torch._dynamo.utils.counters["graph_break"], \
         dict(torch._dynamo.utils.counters["graph_break"])
     _, inside = _saved_bytes(run, family.unet)
@@ -532,8 +531,7 @@ def test_no_compiled_block_breaks_its_graph(kind: str, checkpointing: bool,
                                             tmp_path: Path) -> None:
     """A training step of every family with compiled blocks, with and without gradient
     checkpointing, traces each block into whole graphs: a graph break runs the rest of
-    the block eagerly (the speedup silently lost; with fp32_attention = "flex", its
-    unfused reference kernel)."""
+    the block eagerly (the speedup silently lost)."""
     family, denoiser, batch = _family_with_batch(kind, tmp_path)
     if checkpointing:
         denoiser.enable_gradient_checkpointing()

@@ -51,7 +51,7 @@ FAMILIES: dict[str, FamilySpec] = {
         default_flavour="base-1.0",
         alignment=8,
         supports_lcm=True,
-        features=("channels_last", "flex_attention"),
+        features=("channels_last", "fp32_attention"),
     ),
     "sd3": FamilySpec(
         name="sd3",
@@ -85,7 +85,7 @@ FAMILIES: dict[str, FamilySpec] = {
         alignment=32,
         # "bf16_weights_fp32_compute": adamw_bf16 with mixed_precision = "no" (bf16 LoRA
         # weights in an fp32 prior), the release's recommended Stage C setting.
-        features=("quantisation", "bf16_weights_fp32_compute", "channels_last", "flex_attention"),
+        features=("quantisation", "bf16_weights_fp32_compute", "channels_last", "fp32_attention"),
         settings_table="stable_cascade",
         rules="job.models.stable_cascade_rules:check_stable_cascade",
     ),

@@ -5,16 +5,17 @@ Q and K to int8 in its forward kernel and has no backward pass, so it never touc
 training: the family swaps its processors in around sampling only, and training keeps
 PyTorch's SDPA.
 
-fp32 attention through flex_attention (`[speedups] fp32_attention = "flex"`,
-`FlexFp32AttnProcessor`): SDPA has no TF32 kernel, so an fp32 attention (mixed_precision =
-"no") runs the memory-efficient kernel on the CUDA cores, 44% of a Stage C lite fp32 step
-(bench/RESULTS.md, session 8). torch's flex_attention, compiled inside the regional-compile
-graphs, is a flash-style Triton kernel whose matmuls follow torch's fp32 matmul precision:
-with `[speedups] allow_tf32` they run on the tensor cores with TF32 inputs (10 mantissa
-bits, fp32 sums), the rounding TF32 already gives every other fp32 matmul of the step.
-Opt-in until it is measured on a GPU (tests/test_gpu_flex_attention.py, bench/issue9_call4.sh);
-the CPU tests check its reshaping and gradients (through its SDPA branch), the flex call's
-attention and the flex branch's one-graph trace.
+fp32 attention through FlashAttention with fp16 inputs (`[speedups] fp32_attention =
+"fp16_flash"`, `Fp16FlashAttention`): SDPA has no TF32 kernel, so an fp32 attention
+(mixed_precision = "no") runs the memory-efficient kernel on the CUDA cores, 44% of a Stage
+C lite fp32 step (bench/RESULTS.md, session 8). fp16 inputs with fp32 sums are the rounding
+TF32 gives every other fp32 matmul of the step (10 mantissa bits); fp16's narrower range is
+covered by exact power-of-two scaling (the class says how). torch's flex_attention, which
+keeps TF32 itself, was measured first and dropped: its Triton backward in TF32 is slower
+than SDPA's fp32 one (Stage C lite fp32: 1.26x the TF32 reference with it, 1.24x without,
+bench/RESULTS.md session 9). Opt-in until measured on a GPU
+(tests/test_gpu_fp16_flash_attention.py); the CPU tests run the same autograd function
+through torch's CPU flash kernels.
 """
 
 from __future__ import annotations
@@ -113,19 +114,89 @@ def _heads(attn, x: torch.Tensor, norm) -> torch.Tensor:
     return norm(x) if norm is not None else x
 
 
-# Where the processor's fp32 attention goes to flex_attention: CUDA, where it trains (flex's
-# CPU kernels have no backward; tests add "cpu" to check the compiled forward).
-FLEX_DEVICES = ("cuda",)
-FLEX_SKIPPED = dict(speedup="fp32_attention", reason="flex_attention's training kernels are "
-                    "CUDA-only", using="PyTorch SDPA")
+# Where the processor's fp32 attention goes to the fp16 flash kernels: CUDA GPUs of compute
+# capability 8.0 or newer, where FlashAttention trains (tests add "cpu", whose flash kernels
+# take fp16 too, to run the same autograd function there).
+FP16_FLASH_DEVICES = ("cuda",)
 
 
-class FlexFp32AttnProcessor:
+def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
+    """Per batch item and head ([B, H, 1, 1], fp32), the power of two that brings x's largest
+    magnitude into [1, 2): exact to apply and to undo, and computed on the device (no host
+    sync). An all-zero slice gets 2**126 (its zeros stay zeros)."""
+    largest = x.detach().abs().amax(dim=(-2, -1), keepdim=True).float()
+    return torch.exp2(-torch.floor(torch.log2(largest.clamp_min(2.0 ** -126))))
+
+
+def _flash_forward(q, k, v):
+    """FlashAttention's forward on fp16 [B, H, S, D] inputs: (out, what its backward takes)."""
+    if q.is_cuda:
+        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = \
+            torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)
+        return out, (lse, cum_q, cum_k, max_q, max_k, seed, offset)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
+    return out, (lse,)
+
+
+def _flash_backward(grad, q, k, v, out, saved):
+    if q.is_cuda:
+        lse, cum_q, cum_k, max_q, max_k, seed, offset = saved
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+            grad, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, False, seed, offset)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        grad, q, k, v, out, saved[0], 0.0, False)
+
+
+class Fp16FlashAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d)) v for fp32 [B, H, S, D] tensors, through FlashAttention with
+    fp16 inputs: the tensor-core matmuls see 10 mantissa bits, as TF32's do, and sum in
+    fp32 (scores, softmax and the output's and gradients' accumulators); the output and the
+    gradients are rounded to fp16 once (11 significant bits) before they return to fp32.
+
+    fp16's range is the difference from TF32, so what can be scaled exactly is: v and the
+    output's gradient are multiplied, per batch item and head, by the power of two that
+    puts their largest magnitude in [1, 2), and the results divided by it again (the
+    attention is linear in each; an fp32 step has no loss scale, and its attention
+    gradients can be 1e-8 and smaller, which fp16 alone would flush to zero). q and k go in
+    as they are (their product sets the softmax; the blocks' projected activations are far
+    inside fp16's 6e-5 to 65504); a value beyond 65504 becomes inf, and the step is skipped
+    as non-finite like any other (train.max_nonfinite_steps)."""
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        v_scale = _pow2_scale(v)
+        q16, k16, v16 = q.half(), k.half(), (v * v_scale).half()
+        out16, saved = _flash_forward(q16, k16, v16)
+        tensors = [t for t in saved if isinstance(t, torch.Tensor)]
+        ctx.sizes = [t for t in saved if not isinstance(t, torch.Tensor)]  # max_q, max_k
+        ctx.save_for_backward(q16, k16, v16, out16, v_scale, *tensors)
+        return out16.float() / v_scale
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        q16, k16, v16, out16, v_scale, *tensors = ctx.saved_tensors
+        saved = tensors if not ctx.sizes else tensors[:3] + ctx.sizes + tensors[3:]
+        grad_scale = _pow2_scale(grad)
+        dq, dk, dv = _flash_backward((grad * grad_scale).half().contiguous(),
+                                     q16, k16, v16, out16, saved)
+        # The kernel's gradients are those of (grad * grad_scale) through q, k and v * v_scale.
+        both = grad_scale * v_scale
+        return dq.float() / both, dk.float() / both, dv.float() / grad_scale
+
+
+def fp16_flash_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether the flash kernels take these heads: a head dim that is a multiple of 8, at
+    most 256, the same for q and k."""
+    d = q.shape[-1]
+    return d == k.shape[-1] and d % 8 == 0 and d <= 256
+
+
+class Fp32AttnProcessor:
     """diffusers' AttnProcessor2_0 (self- and cross-attention of `Attention`: SDXL's
     transformer blocks, the Stage C prior's attention blocks) with fp32 attention through
-    flex_attention; other dtypes (bf16 autocast) keep SDPA, whose flash and cuDNN kernels
-    take them. Only for compiled blocks: eager flex_attention is an unfused reference.
-    Masks, spatial and group norms (unused by those blocks) go to AttnProcessor2_0."""
+    Fp16FlashAttention; other dtypes (bf16 autocast) keep SDPA, whose flash and cuDNN
+    kernels take them. Masks, spatial and group norms (unused by those blocks) go to
+    AttnProcessor2_0."""
 
     def __init__(self) -> None:
         from diffusers.models.attention_processor import AttnProcessor2_0
@@ -151,10 +222,9 @@ class FlexFp32AttnProcessor:
         q = _heads(attn, attn.to_q(hidden_states), attn.norm_q)
         k = _heads(attn, attn.to_k(context), attn.norm_k)
         v = _heads(attn, attn.to_v(context), None)
-        if q.dtype == k.dtype == v.dtype == torch.float32 and q.device.type in FLEX_DEVICES:
-            from torch.nn.attention.flex_attention import flex_attention
-
-            out = flex_attention(q, k, v)
+        if q.dtype == k.dtype == v.dtype == torch.float32 \
+                and q.device.type in FP16_FLASH_DEVICES and fp16_flash_fits(q, k):
+            out = Fp16FlashAttention.apply(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).flatten(2).to(q.dtype)
@@ -166,31 +236,51 @@ class FlexFp32AttnProcessor:
         return out / attn.rescale_output_factor
 
 
-def apply_flex_fp32_attention(denoiser: torch.nn.Module) -> int:
-    """`FlexFp32AttnProcessor` on the CUDA `Attention` modules of the denoiser's compiled
-    blocks (regional compile's block classes) that run diffusers' default AttnProcessor2_0;
-    returns how many. Their fp32 attention's precision follows torch's fp32 matmul setting
-    (TF32 with allow_tf32). Called with compile_blocks on (the config rules see to it):
-    dynamo traces the processor when a block first runs, so the order does not matter."""
+def fp16_flash_applies(cfg) -> bool:
+    """Whether `[speedups] fp32_attention = "fp16_flash"` can act: fp32 training of a family
+    whose blocks run diffusers' Attention (sdxl, the Stage C prior). Where it cannot,
+    config.check_rules notes that it is ignored."""
+    from job.models.registry import spec_for
+
+    return cfg.train.mixed_precision == "no" \
+        and "fp32_attention" in spec_for(cfg.model.family).features
+
+
+def fp16_flash_unavailable_because() -> str | None:
+    """Why this machine cannot run the fp16 flash kernels (None: it can)."""
+    if not torch.cuda.is_available():
+        return "no CUDA GPU (the fp16 flash training kernels are CUDA-only)"
+    if torch.cuda.get_device_capability() < (8, 0):
+        return (f"FlashAttention needs compute capability 8.0 or newer (this GPU: "
+                f"{'.'.join(map(str, torch.cuda.get_device_capability()))})")
+    return None
+
+
+def apply_fp16_flash_attention(denoiser: torch.nn.Module) -> int:
+    """`Fp32AttnProcessor` on the CUDA `Attention` modules of the denoiser's repeated blocks
+    (regional compile's block classes, compiled or not) that run diffusers' default
+    AttnProcessor2_0; returns how many (0, with a warning, where none or no capable GPU)."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
     from job.speedups.compile import BLOCK_CLASSES
 
     log = get_logger()
-    if not torch.cuda.is_available():
-        log.warning("speedup_skipped", **FLEX_SKIPPED)
+    off = fp16_flash_unavailable_because()
+    if off is not None:
+        log.warning("speedup_skipped", speedup="fp32_attention", reason=off,
+                    using="PyTorch SDPA in fp32")
         return 0
     modules = [m for block in denoiser.modules() if type(block).__name__ in BLOCK_CLASSES
                for m in block.modules() if isinstance(m, Attention)
                and type(m.processor) is AttnProcessor2_0 and next(m.parameters()).is_cuda]
     if not modules:
-        log.warning("speedup_skipped", speedup="fp32_attention", using="PyTorch SDPA",
+        log.warning("speedup_skipped", speedup="fp32_attention", using="PyTorch SDPA in fp32",
                     reason="no CUDA Attention module with diffusers' default processor in the "
-                    "compiled blocks")
+                    "repeated blocks")
         return 0
     for module in modules:
-        module.set_processor(FlexFp32AttnProcessor())
-    precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    log.info("speedup_active", speedup="flex_fp32_attention", attention_modules=len(modules),
-             matmul_precision=precision)
+        module.set_processor(Fp32AttnProcessor())
+    log.info("speedup_active", speedup="fp16_flash_attention", attention_modules=len(modules),
+             inputs="fp16 (per-head power-of-two scaling of v and the output gradient)",
+             sums="fp32")
     return len(modules)

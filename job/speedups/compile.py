@@ -114,13 +114,6 @@ def resolve_auto(cfg, device: torch.device) -> None:
     compile_blocks needs (exit 2 without it). Every process of a job decides alike (same
     settings, same kind of machine)."""
     s, decided = cfg.speedups, {}
-    if s.fp32_attention == "flex" and not flex_applies(cfg):
-        s.fp32_attention = "sdpa"  # check_rules' note said why
-    if s.fp32_attention == "flex" and device.type != "cuda":
-        from job.speedups.attention import FLEX_SKIPPED
-
-        get_logger().warning("speedup_skipped", **FLEX_SKIPPED)
-        s.fp32_attention = "sdpa"
     if s.compile_blocks == "auto":
         off = _auto_compile_off_because(cfg, device)
         s.compile_blocks = off is None
@@ -143,25 +136,12 @@ def resolve_auto(cfg, device: torch.device) -> None:
     if s.compile_blocks:
         check_compiler(device)
         return
-    if s.fp32_attention == "flex":
-        raise ConfigError('speedups.fp32_attention = "flex" needs compile_blocks, which auto '
-                          f"turned off here ({decided.get('compile_blocks')})",
-                          'set speedups.compile_blocks = true, or fp32_attention = "sdpa"')
     if cfg.train.activation_memory_budget is not None:
         raise ConfigError(f"train.activation_memory_budget = "
                           f"{cfg.train.activation_memory_budget} needs compile_blocks, which "
                           f"auto turned off here ({decided.get('compile_blocks')})",
                           "set speedups.compile_blocks = true, or remove "
                           "activation_memory_budget")
-
-
-def flex_applies(cfg) -> bool:
-    """Whether `[speedups] fp32_attention = "flex"` can act: fp32 training of a family whose
-    compiled blocks run diffusers' Attention (sdxl, the Stage C prior)."""
-    from job.models.registry import spec_for
-
-    return cfg.train.mixed_precision == "no" \
-        and "flex_attention" in spec_for(cfg.model.family).features
 
 
 def _auto_compile_off_because(cfg, device: torch.device) -> str | None:

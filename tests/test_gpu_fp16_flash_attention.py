@@ -1,12 +1,13 @@
-"""On a CUDA GPU (marked `gpu`; `python -m pytest -m gpu tests/test_gpu_flex_attention.py` on
-the GPU machine): `[speedups] fp32_attention = "flex"` on a tiny Stage C prior (the released
-block types, head dim 64, 24x24 latents: 576 image tokens) and a tiny SDXL UNet (head dim
-64, 256 image tokens, cross-attention to 77 text tokens). Compiled by regional compile
-with TF32 allowed, their fp32 attention runs through flex_attention inside the blocks'
-graphs (no graph break; eager flex, torch's unfused reference, is an error here), and the
-output and gradients stay within TF32's rounding of fp32 (the same model with SDPA and
-TF32 off), with and without the recompute inside the compiled blocks. Under bf16
-autocast flex is never called."""
+"""On a CUDA GPU (marked `gpu`; `python -m pytest -m gpu tests/test_gpu_fp16_flash_attention.py`
+on the GPU machine): `[speedups] fp32_attention = "fp16_flash"`. The CUDA flash kernels
+through Fp16FlashAttention against float64 SDPA within fp16's input rounding, at any scale
+of v and of the output gradient (tests/test_fp16_flash_attention.py's inputs); then a tiny
+Stage C prior (the released block types, head dim 64, 24x24 latents: 576 image tokens) and
+a tiny SDXL UNet (head dim 64, 256 image tokens, cross-attention to 77 text tokens) with
+TF32 allowed and their fp32 attention through it, eager and under regional compile (no
+graph break), with and without the recompute inside the compiled blocks: output and
+gradients within TF32's rounding of fp32 (the same model with SDPA and TF32 off). Under
+bf16 autocast it is never called."""
 
 from __future__ import annotations
 
@@ -14,17 +15,28 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 
-import torch.nn.attention.flex_attention as flex_module
 from helpers import relative_error
 from stage_c_helpers import small_prior
-from job.speedups.attention import FlexFp32AttnProcessor, apply_flex_fp32_attention
+from test_fp16_flash_attention import (FP16_ROUNDING, attention_and_grads, far_inputs,
+                                       per_item_errors)
+import job.speedups.attention as attention
+from job.speedups.attention import (Fp16FlashAttention, Fp32AttnProcessor,
+                                    apply_fp16_flash_attention)
 from job.speedups.compile import apply_regional_compile
 
 pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
-              pytest.mark.filterwarnings("error:flex_attention called without torch.compile")]
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def test_cuda_kernels_within_fp16_rounding_at_any_scale() -> None:
+    q, k, v, grad = (t.cuda() for t in far_inputs())
+    exact = attention_and_grads(F.scaled_dot_product_attention, q, k, v, grad, torch.float64)
+    ours = attention_and_grads(Fp16FlashAttention.apply, q, k, v, grad, torch.float32)
+    for name, errors in zip(("out", "dq", "dk", "dv"), per_item_errors(ours, exact)):
+        assert max(errors) < FP16_ROUNDING, (name, errors)
 
 
 def stage_c():
@@ -72,29 +84,35 @@ def run(model, batch: dict):
     return out.detach(), sample.grad, [p.grad for p in model.parameters()]
 
 
-@pytest.mark.parametrize("recompute_inside", [0.0, 1.0])
+@pytest.mark.parametrize("compiled", [False, "plain", "recompute_inside"])
 @pytest.mark.parametrize("kind", MODELS)
-def test_fp32_attention_through_flex_within_tf32_rounding(kind: str,
-                                                          recompute_inside: float) -> None:
+def test_fp32_attention_through_fp16_flash_within_tf32_rounding(kind: str, compiled: str | bool,
+                                                                monkeypatch) -> None:
     exact_model, inputs, attention_modules = MODELS[kind]()
     model = copy.deepcopy(exact_model)
     batch = inputs(4)
     matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    calls, forward = [], attention._flash_forward
+    monkeypatch.setattr(attention, "_flash_forward",
+                        lambda q, k, v: calls.append(q.dtype) or forward(q, k, v))
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         exact = run(exact_model, batch)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
-        if recompute_inside:
-            model.enable_gradient_checkpointing()
-        apply_regional_compile(model, recompute_inside=recompute_inside)
-        assert apply_flex_fp32_attention(model) == attention_modules
+        if compiled:
+            recompute = 1.0 if compiled == "recompute_inside" else 0.0
+            if recompute:
+                model.enable_gradient_checkpointing()
+            apply_regional_compile(model, recompute_inside=recompute)
+        assert apply_fp16_flash_attention(model) == attention_modules
         processors = [m.processor for m in model.modules() if hasattr(m, "set_processor")]
-        assert sum(isinstance(p, FlexFp32AttnProcessor) for p in processors) == attention_modules
+        assert sum(isinstance(p, Fp32AttnProcessor) for p in processors) == attention_modules
         ours = run(model, batch)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    assert calls and set(calls) == {torch.float16}, "the fp16 flash attention never ran"
     assert not torch._dynamo.utils.counters["graph_break"], \
         dict(torch._dynamo.utils.counters["graph_break"])
     assert relative_error(ours[0], exact[0]) < 5e-3
@@ -111,19 +129,14 @@ def test_fp32_attention_through_flex_within_tf32_rounding(kind: str,
 
 
 @pytest.mark.parametrize("kind", MODELS)
-def test_bf16_autocast_never_calls_flex(kind: str, monkeypatch) -> None:
+def test_bf16_autocast_never_calls_it(kind: str, monkeypatch) -> None:
     exact_model, inputs, _ = MODELS[kind]()
     model = copy.deepcopy(exact_model)
-    calls, flex = [], flex_module.flex_attention
-
-    def counted(*args, **kwargs):
-        calls.append(args[0].dtype)
-        return flex(*args, **kwargs)
-
-    monkeypatch.setattr(flex_module, "flex_attention", counted)
+    calls = []
+    monkeypatch.setattr(Fp16FlashAttention, "apply", lambda *a: calls.append(a) or None)
     torch._dynamo.reset()
     apply_regional_compile(model)
-    apply_flex_fp32_attention(model)
+    apply_fp16_flash_attention(model)
     batch = inputs(2)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         ours, exact = model(**batch).sample, exact_model(**batch).sample

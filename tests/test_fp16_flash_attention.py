@@ -1,0 +1,231 @@
+"""Fp16FlashAttention and Fp32AttnProcessor (job/speedups/attention.py), run through torch's
+CPU flash kernels, which take fp16 like the CUDA ones: the attention and its gradients
+against float64 SDPA within fp16's input rounding, exactly as well for a batch item whose v
+or output gradient is far outside fp16's range (the per-head power-of-two scaling; without
+it the same inputs give zeros and NaNs), the processor against diffusers' AttnProcessor2_0
+on the Stage C and SDXL blocks, and one graph under torch.compile with its backward. The
+CUDA kernels are tests/test_gpu_fp16_flash_attention.py's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers.models.unets.unet_stable_cascade import SDCascadeAttnBlock
+
+import job.speedups.attention as attention
+from helpers import relative_error
+from job.speedups.attention import (Fp16FlashAttention, Fp32AttnProcessor,
+                                    apply_fp16_flash_attention)
+
+# fp16 rounds each input to 11 significant bits (2**-11 = 4.9e-4 relative); the sums are
+# fp32. Measured here: 4e-4 to 6e-4 per batch item for the output and each gradient.
+FP16_ROUNDING = 2e-3
+
+
+@pytest.fixture
+def cpu_flash(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(attention, "FP16_FLASH_DEVICES", ("cuda", "cpu"))
+
+
+def attention_and_grads(fn, q, k, v, grad, dtype):
+    q, k, v = (t.to(dtype).requires_grad_(True) for t in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(grad.to(dtype))
+    return [t.double() for t in (out, q.grad, k.grad, v.grad)]
+
+
+def per_item_errors(ours, exact) -> list[list[float]]:
+    """For the output and each gradient, the relative error of each batch item."""
+    return [[relative_error(a[i], b[i]) for i in range(a.shape[0])] for a, b in zip(ours, exact)]
+
+
+def far_inputs():
+    """Cross-attention (37 queries, 51 keys: not multiples of the kernels' tiles), head dim
+    64; batch item 1's v is 1e-7 of the others' (fp16 keeps no digit of it) and item 2's
+    1e3; the output gradient of item 0 is 1e-9 (an fp32 step without loss scale: fp16
+    flushes it to zero) and of item 2 1e2 (with item 2's v, over 65504 in the kernel)."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, n, 64, generator=g) for n in (37, 51, 51))
+    grad = torch.randn(3, 2, 37, 64, generator=g)
+    v[1] *= 1e-7
+    v[2] *= 1e3
+    grad[0] *= 1e-9
+    grad[2] *= 1e2
+    return q, k, v, grad
+
+
+def test_attention_and_gradients_within_fp16_rounding_at_any_scale() -> None:
+    q, k, v, grad = far_inputs()
+    exact = attention_and_grads(F.scaled_dot_product_attention, q, k, v, grad, torch.float64)
+    ours = attention_and_grads(Fp16FlashAttention.apply, q, k, v, grad, torch.float32)
+    for name, errors in zip(("out", "dq", "dk", "dv"), per_item_errors(ours, exact)):
+        assert max(errors) < FP16_ROUNDING, (name, errors)
+
+
+def test_without_the_scaling_fp16_loses_those_items(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check above fails without the power-of-two scaling: it is what saves the items
+    outside fp16's range."""
+    monkeypatch.setattr(attention, "_pow2_scale",
+                        lambda x: torch.ones(x.shape[0], x.shape[1], 1, 1))
+    q, k, v, grad = far_inputs()
+    exact = attention_and_grads(F.scaled_dot_product_attention, q, k, v, grad, torch.float64)
+    ours = attention_and_grads(Fp16FlashAttention.apply, q, k, v, grad, torch.float32)
+    (out, dq, dk, dv) = per_item_errors(ours, exact)
+    assert out[1] > 0.5  # v of 1e-7: mostly flushed
+    assert dq[0] == dk[0] == dv[0] == 1.0  # the gradient of 1e-9: all zeros
+    assert not torch.isfinite(ours[1][2]).all()  # item 2 overflows
+    assert max(out[0], out[2], dv[1]) < FP16_ROUNDING  # the rest as before
+
+
+def test_pow2_scale_is_exact_per_batch_item_and_head() -> None:
+    x = torch.randn(2, 3, 5, 8)
+    x[0, 1] *= 1e-20
+    x[1, 2] = 0
+    scale = attention._pow2_scale(x)
+    assert scale.shape == (2, 3, 1, 1)
+    assert torch.equal(torch.exp2(torch.log2(scale).round()), scale)  # a power of two
+    largest = (x * scale).abs().amax(dim=(-2, -1))
+    assert ((largest >= 1) & (largest < 2) | (largest == 0)).all()
+    assert torch.equal(x * scale / scale, x)
+
+
+def _processors(block: torch.nn.Module, processor) -> None:
+    for module in block.modules():
+        if hasattr(module, "set_processor"):
+            module.set_processor(processor)
+
+
+def _block(kind: str):
+    torch.manual_seed(0)
+    if kind == "stage_c":  # 4-D input, self-attention over the image and the conditioning
+        block = SDCascadeAttnBlock(c=128, c_cond=32, nhead=2, self_attn=True)  # head dim 64
+        inputs = (torch.randn(2, 128, 5, 7), torch.randn(2, 9, 32))
+        return block, inputs, lambda b, x, kv: b(x, kv)
+    # Self-attention then cross-attention, with the norm and feed-forward around them.
+    block = BasicTransformerBlock(128, 2, 64, cross_attention_dim=48)
+    inputs = (torch.randn(2, 35, 128), torch.randn(2, 11, 48))
+    return block, inputs, lambda b, x, c: b(x, encoder_hidden_states=c)
+
+
+@pytest.mark.parametrize("kind", ["stage_c", "sdxl"])
+def test_processor_gives_attnprocessor2_0s_output_and_gradients(kind: str, cpu_flash: None,
+                                                                monkeypatch) -> None:
+    calls, apply = [], Fp16FlashAttention.apply
+    monkeypatch.setattr(Fp16FlashAttention, "apply",
+                        lambda q, k, v: calls.append(q.shape) or apply(q, k, v))
+    block, inputs, call = _block(kind)
+    results = []
+    for processor in (AttnProcessor2_0(), Fp32AttnProcessor()):
+        _processors(block, processor)
+        block.zero_grad()
+        x = inputs[0].clone().requires_grad_(True)
+        out = call(block, x, inputs[1])
+        out.square().mean().backward()
+        results.append((out.detach(), x.grad, torch.cat([p.grad.flatten()
+                                                         for p in block.parameters()])))
+    # Stage C: one self-attention over 35 image and 9 conditioning tokens; SDXL: self- and
+    # cross-attention; 2 heads of 64.
+    assert calls == ([torch.Size([2, 2, 35, 64])] if kind == "stage_c" else
+                     [torch.Size([2, 2, 35, 64])] * 2), calls
+    (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = results
+    assert relative_error(out_b, out_a) < FP16_ROUNDING
+    assert relative_error(gx_b, gx_a) < FP16_ROUNDING
+    assert relative_error(gp_b, gp_a) < FP16_ROUNDING
+
+
+def test_bf16_and_odd_head_dims_keep_sdpa(cpu_flash: None, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(Fp16FlashAttention, "apply", lambda *a: calls.append(a) or None)
+    block = SDCascadeAttnBlock(c=60, c_cond=32, nhead=2, self_attn=True)  # head dim 30
+    _processors(block, Fp32AttnProcessor())
+    with torch.no_grad():
+        block(torch.randn(1, 60, 3, 3), torch.randn(1, 4, 32))
+        block, inputs, call = _block("stage_c")
+        _processors(block, Fp32AttnProcessor())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            call(block, *inputs)
+    assert calls == []
+
+
+def test_compiled_block_traces_it_into_one_graph_with_its_backward(cpu_flash: None) -> None:
+    """As regional compile does on a GPU: the Stage C attention block with the processor,
+    compiled with fullgraph (a graph break is an error), forward and backward, gives the
+    eager block's output and gradients."""
+    block, (x, kv), call = _block("stage_c")
+    _processors(block, Fp32AttnProcessor())
+    results = []
+    for compiled in (False, True):
+        block.zero_grad()
+        run = torch.compile(block, backend="aot_eager", fullgraph=True) if compiled else block
+        torch._dynamo.reset()
+        out = call(run, x, kv)
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad.clone() for p in block.parameters()]))
+    (eager, eager_grads), (compiled, compiled_grads) = results
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=1e-6)
+    for a, b in zip(compiled_grads, eager_grads):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+def test_nothing_is_swapped_without_cuda() -> None:
+    prior = torch.nn.Sequential(SDCascadeAttnBlock(c=64, c_cond=32, nhead=2))
+    assert apply_fp16_flash_attention(prior) == 0
+    assert type(prior[0].attention.processor) is AttnProcessor2_0
+
+
+def test_config_rules(tmp_path) -> None:
+    """fp32_attention = "fp16_flash" applies to fp32 sdxl and Stage C jobs, compiled or not;
+    elsewhere (another family, bf16) it is ignored with a note, never an error."""
+    from helpers import tiny_job_config
+
+    from job.config import check_rules
+    from job.speedups.attention import fp16_flash_applies
+
+    flash = {"fp32_attention": "fp16_flash"}
+    for speedups in (flash, {**flash, "compile_blocks": False}):
+        cfg = tiny_job_config(tmp_path, speedups=speedups)
+        assert not any("fp32_attention" in note for note in check_rules(cfg))
+        assert fp16_flash_applies(cfg)
+    sd3 = {"model": {"family": "sd3", "flavour": "medium"}}
+    bf16 = {"model": {"family": "stable_cascade", "flavour": "tiny"},
+            "train": {"mixed_precision": "bf16"}, "job": {"i_know_what_i_am_doing": True}}
+    for other, said in ((sd3, "is ignored: family 'sd3'"),
+                        (bf16, 'is ignored with mixed_precision = "bf16"')):
+        cfg = tiny_job_config(tmp_path, speedups=flash, **other)
+        assert any(said in note for note in check_rules(cfg)), check_rules(cfg)
+        assert not fp16_flash_applies(cfg)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("kind", ["sdxl", "stable_cascade"])
+def test_compiled_training_step_has_no_graph_break(kind: str, checkpointing: bool, tmp_path,
+                                                   cpu_flash: None, monkeypatch) -> None:
+    """A training step of the tiny family (its LoRA on the attention projections) with the
+    processor on its blocks' attention and regional compile, with and without the recompute
+    inside the blocks: every block one graph, the flash path traced (head dims permitting)."""
+    from diffusers.models.attention_processor import Attention
+
+    from job.speedups.compile import BLOCK_CLASSES, apply_regional_compile
+    from test_compile import _family_with_batch
+
+    family, denoiser, batch = _family_with_batch(kind, tmp_path)
+    modules = [m for block in denoiser.modules() if type(block).__name__ in BLOCK_CLASSES
+               for m in block.modules() if isinstance(m, Attention)]
+    for module in modules:
+        module.set_processor(Fp32AttnProcessor())
+    calls, forward = [], attention._flash_forward
+    monkeypatch.setattr(attention, "_flash_forward",
+                        lambda q, k, v: calls.append(q.shape) or forward(q, k, v))
+    if checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    apply_regional_compile(denoiser, backend="aot_eager",
+                           recompute_inside=1.0 if checkpointing else 0.0)
+    family.training_loss(batch, torch.Generator().manual_seed(0)).mean().backward()
+    assert modules and calls, (len(modules), calls)
+    assert not torch._dynamo.utils.counters["graph_break"], \
+        dict(torch._dynamo.utils.counters["graph_break"])
