@@ -86,10 +86,36 @@ def test_sharded_fp16_steps_match_the_whole_unet(nccl_group: None,
     # the first GPU run found no skipped step).
     assert sharded_scale == whole_scale == 32768.0
     assert sharded_norms == pytest.approx(whole_norms, rel=1e-3, nan_ok=True)
+    # The parameters after 5 AdamW updates of lr 1e-3: a skipped, doubled or unreduced update
+    # moves most values of a tensor by about lr. Noise moves a few: Adam's normalisation turns
+    # last-bit differences in gradients near zero into updates of up to lr of either sign
+    # (GPU runs: 1 to 7 values of a tensor up to 1.6e-3 apart, in a different tensor each
+    # run). So: each tensor's median within 1e-5 (a hundredth of lr), and all but 0.01% of
+    # the values within 1e-4. Left out: the tensors whose gradient is zero in exact
+    # arithmetic, whose every update is noise (a median 8e-4 apart in a GPU run).
+    noise = structurally_zero_gradients(whole, inputs)
+    assert noise and all(name.endswith((".bias", "time_emb_proj.weight")) for name in noise), noise
+    outliers = total = 0
     for (name, mine), theirs in zip(whole.named_parameters(), sharded.parameters()):
-        # atol 1e-4, a tenth of one AdamW update (lr): a skipped, doubled or unreduced
-        # update is 1e-3 apart. With deterministic kernels the second GPU run still found 4
-        # of conv_in.weight's 1152 values 4.6e-5 apart after 5 updates: last-bit gradient
-        # differences that Adam's normalisation enlarges where the gradient is near zero.
-        torch.testing.assert_close(theirs.full_tensor(), mine, rtol=1e-3, atol=1e-4,
-                                   msg=lambda message, name=name: f"{name}: {message}")
+        if name in noise:
+            continue
+        apart = (theirs.full_tensor() - mine).detach().abs()
+        assert float(apart.median()) <= 1e-5, f"{name}: median {float(apart.median()):.2e} apart"
+        outliers += int((apart > 1e-4).sum())
+        total += apart.numel()
+    assert outliers <= 1e-4 * total, f"{outliers} of {total} values more than 1e-4 apart"
+
+
+def structurally_zero_gradients(unet: torch.nn.Module, inputs: dict) -> set[str]:
+    """The parameters whose float64 gradient (a copy of the UNet, on the CPU) is a millionth
+    of the largest or less: per-channel shifts right before a GroupNorm with one channel per
+    group (32 groups on the tiny UNet's 32-channel blocks), which the norm removes: the
+    resnets' time_emb_proj, conv biases before their norm2 or conv_norm_out."""
+    copy_ = copy.deepcopy(unet).cpu().double()
+    cpu = {k: ({n: t.cpu().double() for n, t in v.items()} if isinstance(v, dict)
+               else v.cpu().double() if v.is_floating_point() else v.cpu())
+           for k, v in inputs.items()}
+    copy_(**cpu).sample.pow(2).mean().backward()
+    largest = max(float(p.grad.abs().max()) for p in copy_.parameters())
+    return {name for name, p in copy_.named_parameters()
+            if float(p.grad.abs().max()) <= 1e-6 * largest}
