@@ -3,8 +3,9 @@ CPU flash kernels, which take fp16 like the CUDA ones: the attention and its gra
 against float64 SDPA within fp16's input rounding, exactly as well for a batch item whose v
 or output gradient is far outside fp16's range (the per-head power-of-two scaling; without
 it the same inputs give zeros and NaNs), the processor against diffusers' AttnProcessor2_0
-on the Stage C and SDXL blocks, and one graph under torch.compile with its backward. The
-CUDA kernels are tests/test_gpu_fp16_flash_attention.py's."""
+on the Stage C and SDXL blocks, and one graph under torch.compile with its backward; the
+CUDA branch's op calls on "meta" tensors (their shape functions). The CUDA kernels'
+numbers are tests/test_gpu_fp16_flash_attention.py's."""
 
 from __future__ import annotations
 
@@ -229,3 +230,31 @@ def test_compiled_training_step_has_no_graph_break(kind: str, checkpointing: boo
     assert modules and calls, (len(modules), calls)
     assert not torch._dynamo.utils.counters["graph_break"], \
         dict(torch._dynamo.utils.counters["graph_break"])
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled", "compiled_dynamic", "checkpointed"])
+def test_cuda_kernel_calls_on_meta_tensors(mode: str) -> None:
+    """The CUDA branch's calls (their arguments' order and types, what the forward keeps for
+    the backward) on "meta" tensors, which run the CUDA flash ops' shape functions: eagerly,
+    traced by dynamo as regional compile does (static and dynamic shapes: the sequence
+    lengths kept on ctx become SymInts), and inside a non-reentrant checkpoint. A wrong
+    argument is an error here, without a GPU (the CPU ops take different ones)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def heads(length: int) -> torch.Tensor:  # [B, H, S, D] views of [B, S, H, D], as _heads
+        return torch.empty(2, length, 4, 64, device="meta").transpose(1, 2).requires_grad_(True)
+
+    q, k, v = heads(77), heads(93), heads(93)
+    call = Fp16FlashAttention.apply
+    if mode == "checkpointed":
+        call = lambda q, k, v: checkpoint(Fp16FlashAttention.apply, q, k, v,  # noqa: E731
+                                          use_reentrant=False)
+    if mode != "eager":
+        torch._dynamo.reset()
+        call = torch.compile(call, backend="aot_eager", fullgraph=True,
+                             dynamic=mode == "compiled_dynamic")
+    out = call(q, k, v)
+    assert out.shape == (2, 4, 77, 64) and out.dtype == torch.float32
+    out.sum().backward()
+    for tensor in (q, k, v):
+        assert tensor.grad.shape == tensor.shape and tensor.grad.dtype == torch.float32

@@ -129,22 +129,27 @@ def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
 
 
 def _flash_forward(q, k, v):
-    """FlashAttention's forward on fp16 [B, H, S, D] inputs: (out, what its backward takes)."""
-    if q.is_cuda:
-        out, lse, cum_q, cum_k, max_q, max_k, seed, offset, _ = \
-            torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False)
-        return out, (lse, cum_q, cum_k, max_q, max_k, seed, offset)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False)
-    return out, (lse,)
+    """FlashAttention's forward on fp16 [B, H, S, D] inputs: (out, logsumexp, the RNG state
+    tensors and the longest sequence lengths its backward takes; CPU: (out, logsumexp)). The
+    CUDA ops serve every device but the CPU: "meta" too, which checks them without a GPU."""
+    if q.device.type != "cpu":
+        # cum_seq_q and cum_seq_k are undefined (None) for dense inputs.
+        out, lse, _, _, max_q, max_k, seed, offset, _ = \
+            torch.ops.aten._scaled_dot_product_flash_attention.default(q, k, v, 0.0, False,
+                                                                      False)
+        return out, lse, (seed, offset), (max_q, max_k)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(
+        q, k, v, 0.0, False)
+    return out, lse, (), ()
 
 
-def _flash_backward(grad, q, k, v, out, saved):
-    if q.is_cuda:
-        lse, cum_q, cum_k, max_q, max_k, seed, offset = saved
-        return torch.ops.aten._scaled_dot_product_flash_attention_backward(
-            grad, q, k, v, out, lse, cum_q, cum_k, max_q, max_k, 0.0, False, seed, offset)
-    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-        grad, q, k, v, out, saved[0], 0.0, False)
+def _flash_backward(grad, q, k, v, out, lse, rng, lengths):
+    if q.device.type != "cpu":
+        (seed, offset), (max_q, max_k) = rng, lengths
+        return torch.ops.aten._scaled_dot_product_flash_attention_backward.default(
+            grad, q, k, v, out, lse, None, None, max_q, max_k, 0.0, False, seed, offset)
+    return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
+        grad, q, k, v, out, lse, 0.0, False)
 
 
 class Fp16FlashAttention(torch.autograd.Function):
@@ -166,29 +171,28 @@ class Fp16FlashAttention(torch.autograd.Function):
     def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         v_scale = _pow2_scale(v)
         q16, k16, v16 = q.half(), k.half(), (v * v_scale).half()
-        out16, saved = _flash_forward(q16, k16, v16)
-        tensors = [t for t in saved if isinstance(t, torch.Tensor)]
-        ctx.sizes = [t for t in saved if not isinstance(t, torch.Tensor)]  # max_q, max_k
-        ctx.save_for_backward(q16, k16, v16, out16, v_scale, *tensors)
+        out16, lse, rng, lengths = _flash_forward(q16, k16, v16)
+        ctx.lengths = lengths  # ints (SymInts under dynamo), not tensors
+        ctx.save_for_backward(q16, k16, v16, out16, lse, v_scale, *rng)
         return out16.float() / v_scale
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        q16, k16, v16, out16, v_scale, *tensors = ctx.saved_tensors
-        saved = tensors if not ctx.sizes else tensors[:3] + ctx.sizes + tensors[3:]
+        q16, k16, v16, out16, lse, v_scale, *rng = ctx.saved_tensors
         grad_scale = _pow2_scale(grad)
-        dq, dk, dv = _flash_backward((grad * grad_scale).half().contiguous(),
-                                     q16, k16, v16, out16, saved)
-        # The kernel's gradients are those of (grad * grad_scale) through q, k and v * v_scale.
-        both = grad_scale * v_scale
-        return dq.float() / both, dk.float() / both, dv.float() / grad_scale
+        dq, dk, dv = _flash_backward((grad * grad_scale).half(), q16, k16, v16, out16, lse,
+                                     rng, ctx.lengths)
+        # The kernel's gradients are those of (grad * grad_scale) through q, k and v * v_scale
+        # (two divisions: their product can exceed fp32's range where both are large).
+        return (dq.float() / grad_scale / v_scale, dk.float() / grad_scale / v_scale,
+                dv.float() / grad_scale)
 
 
-def fp16_flash_fits(q: torch.Tensor, k: torch.Tensor) -> bool:
+def fp16_flash_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether the flash kernels take these heads: a head dim that is a multiple of 8, at
-    most 256, the same for q and k."""
+    most 256, the same for q, k and v; a batch."""
     d = q.shape[-1]
-    return d == k.shape[-1] and d % 8 == 0 and d <= 256
+    return d == k.shape[-1] == v.shape[-1] and d % 8 == 0 and d <= 256 and q.shape[0] > 0
 
 
 class Fp32AttnProcessor:
@@ -223,7 +227,7 @@ class Fp32AttnProcessor:
         k = _heads(attn, attn.to_k(context), attn.norm_k)
         v = _heads(attn, attn.to_v(context), None)
         if q.dtype == k.dtype == v.dtype == torch.float32 \
-                and q.device.type in FP16_FLASH_DEVICES and fp16_flash_fits(q, k):
+                and q.device.type in FP16_FLASH_DEVICES and fp16_flash_fits(q, k, v):
             out = Fp16FlashAttention.apply(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
