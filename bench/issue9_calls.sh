@@ -41,8 +41,8 @@ case "${1:?which call: 1 to 6}" in
         "$sdxl --mode ours --compile blocks --channels-last --warmup 3" \
         "python3 -m pytest -q -m gpu tests/test_gpu_cuda_graphs.py > \$OUT/gpu_graphs.log 2>&1; tail -1 \$OUT/gpu_graphs.log" ;;
 5)  # Stage C in fp32 with its attention through FlashAttention on fp16 inputs ([speedups]
-    # fp32_attention = "fp16_flash", opt-in) against the TF32 reference (1.24x / 1.26x with
-    # SDPA's fp32 kernel, 44% of the step; flex_attention measured no faster); its GPU test
+    # fp32_attention = "fp16_flash", opt-in) against the TF32 reference (lite 1.24x, full
+    # 1.22x with SDPA's fp32 kernel, 44% of the step; flex_attention: 1.26x / 1.24x); its GPU test
     # first; then the FSDP2 GPU test as rewritten in session 9.
     fp32="$stage_c --precisions no --compile --channels-last --fp16-flash"
     DEADLINE=${DEADLINE:-540} bash "$here/run_list.sh" \

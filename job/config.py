@@ -274,8 +274,9 @@ class SpeedupsTable(Table):
         "a Stage C lite fp32 step, bench/RESULTS.md); fp16_flash: FlashAttention with fp16 "
         "inputs and fp32 sums on the tensor cores (the 10 mantissa bits TF32 gives every "
         "other fp32 matmul), v and the output gradient scaled exactly by powers of two per "
-        "head so fp16's range does not cut them. Needs a CUDA GPU of compute capability 8.0+ "
-        "(elsewhere: SDPA, with a warning). Experimental: checked on the CPU, not yet "
+        "head so fp16's range does not cut them; needs allow_tf32 (whose rounding it "
+        "matches) and a CUDA GPU of compute capability 8.0+ (elsewhere: SDPA, with a "
+        "warning); head dims over 128 keep SDPA. Experimental: checked on the CPU, not yet "
         "measured on a GPU. bf16/fp16 attention keeps SDPA.")
     attention_mechanism: Literal["diffusers", "sageattention"] = setting(
         "diffusers", "diffusers: PyTorch SDPA everywhere; sageattention: SageAttention for "
@@ -624,7 +625,7 @@ def _check_family_features(cfg: JobConfig, spec: Any) -> list[str]:
     if s.attention_mechanism == "sageattention" and "sageattention" not in spec.features:
         notes.append(f'speedups.attention_mechanism = "sageattention" is ignored: family '
                      f"{spec.name!r} samples with PyTorch SDPA")
-    notes += _check_offload(cfg, spec) + _check_compiled_speedups(cfg, spec) \
+    notes += _check_offload(cfg, spec) + _check_kernel_settings(cfg, spec) \
         + _check_routing(cfg, spec) + _check_fp8(cfg, spec)
     for other in FAMILIES.values():
         table = other.settings_table
@@ -715,8 +716,9 @@ def _check_offload(cfg: JobConfig, spec: Any) -> list[str]:
     return notes
 
 
-def _check_compiled_speedups(cfg: JobConfig, spec: Any) -> list[str]:
-    """Settings that act through the compiled blocks, and channels_last's family."""
+def _check_kernel_settings(cfg: JobConfig, spec: Any) -> list[str]:
+    """Settings of the denoiser's kernels: the fp32 attention kernel, those that act
+    through the compiled blocks, and channels_last's family."""
     from job.errors import ConfigError
 
     s, notes = cfg.speedups, []
@@ -727,6 +729,11 @@ def _check_compiled_speedups(cfg: JobConfig, spec: Any) -> list[str]:
         notes.append(f'speedups.fp32_attention = "fp16_flash" is ignored with mixed_precision '
                      f'= "{cfg.train.mixed_precision}": the attention runs in '
                      f"{cfg.train.mixed_precision} through SDPA; it applies to fp32 training")
+    elif s.fp32_attention == "fp16_flash" and not s.allow_tf32:
+        raise ConfigError('speedups.fp32_attention = "fp16_flash" with allow_tf32 = false: it '
+                          "rounds the attention's matmul inputs to 10 mantissa bits, as TF32 "
+                          "does, and allow_tf32 = false asks for full fp32 matmuls",
+                          'set allow_tf32 = true, or fp32_attention = "sdpa"')
     if cfg.train.activation_memory_budget is not None and s.compile_blocks is False:
         raise ConfigError(f"train.activation_memory_budget = "
                           f"{cfg.train.activation_memory_budget} with speedups.compile_blocks = "

@@ -168,8 +168,8 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
 
 def _prepare_denoiser(cfg: JobConfig, family, device: torch.device):
     """The trained denoiser's set-up after caching, in its order: LoRA, float8 base, group
-    offload, the objective (a distillation may replace the denoiser), regional compile, FSDP2
-    sharding. Returns the objective."""
+    offload, the objective (a distillation may replace the denoiser), the fp32 attention
+    kernel, regional compile, FSDP2 sharding. Returns the objective."""
     if cfg.model.model_type == "lora":
         family.add_lora()
     if cfg.speedups.fp8_base_matmuls:
@@ -187,7 +187,11 @@ def _prepare_denoiser(cfg: JobConfig, family, device: torch.device):
         from job.speedups.attention import apply_fp16_flash_attention, fp16_flash_applies
 
         if fp16_flash_applies(cfg):  # elsewhere check_rules' note said why it is ignored
-            apply_fp16_flash_attention(family.denoiser())
+            # The trained denoiser, and the other copies a full LCM student runs in fp32 (its
+            # EMA target, the frozen teacher), so all of them attend alike.
+            models = (family.denoiser(), getattr(objective, "target", None),
+                      getattr(family, "teacher_unet", None))
+            apply_fp16_flash_attention(*(m for m in models if m is not None))
     if cfg.speedups.compile_blocks:
         # After the LoRA and any distillation student exist: the graphs include them.
         from job.speedups.compile import apply_regional_compile, cuda_graphs_off_because

@@ -125,8 +125,8 @@ def test_processor_gives_attnprocessor2_0s_output_and_gradients(kind: str, cpu_f
         x = inputs[0].clone().requires_grad_(True)
         out = call(block, x, inputs[1])
         out.square().mean().backward()
-        results.append((out.detach(), x.grad, torch.cat([p.grad.flatten()
-                                                         for p in block.parameters()])))
+        results.append((out.detach(), x.grad, {n: p.grad.clone()
+                                               for n, p in block.named_parameters()}))
     # Stage C: one self-attention over 35 image and 9 conditioning tokens; SDXL: self- and
     # cross-attention; 2 heads of 64.
     assert calls == ([torch.Size([2, 2, 35, 64])] if kind == "stage_c" else
@@ -134,7 +134,13 @@ def test_processor_gives_attnprocessor2_0s_output_and_gradients(kind: str, cpu_f
     (out_a, gx_a, gp_a), (out_b, gx_b, gp_b) = results
     assert relative_error(out_b, out_a) < FP16_ROUNDING
     assert relative_error(gx_b, gx_a) < FP16_ROUNDING
-    assert relative_error(gp_b, gp_a) < FP16_ROUNDING
+    assert relative_error(torch.cat([g.flatten() for g in gp_b.values()]),
+                          torch.cat([g.flatten() for g in gp_a.values()])) < FP16_ROUNDING
+    # Each projection on its own too: to_q and to_k take theirs through dq and dk alone.
+    projections = [n for n in gp_a if n.endswith(("to_q.weight", "to_k.weight"))]
+    assert len(projections) == 2 * len(calls)
+    for name in projections:
+        assert relative_error(gp_b[name], gp_a[name]) < FP16_ROUNDING, name
 
 
 def test_bf16_and_odd_head_dims_keep_sdpa(cpu_flash: None, monkeypatch) -> None:
@@ -178,11 +184,13 @@ def test_nothing_is_swapped_without_cuda() -> None:
 
 
 def test_config_rules(tmp_path) -> None:
-    """fp32_attention = "fp16_flash" applies to fp32 sdxl and Stage C jobs, compiled or not;
-    elsewhere (another family, bf16) it is ignored with a note, never an error."""
+    """fp32_attention = "fp16_flash" applies to fp32 sdxl and Stage C jobs, compiled or not,
+    and refuses allow_tf32 = false (it rounds like TF32; exit 2); elsewhere (another family,
+    bf16) it is ignored with a note, never an error."""
     from helpers import tiny_job_config
 
     from job.config import check_rules
+    from job.errors import ConfigError
     from job.speedups.attention import fp16_flash_applies
 
     flash = {"fp32_attention": "fp16_flash"}
@@ -190,6 +198,8 @@ def test_config_rules(tmp_path) -> None:
         cfg = tiny_job_config(tmp_path, speedups=speedups)
         assert not any("fp32_attention" in note for note in check_rules(cfg))
         assert fp16_flash_applies(cfg)
+    with pytest.raises(ConfigError, match="allow_tf32 = false.*\n.*set allow_tf32 = true"):
+        check_rules(tiny_job_config(tmp_path, speedups={**flash, "allow_tf32": False}))
     sd3 = {"model": {"family": "sd3", "flavour": "medium"}}
     bf16 = {"model": {"family": "stable_cascade", "flavour": "tiny"},
             "train": {"mixed_precision": "bf16"}, "job": {"i_know_what_i_am_doing": True}}
@@ -258,3 +268,22 @@ def test_cuda_kernel_calls_on_meta_tensors(mode: str) -> None:
     out.sum().backward()
     for tensor in (q, k, v):
         assert tensor.grad.shape == tensor.shape and tensor.grad.dtype == torch.float32
+
+
+def test_a_full_lcm_student_runs_it_in_all_three_unets(tmp_path, monkeypatch) -> None:
+    """run.py puts the kernel on the trained denoiser and, for a full LCM student, on its
+    EMA target and its frozen teacher too: the three UNets of its loss attend alike."""
+    from job.run import _prepare_denoiser
+    from test_sdxl_family import load_family
+
+    family = load_family(tmp_path, tmp_path / "models", model={"model_type": "full"},
+                         distillation={"method": "lcm", "student": "full"},
+                         speedups={"fp32_attention": "fp16_flash", "compile_blocks": False})
+    given = []
+    monkeypatch.setattr(attention, "apply_fp16_flash_attention",
+                        lambda *models: given.append(models) or 0)
+    objective = _prepare_denoiser(family.cfg, family, torch.device("cpu"))
+    assert len(given) == 1 and len(given[0]) == 3
+    student, target, teacher = given[0]
+    assert student is family.unet and target is objective.target
+    assert teacher is family.teacher_unet and len({id(m) for m in given[0]}) == 3

@@ -90,20 +90,22 @@ def test_sharded_fp16_steps_match_the_whole_unet(nccl_group: None,
     # moves most values of a tensor by about lr. Noise moves a few: Adam's normalisation turns
     # last-bit differences in gradients near zero into updates of up to lr of either sign
     # (GPU runs: 1 to 7 values of a tensor up to 1.6e-3 apart, in a different tensor each
-    # run). So: each tensor's median within 1e-5 (a hundredth of lr), and all but 0.01% of
-    # the values within 1e-4. Left out: the tensors whose gradient is zero in exact
-    # arithmetic, whose every update is noise (a median 8e-4 apart in a GPU run).
+    # run). So, per tensor: the median within 1e-5 (a hundredth of lr), and at most 1% of
+    # the values (at least one) more than 1e-4 apart. Left out: the tensors whose gradient
+    # is zero in exact arithmetic, whose every update is noise (a median 8e-4 apart in a GPU
+    # run); they are only checked to be finite.
     noise = structurally_zero_gradients(whole, inputs)
     assert noise and all(name.endswith((".bias", "time_emb_proj.weight")) for name in noise), noise
-    outliers = total = 0
     for (name, mine), theirs in zip(whole.named_parameters(), sharded.parameters()):
+        theirs = theirs.full_tensor().detach()
+        assert torch.isfinite(theirs).all(), name
         if name in noise:
             continue
-        apart = (theirs.full_tensor() - mine).detach().abs()
+        apart = (theirs - mine.detach()).abs()
         assert float(apart.median()) <= 1e-5, f"{name}: median {float(apart.median()):.2e} apart"
-        outliers += int((apart > 1e-4).sum())
-        total += apart.numel()
-    assert outliers <= 1e-4 * total, f"{outliers} of {total} values more than 1e-4 apart"
+        outliers = int((apart > 1e-4).sum())
+        assert outliers <= max(1, apart.numel() // 100), \
+            f"{name}: {outliers} of {apart.numel()} values more than 1e-4 apart"
 
 
 def structurally_zero_gradients(unet: torch.nn.Module, inputs: dict) -> set[str]:

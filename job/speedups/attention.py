@@ -189,10 +189,12 @@ class Fp16FlashAttention(torch.autograd.Function):
 
 
 def fp16_flash_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether the flash kernels take these heads: a head dim that is a multiple of 8, at
-    most 256, the same for q, k and v; a batch."""
+    """Whether the flash kernels take these heads: a head dim that is a multiple of 8, the
+    same for q, k and v, at most 128 (every GPU that runs FlashAttention trains those; its
+    backward above 192 needs compute capability 8.0 or 9.0; sdxl and Stage C have 64); a
+    batch."""
     d = q.shape[-1]
-    return d == k.shape[-1] == v.shape[-1] and d % 8 == 0 and d <= 256 and q.shape[0] > 0
+    return d == k.shape[-1] == v.shape[-1] and d % 8 == 0 and d <= 128 and q.shape[0] > 0
 
 
 class Fp32AttnProcessor:
@@ -260,8 +262,8 @@ def fp16_flash_unavailable_because() -> str | None:
     return None
 
 
-def apply_fp16_flash_attention(denoiser: torch.nn.Module) -> int:
-    """`Fp32AttnProcessor` on the CUDA `Attention` modules of the denoiser's repeated blocks
+def apply_fp16_flash_attention(*models: torch.nn.Module) -> int:
+    """`Fp32AttnProcessor` on the CUDA `Attention` modules of the models' repeated blocks
     (regional compile's block classes, compiled or not) that run diffusers' default
     AttnProcessor2_0; returns how many (0, with a warning, where none or no capable GPU)."""
     from diffusers.models.attention_processor import Attention, AttnProcessor2_0
@@ -274,7 +276,8 @@ def apply_fp16_flash_attention(denoiser: torch.nn.Module) -> int:
         log.warning("speedup_skipped", speedup="fp32_attention", reason=off,
                     using="PyTorch SDPA in fp32")
         return 0
-    modules = [m for block in denoiser.modules() if type(block).__name__ in BLOCK_CLASSES
+    modules = [m for model in models for block in model.modules()
+               if type(block).__name__ in BLOCK_CLASSES
                for m in block.modules() if isinstance(m, Attention)
                and type(m.processor) is AttnProcessor2_0 and next(m.parameters()).is_cuda]
     if not modules:
@@ -284,7 +287,8 @@ def apply_fp16_flash_attention(denoiser: torch.nn.Module) -> int:
         return 0
     for module in modules:
         module.set_processor(Fp32AttnProcessor())
-    log.info("speedup_active", speedup="fp16_flash_attention", attention_modules=len(modules),
+    log.info("speedup_active", speedup="fp16_flash_attention", models=len(models),
+             attention_modules=len(modules),
              inputs="fp16 (per-head power-of-two scaling of v and the output gradient)",
              sums="fp32")
     return len(modules)
