@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements of sessions 8 and 9, one device call each (each inside
 # bench/run_list.sh's deadline, results in $OUT/results.txt as they end).
-#   run: bash bench/issue9_calls.sh 1|2|3|4|5|6      carry: [".whl"]
+#   run: bash bench/issue9_calls.sh 1|2|3|4|5|6|7      carry: [".whl"]
 set -uo pipefail
 here=$(dirname "$0")
 stage_c="python3 bench/stage_c_step.py"
-case "${1:?which call: 1 to 6}" in
+case "${1:?which call: 1 to 7}" in
 1)  # Stage C: lite with checkpointing now that its dropout blocks recompute inside their
     # graphs (1.45x with the checkpoint around them); CUDA graphs for the prior; fp32 against
     # both references (tunejob's TF32 default and torch's fp32 matmuls), lite profiled; the
@@ -41,25 +41,30 @@ case "${1:?which call: 1 to 6}" in
         "$sdxl --mode ours --compile blocks --channels-last --warmup 3" \
         "python3 -m pytest -q -m gpu tests/test_gpu_cuda_graphs.py > \$OUT/gpu_graphs.log 2>&1; tail -1 \$OUT/gpu_graphs.log" ;;
 5)  # Stage C in fp32 with its attention through FlashAttention on fp16 inputs ([speedups]
-    # fp32_attention = "fp16_flash", opt-in) against the TF32 reference (lite 1.24x, full
-    # 1.22x with SDPA's fp32 kernel, 44% of the step; flex_attention: 1.26x / 1.24x); its GPU test
-    # first; then the FSDP2 GPU test as rewritten in session 9.
+    # fp32_attention = "fp16_flash", opt-in): the FSDP2 GPU test as rewritten in session 9;
+    # fp16_flash's GPU test; Stage C lite fp32 against both references, profiled (lite
+    # 1.24x, full 1.22x the TF32 reference with SDPA's fp32 kernel, 44% of the step;
+    # flex_attention: 1.26x / 1.24x).
     fp32="$stage_c --precisions no --compile --channels-last --fp16-flash"
     DEADLINE=${DEADLINE:-540} bash "$here/run_list.sh" \
+        "python3 -m pytest -q -m gpu tests/test_gpu_fsdp2.py > \$OUT/gpu_fsdp2.log 2>&1; tail -1 \$OUT/gpu_fsdp2.log" \
         "python3 -m pytest -q -m gpu tests/test_gpu_fp16_flash_attention.py > \$OUT/gpu_tests.log 2>&1; tail -1 \$OUT/gpu_tests.log" \
-        "$fp32 --priors stage-c-lite --max-fp32-batch 56 --fp32-matmul-reference --steps 5 --warmup 3 --profile" \
+        "$fp32 --priors stage-c-lite --max-fp32-batch 56 --fp32-matmul-reference --steps 5 --warmup 3 --profile" ;;
+6)  # fp16_flash for the full prior and for lite with checkpointing; SDXL with a share of the
+    # blocks checkpointed and with torch's activation memory budget (opt-in settings never
+    # measured on a GPU; against the plain checkpointed step: call 4 had ours at 1.97x,
+    # 7.61 GiB, without graphs).
+    fp32="$stage_c --precisions no --compile --channels-last --fp16-flash"
+    sdxl="python3 bench/sdxl_step.py --mode ours --compile blocks --channels-last --steps 6 --warmup 3"
+    DEADLINE=${DEADLINE:-550} bash "$here/run_list.sh" \
         "$fp32 --priors stage-c --max-fp32-batch 16 --steps 4 --warmup 3" \
         "$fp32 --priors stage-c-lite --max-fp32-batch 56 --gradient-checkpointing --steps 5 --warmup 3" \
-        "python3 -m pytest -q -m gpu tests/test_gpu_fsdp2.py > \$OUT/gpu_fsdp2.log 2>&1; tail -1 \$OUT/gpu_fsdp2.log" ;;
-6)  # The opt-in memory and token settings not yet measured on a GPU: SDXL with a share of
-    # the blocks checkpointed and with torch's activation memory budget (against the plain
-    # checkpointed step of call 4: 1.97x at 7.61 GiB, no graphs; the budget also against the
-    # plain step without checkpointing), SD3.5 Medium with TREAD (its reference in-process).
-    sdxl="python3 bench/sdxl_step.py --mode ours --compile blocks --channels-last --checkpointing --steps 6 --warmup 3"
-    DEADLINE=${DEADLINE:-550} bash "$here/run_list.sh" \
         "python3 bench/sdxl_step.py --mode reference --checkpointing --steps 6 --warmup 2" \
+        "$sdxl --checkpointing --checkpointing-ratio 0.5" \
+        "$sdxl --memory-budget 0.5" ;;
+7)  # The memory budget against the plain step without checkpointing; SD3.5 Medium with
+    # TREAD (its reference in the same process).
+    DEADLINE=${DEADLINE:-550} bash "$here/run_list.sh" \
         "python3 bench/sdxl_step.py --mode reference --steps 6 --warmup 2" \
-        "$sdxl --checkpointing-ratio 0.5" \
-        "python3 bench/sdxl_step.py --mode ours --compile blocks --channels-last --memory-budget 0.5 --steps 6 --warmup 3" \
         "python3 bench/sd3_step.py --compile --tread 0.5 --steps 6 --warmup 3" ;;
 esac
