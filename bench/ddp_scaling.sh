@@ -2,7 +2,9 @@
 # Whole-job throughput on 1 and N GPUs (DDP through accelerate launch): a full-size random
 # SDXL UNet or SD3.5 Medium transformer (FAMILY sdxl | sd3), 64 random 1024px images, LoRA
 # rank 16 on the attention projections, batch 4 per GPU, bf16. Reads steady-state samples/s
-# from metrics.jsonl (steps after the first 5).
+# (global: every process's samples) and the training peak memory (since training began,
+# caching excluded) from metrics.jsonl (steps after the first 5). The job logs to stderr:
+# time-*.txt holds its log and /usr/bin/time's figures.
 #   run: bash bench/ddp_scaling.sh [N] [FAMILY]   carry: [".whl"]   results: $OUT/ddp_scaling.json
 set -euo pipefail
 N=${1:-2}
@@ -14,7 +16,7 @@ run() {  # $1 name, $2 processes
     local launch=(python3 -m job)
     [ "$2" -gt 1 ] && launch=(accelerate launch --multi_gpu --num_processes "$2" --mixed_precision no --dynamo_backend no -m job)
     /usr/bin/time -v "${launch[@]}" run $JOB "${common[@]}" --set "job.output_dir=\"$D/out-$1\"" \
-        --json-logs > "$OUT/log-$1.jsonl" 2> "$OUT/time-$1.txt" || { tail -30 "$OUT/log-$1.jsonl"; exit 1; }
+        --json-logs > "$OUT/log-$1.jsonl" 2> "$OUT/time-$1.txt" || { tail -30 "$OUT/time-$1.txt"; exit 1; }
 }
 run gpu1 1
 run gpu$N "$N"

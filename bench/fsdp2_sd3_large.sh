@@ -19,6 +19,14 @@ N=${1:-4}
 PHASE=${2:-first}
 export OUT=${OUT:-/tmp/out}
 FAMILY=sd3 D=/tmp/job-sd3-large IMAGES=32 MODEL_SIZE=large
+mkdir -p "$OUT"
+if [ "$PHASE" = resume ] && ! compgen -G "$D/out/*/checkpoints/step-000004" > /dev/null; then
+    echo "no step-4 checkpoint: run the first phase on this machine first"; exit 1
+fi
+gpus=$(nvidia-smi -L | wc -l)
+[ "$gpus" -ge "$N" ] || { echo "$N processes need $N GPUs; this machine has $gpus"; exit 1; }
+rm -rf /tmp/job-sd3  # the DDP call's SD3.5 Medium folder, if it ran on this machine
+df -h / /tmp | tee "$OUT/disk_before.txt"
 source "$(dirname "$0")/job_common.sh"  # wheels, the model folder, the images
 sets=(model.flavour='"large"' model.model_type='"full"' model.pretrained_model_name_or_path="\"$D/model\""
       speedups.base_model_precision='"no_change"' 'validation.guidance_skip_layers=[]'
@@ -40,7 +48,6 @@ if [ "$PHASE" = first ]; then
     run 4
     du -sb "$D"/out/*/checkpoints/step-000004 > "$D/checkpoint_size.txt"
 else
-    [ -d "$D"/out/*/checkpoints/step-000004 ] || { echo "no step-4 checkpoint: run the first phase on this machine first"; exit 1; }
     rm -rf "$D"/out/*/final
     run 5
 fi

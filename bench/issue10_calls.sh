@@ -3,7 +3,11 @@
 # bench/run_list.sh's deadline). Every result line also lands in $OUT/results.txt.
 #   run: bash bench/issue10_calls.sh 2|4|fsdp2|fsdp2-resume      carry: [".whl"]
 #   kinds: 2 -> nvidia-h200-x2; 4, fsdp2 and fsdp2-resume -> nvidia-h200-x4 (fsdp2-resume
-#   right after fsdp2, on the same warm machine: it continues fsdp2's checkpoint)
+#   right after fsdp2, on the same warm machine, which stays warm only about 30 s: it
+#   continues fsdp2's checkpoint). On the 4-GPU kind, run fsdp2 and fsdp2-resume first and
+#   4 after them if device time is left (30 minutes a session, about 4 of them to start a
+#   machine). fsdp2's resume may run long: a 97 GB checkpoint is hashed once by rank 0 at
+#   the save and once per rank at the resume; read the first call's log times first.
 set -uo pipefail
 here=$(dirname "$0")
 case "${1:?which call: 2, 4 or fsdp2}" in

@@ -81,6 +81,9 @@ class Trainer(CheckpointIO):
         self.saved: list[str] = []
         self.train_time_s = 0.0
         self.samples_trained = 0
+        # The GPU's allocation peak before training (model loading, caching, sharding), GiB;
+        # the train rows report the peak since training began.
+        self.setup_peak_gib: float | None = None
         self.last_checkpoint_s: float | None = None
         self._epoch_batches: tuple[int, list[list[int]]] | None = None
 
@@ -110,7 +113,11 @@ class Trainer(CheckpointIO):
     def train(self) -> None:
         """Run optimizer steps until the total, saving and validating on schedule."""
         c = self.cfg
+        if self.device.type == "cuda":
+            self.setup_peak_gib = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+            torch.cuda.reset_peak_memory_stats(self.device)
         self.log.info("training", total_steps=self.total_steps, start_step=self.state.step,
+                      setup_peak_gpu_memory_gib=self.setup_peak_gib,
                       batch_size=c.train.batch_size, accumulation=c.train.gradient_accumulation_steps,
                       processes=self.topology.world, effective_batch=self._samples_per_step(),
                       learning_rate=self.learning_rate,
@@ -249,8 +256,9 @@ class Trainer(CheckpointIO):
         row = {"step": self.state.step, "epoch": self.state.epoch, "loss": result.loss,
                "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": _json_float(result.grad_norm),
                "samples_seen": self.state.samples_seen, "samples_per_s": round(samples_per_s, 4)}
-        if self.device.type == "cuda":
-            row["peak_gpu_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        if self.device.type == "cuda":  # since training began (setup_peak_gib: before)
+            row["peak_gpu_memory_gib"] = round(
+                torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
         self.metrics.write("train", **row)
         self.log.info("step", **row)
 
