@@ -363,9 +363,10 @@ def _finish_summary(summary: Summary, trainer, phases: Phases, out: Path,
             summary.samples_per_second = round(
                 trainer.samples_trained / trainer.train_time_s, 4)
     if torch.cuda.is_available():  # the whole job's: the setup's or training's, the higher
-        peak = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        from job.train.loop import gpu_peak_gib
+
         setup = trainer.setup_peak_gib if trainer is not None else None
-        summary.peak_gpu_memory_gib = max(peak, setup or 0.0)
+        summary.peak_gpu_memory_gib = max(gpu_peak_gib(), setup or 0.0)
     metrics.write("end", status=summary.status, exit_code=summary.exit_code)
     if main:
         write_json_atomic(out / "summary.json", summary.to_dict())

@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
+from torch.utils._pytree import tree_map
 
 from distributed_helpers import free_port
 from job.models.sdxl_tiny import _unet as tiny_unet
@@ -60,8 +61,7 @@ def test_sharded_fp16_steps_match_the_whole_unet(nccl_group: None,
               "encoder_hidden_states": torch.randn(2, 77, 64, generator=generator),
               "added_cond_kwargs": {"text_embeds": torch.randn(2, 32, generator=generator),
                                     "time_ids": torch.randn(2, 6, generator=generator)}}
-    inputs = {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
-              for k, v in inputs.items()}
+    inputs = tree_map(lambda t: t.to(device), inputs)
     runs = []
     for model in (whole, sharded):
         params = list(model.parameters())
@@ -114,9 +114,7 @@ def structurally_zero_gradients(unet: torch.nn.Module, inputs: dict) -> set[str]
     group (32 groups on the tiny UNet's 32-channel blocks), which the norm removes: the
     resnets' time_emb_proj, conv biases before their norm2 or conv_norm_out."""
     copy_ = copy.deepcopy(unet).cpu().double()
-    cpu = {k: ({n: t.cpu().double() for n, t in v.items()} if isinstance(v, dict)
-               else v.cpu().double() if v.is_floating_point() else v.cpu())
-           for k, v in inputs.items()}
+    cpu = tree_map(lambda t: t.cpu().double() if t.is_floating_point() else t.cpu(), inputs)
     copy_(**cpu).sample.pow(2).mean().backward()
     largest = max(float(p.grad.abs().max()) for p in copy_.parameters())
     return {name for name, p in copy_.named_parameters()

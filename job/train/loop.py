@@ -114,7 +114,7 @@ class Trainer(CheckpointIO):
         """Run optimizer steps until the total, saving and validating on schedule."""
         c = self.cfg
         if self.device.type == "cuda":
-            self.setup_peak_gib = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+            self.setup_peak_gib = gpu_peak_gib(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         self.log.info("training", total_steps=self.total_steps, start_step=self.state.step,
                       setup_peak_gpu_memory_gib=self.setup_peak_gib,
@@ -257,8 +257,7 @@ class Trainer(CheckpointIO):
                "lr": self.lr_scheduler.get_last_lr()[0], "grad_norm": _json_float(result.grad_norm),
                "samples_seen": self.state.samples_seen, "samples_per_s": round(samples_per_s, 4)}
         if self.device.type == "cuda":  # since training began (setup_peak_gib: before)
-            row["peak_gpu_memory_gib"] = round(
-                torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+            row["peak_gpu_memory_gib"] = gpu_peak_gib(self.device)
         self.metrics.write("train", **row)
         self.log.info("step", **row)
 
@@ -279,6 +278,11 @@ def _read_on_host(*values: torch.Tensor) -> list[float]:
     device = values[0].device
     return torch.stack([(v if v.device == device else distributed.to_device(v, device))
                         .to(dtype) for v in values]).tolist()
+
+
+def gpu_peak_gib(device: torch.device | None = None) -> float:
+    """The CUDA device's allocation peak since its last reset, GiB, to the MiB."""
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
 
 
 def _json_float(value: float) -> float | str:
