@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements of sessions 8 and 9, one device call each (each inside
 # bench/run_list.sh's deadline, results in $OUT/results.txt as they end).
-#   run: bash bench/issue9_calls.sh 1|2|3|4|5|6|7      carry: [".whl"]
+#   run: bash bench/issue9_calls.sh 1|2|3|4|5|6|7|8|9      carry: [".whl"]
 set -uo pipefail
 here=$(dirname "$0")
 stage_c="python3 bench/stage_c_step.py"
-case "${1:?which call: 1 to 7}" in
+case "${1:?which call: 1 to 9}" in
 1)  # Stage C: lite with checkpointing now that its dropout blocks recompute inside their
     # graphs (1.45x with the checkpoint around them); CUDA graphs for the prior; fp32 against
     # both references (tunejob's TF32 default and torch's fp32 matmuls), lite profiled; the
@@ -67,4 +67,19 @@ case "${1:?which call: 1 to 7}" in
     DEADLINE=${DEADLINE:-550} bash "$here/run_list.sh" \
         "python3 bench/sdxl_step.py --mode reference --steps 6 --warmup 2" \
         "python3 bench/sd3_step.py --compile --tread 0.5 --steps 6 --warmup 3" ;;
+8)  # Stage C lite fp32 with checkpointing held 36.9 GiB with fp16_flash against the
+    # reference's 26.6 (call 6): the same step with SDPA's fp32 attention, and what each
+    # block kind keeps for its backward (diffusers' checkpoint against ours, SDPA and
+    # fp16_flash).
+    DEADLINE=${DEADLINE:-480} bash "$here/run_list.sh" \
+        "$stage_c --precisions no --compile --channels-last --priors stage-c-lite --max-fp32-batch 56 --gradient-checkpointing --steps 4 --warmup 3" \
+        "python3 bench/stage_c_block_memory.py | tr '\\n' ' '" ;;
+9)  # fp16_flash as two custom ops (call 8: the autograd.Function's fp16 tensors were kept,
+    # not recomputed, under the checkpoint): its GPU tests for the kernels, the held memory
+    # and the Stage C prior recomputing; then lite fp32 with and without checkpointing.
+    fp32="$stage_c --precisions no --compile --channels-last --fp16-flash --priors stage-c-lite --max-fp32-batch 56"
+    DEADLINE=${DEADLINE:-540} bash "$here/run_list.sh" \
+        "python3 -m pytest -q -m gpu tests/test_gpu_fp16_flash_attention.py -k 'kernels or holds or (stage_c and recompute_inside)' > \$OUT/gpu_tests.log 2>&1; tail -1 \$OUT/gpu_tests.log" \
+        "$fp32 --gradient-checkpointing --steps 4 --warmup 3" \
+        "$fp32 --steps 4 --warmup 3" ;;
 esac

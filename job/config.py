@@ -268,16 +268,17 @@ class SpeedupsTable(Table):
     allow_tf32: bool = setting(
         True, "TF32 matmuls on Ampere and newer GPUs (10 mantissa bits in, fp32 sums).",
         "allow_tf32")
-    fp32_attention: Literal["sdpa", "fp16_flash"] = setting(
-        "sdpa", "Kernel for fp32 attention (mixed_precision = \"no\") in sdxl's and the Stage C "
+    fp32_attention: Literal["auto", "sdpa", "fp16_flash"] = setting(
+        "auto", "Kernel for fp32 attention (mixed_precision = \"no\") in sdxl's and the Stage C "
         "prior's blocks. sdpa: PyTorch SDPA, whose fp32 kernel runs on the CUDA cores (44% of "
         "a Stage C lite fp32 step, bench/RESULTS.md); fp16_flash: FlashAttention with fp16 "
         "inputs and fp32 sums on the tensor cores (the 10 mantissa bits TF32 gives every "
         "other fp32 matmul), v and the output gradient scaled exactly by powers of two per "
         "head so fp16's range does not cut them; needs allow_tf32 (whose rounding it "
         "matches) and a CUDA GPU of compute capability 8.0+ (elsewhere: SDPA, with a "
-        "warning); head dims over 128 keep SDPA. Experimental: checked on the CPU, not yet "
-        "measured on a GPU. bf16/fp16 attention keeps SDPA.")
+        "warning); head dims over 128 keep SDPA. auto: fp16_flash where a GPU run measured "
+        "it (the Stage C prior in fp32: lite 1.68x the TF32 reference step, 1.76x with "
+        "checkpointing), sdpa elsewhere. bf16/fp16 attention keeps SDPA.")
     attention_mechanism: Literal["diffusers", "sageattention"] = setting(
         "diffusers", "diffusers: PyTorch SDPA everywhere; sageattention: SageAttention for "
         "validation sampling only (it has no backward pass), SDPA with a warning when the "

@@ -63,7 +63,7 @@ class Summary:
     final_weights: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     # The "auto" speedups as decided on this machine (job/speedups/compile.py resolve_auto).
-    speedups: dict[str, bool] = field(default_factory=dict)
+    speedups: dict[str, bool | str] = field(default_factory=dict)
     versions: dict[str, str | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

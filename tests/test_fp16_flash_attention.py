@@ -1,4 +1,4 @@
-"""Fp16FlashAttention and Fp32AttnProcessor (job/speedups/attention.py), run through torch's
+"""fp16_flash_attention and Fp32AttnProcessor (job/speedups/attention.py), run through torch's
 CPU flash kernels, which take fp16 like the CUDA ones: the attention and its gradients
 against float64 SDPA within fp16's input rounding, exactly as well for a batch item whose v
 or output gradient is far outside fp16's range (the per-head power-of-two scaling; without
@@ -18,8 +18,8 @@ from diffusers.models.unets.unet_stable_cascade import SDCascadeAttnBlock
 
 import job.speedups.attention as attention
 from helpers import relative_error
-from job.speedups.attention import (Fp16FlashAttention, Fp32AttnProcessor,
-                                    apply_fp16_flash_attention)
+from job.speedups.attention import (Fp32AttnProcessor, apply_fp16_flash_attention,
+                                    fp16_flash_attention)
 
 # fp16 rounds each input to 11 significant bits (2**-11 = 4.9e-4 relative); the sums are
 # fp32. Measured here: 4e-4 to 6e-4 per batch item for the output and each gradient.
@@ -61,7 +61,7 @@ def far_inputs():
 def test_attention_and_gradients_within_fp16_rounding_at_any_scale() -> None:
     q, k, v, grad = far_inputs()
     exact = attention_and_grads(F.scaled_dot_product_attention, q, k, v, grad, torch.float64)
-    ours = attention_and_grads(Fp16FlashAttention.apply, q, k, v, grad, torch.float32)
+    ours = attention_and_grads(fp16_flash_attention, q, k, v, grad, torch.float32)
     for name, errors in zip(("out", "dq", "dk", "dv"), per_item_errors(ours, exact)):
         assert max(errors) < FP16_ROUNDING, (name, errors)
 
@@ -73,7 +73,7 @@ def test_without_the_scaling_fp16_loses_those_items(monkeypatch: pytest.MonkeyPa
                         lambda x: torch.ones(x.shape[0], x.shape[1], 1, 1))
     q, k, v, grad = far_inputs()
     exact = attention_and_grads(F.scaled_dot_product_attention, q, k, v, grad, torch.float64)
-    ours = attention_and_grads(Fp16FlashAttention.apply, q, k, v, grad, torch.float32)
+    ours = attention_and_grads(fp16_flash_attention, q, k, v, grad, torch.float32)
     (out, dq, dk, dv) = per_item_errors(ours, exact)
     assert out[1] > 0.5  # v of 1e-7: mostly flushed
     assert dq[0] == dk[0] == dv[0] == 1.0  # the gradient of 1e-9: all zeros
@@ -114,8 +114,8 @@ def _block(kind: str):
 @pytest.mark.parametrize("kind", ["stage_c", "sdxl"])
 def test_processor_gives_attnprocessor2_0s_output_and_gradients(kind: str, cpu_flash: None,
                                                                 monkeypatch) -> None:
-    calls, apply = [], Fp16FlashAttention.apply
-    monkeypatch.setattr(Fp16FlashAttention, "apply",
+    calls, apply = [], fp16_flash_attention
+    monkeypatch.setattr(attention, "fp16_flash_attention",
                         lambda q, k, v: calls.append(q.shape) or apply(q, k, v))
     block, inputs, call = _block(kind)
     results = []
@@ -145,7 +145,7 @@ def test_processor_gives_attnprocessor2_0s_output_and_gradients(kind: str, cpu_f
 
 def test_bf16_and_odd_head_dims_keep_sdpa(cpu_flash: None, monkeypatch) -> None:
     calls = []
-    monkeypatch.setattr(Fp16FlashAttention, "apply", lambda *a: calls.append(a) or None)
+    monkeypatch.setattr(attention, "fp16_flash_attention", lambda *a: calls.append(a) or None)
     block = SDCascadeAttnBlock(c=60, c_cond=32, nhead=2, self_attn=True)  # head dim 30
     _processors(block, Fp32AttnProcessor())
     with torch.no_grad():
@@ -210,6 +210,68 @@ def test_config_rules(tmp_path) -> None:
         assert not fp16_flash_applies(cfg)
 
 
+def test_auto_is_fp16_flash_for_stage_c_fp32_on_a_capable_gpu(tmp_path, monkeypatch) -> None:
+    """fp32_attention = "auto" (the default) turns fp16_flash on where GPU runs measured it,
+    a Stage C prior trained in fp32 on a CUDA GPU of compute capability 8.0+ with TF32 on,
+    and logs why not elsewhere; where no fp32 attention runs through diffusers' Attention
+    (another family, bf16) it says nothing. An explicit setting is kept."""
+    from helpers import tiny_job_config
+
+    from job.speedups.compile import resolve_auto
+
+    stage_c = {"family": "stable_cascade", "flavour": "tiny",
+               "hub_cache_dir": str(tmp_path / "models")}
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    capability = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability[0])
+    logged = []
+    import job.speedups.compile as compile_speedup
+
+    class Log:
+        def info(self, event, **fields):
+            logged.append(fields)
+    monkeypatch.setattr(compile_speedup, "get_logger", lambda: Log())
+
+    def decided(device, **overrides):
+        cfg = tiny_job_config(tmp_path, speedups={"compile_blocks": False,
+                                                  **overrides.pop("speedups", {})},
+                              **overrides)
+        logged.clear()
+        resolve_auto(cfg, device)
+        said = next((fields.get("fp32_attention") for fields in logged), None)
+        return cfg.speedups.fp32_attention, said
+
+    assert decided(gpu, model=stage_c) == ("fp16_flash", "on")
+    assert decided(gpu, model=stage_c, speedups={"fp32_attention": "sdpa"}) == ("sdpa", None)
+    assert decided(cpu, model=stage_c) == ("sdpa", "off: no CUDA GPU (the fp16 flash "
+                                                   "training kernels are CUDA-only)")
+    flavour, said = decided(gpu, model=stage_c, speedups={"allow_tf32": False})
+    assert flavour == "sdpa" and "allow_tf32 = false" in said
+    flavour, said = decided(gpu)  # sdxl in fp32: correct on a GPU, its speed not measured
+    assert flavour == "sdpa" and "not measured on a GPU" in said
+    capability[0] = (7, 5)
+    flavour, said = decided(gpu, model=stage_c)
+    assert flavour == "sdpa" and "compute capability 8.0" in said
+    bf16 = decided(gpu, model=stage_c, train={"mixed_precision": "bf16"},
+                   job={"i_know_what_i_am_doing": True})
+    sd3 = decided(gpu, model={"family": "sd3", "flavour": "medium"})
+    assert bf16 == sd3 == ("sdpa", None)
+
+
+def test_divergence_names_the_setting_only_where_it_runs(tmp_path) -> None:
+    from helpers import tiny_job_config
+
+    from job.train.loop import divergence_fix
+
+    flash = tiny_job_config(tmp_path, speedups={"fp32_attention": "fp16_flash"})
+    assert 'fp32_attention = "sdpa"' in divergence_fix(flash, torch.device("cuda"))
+    assert "fp32_attention" not in divergence_fix(flash, torch.device("cpu"))
+    sdpa = tiny_job_config(tmp_path, speedups={"fp32_attention": "sdpa"})
+    assert "fp32_attention" not in divergence_fix(sdpa, torch.device("cuda"))
+    assert divergence_fix(sdpa, torch.device("cuda")).startswith("lower the learning rate")
+
+
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
 @pytest.mark.parametrize("kind", ["sdxl", "stable_cascade"])
 def test_compiled_training_step_has_no_graph_break(kind: str, checkpointing: bool, tmp_path,
@@ -255,9 +317,9 @@ def test_cuda_kernel_calls_on_meta_tensors(mode: str) -> None:
         return torch.empty(2, length, 4, 64, device="meta").transpose(1, 2).requires_grad_(True)
 
     q, k, v = heads(77), heads(93), heads(93)
-    call = Fp16FlashAttention.apply
+    call = fp16_flash_attention
     if mode == "checkpointed":
-        call = lambda q, k, v: checkpoint(Fp16FlashAttention.apply, q, k, v,  # noqa: E731
+        call = lambda q, k, v: checkpoint(fp16_flash_attention, q, k, v,  # noqa: E731
                                           use_reentrant=False)
     if mode != "eager":
         torch._dynamo.reset()
@@ -287,3 +349,47 @@ def test_a_full_lcm_student_runs_it_in_all_three_unets(tmp_path, monkeypatch) ->
     student, target, teacher = given[0]
     assert student is family.unet and target is objective.target
     assert teacher is family.teacher_unet and len({id(m) for m in given[0]}) == 3
+
+
+def saved_for_backward(call, *inputs) -> list[tuple[torch.dtype, int]]:
+    """(dtype, bytes) of each tensor that `call`'s forward keeps for its backward."""
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append((t.dtype, t.numel() * t.element_size()))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = call(*inputs)
+    out.sum().backward()
+    return saved
+
+
+@pytest.mark.parametrize("backend", ["aot_eager_decomp_partition", "inductor"])
+def test_a_recomputing_compiled_block_keeps_what_sdpa_keeps(backend: str,
+                                                          cpu_flash: None) -> None:
+    """With the checkpoint inside a compiled block (regional compile with gradient
+    checkpointing) the attention is recomputed in the backward like SDPA's: the block keeps
+    its inputs and weights only, no fp16 copy. (torch 2.11 on a GPU kept an autograd.Function's
+    saved tensors instead: bench/RESULTS.md session 10.) Without the checkpoint the fp16
+    tensors are kept, which shows the hook sees them."""
+    from types import MethodType
+
+    from job.speedups.compile import _checkpointed_forward
+
+    kept = {}
+    for processor in (AttnProcessor2_0(), Fp32AttnProcessor()):
+        for checkpointing in (True, False):
+            torch.manual_seed(0)
+            block = SDCascadeAttnBlock(c=128, c_cond=32, nhead=2, self_attn=True)
+            block.attention.set_processor(processor)
+            if checkpointing:
+                block._class_forward = MethodType(type(block).forward, block)
+                block.forward = MethodType(_checkpointed_forward, block)
+            torch._dynamo.reset()
+            x = torch.randn(2, 128, 6, 6, requires_grad=True)
+            kept[type(processor).__name__, checkpointing] = saved_for_backward(
+                torch.compile(block, backend=backend), x, torch.randn(2, 9, 32))
+    sdpa, flash = kept["AttnProcessor2_0", True], kept["Fp32AttnProcessor", True]
+    assert sum(b for _, b in flash) == sum(b for _, b in sdpa)
+    assert all(dtype == torch.float32 for dtype, _ in flash)
+    assert sum(dtype == torch.float16 for dtype, _ in kept["Fp32AttnProcessor", False]) >= 4

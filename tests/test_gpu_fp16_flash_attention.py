@@ -1,6 +1,6 @@
 """On a CUDA GPU (marked `gpu`; `python -m pytest -m gpu tests/test_gpu_fp16_flash_attention.py`
 on the GPU machine): `[speedups] fp32_attention = "fp16_flash"`. The CUDA flash kernels
-through Fp16FlashAttention against float64 SDPA within fp16's input rounding, at any scale
+through fp16_flash_attention against float64 SDPA within fp16's input rounding, at any scale
 of v and of the output gradient (tests/test_fp16_flash_attention.py's inputs); then a tiny
 Stage C prior (the released block types, head dim 64, 24x24 latents: 576 image tokens) and
 a tiny SDXL UNet (head dim 64, 256 image tokens, cross-attention to 77 text tokens) with
@@ -23,8 +23,8 @@ from stage_c_helpers import small_prior
 from test_fp16_flash_attention import (FP16_ROUNDING, attention_and_grads, far_inputs,
                                        per_item_errors)
 import job.speedups.attention as attention
-from job.speedups.attention import (Fp16FlashAttention, Fp32AttnProcessor,
-                                    apply_fp16_flash_attention)
+from job.speedups.attention import (Fp32AttnProcessor, apply_fp16_flash_attention,
+                                    fp16_flash_attention)
 from job.speedups.compile import apply_regional_compile, begin_step
 
 pytestmark = [pytest.mark.gpu,
@@ -34,7 +34,7 @@ pytestmark = [pytest.mark.gpu,
 def test_cuda_kernels_within_fp16_rounding_at_any_scale() -> None:
     q, k, v, grad = (t.cuda() for t in far_inputs())
     exact = attention_and_grads(F.scaled_dot_product_attention, q, k, v, grad, torch.float64)
-    ours = attention_and_grads(Fp16FlashAttention.apply, q, k, v, grad, torch.float32)
+    ours = attention_and_grads(fp16_flash_attention, q, k, v, grad, torch.float32)
     for name, errors in zip(("out", "dq", "dk", "dv"), per_item_errors(ours, exact)):
         assert max(errors) < FP16_ROUNDING, (name, errors)
 
@@ -150,7 +150,7 @@ def test_bf16_autocast_never_calls_it(kind: str, monkeypatch) -> None:
     exact_model, inputs, attention_modules = MODELS[kind]()
     model = copy.deepcopy(exact_model)
     calls = []
-    monkeypatch.setattr(Fp16FlashAttention, "apply", lambda *a: calls.append(a) or None)
+    monkeypatch.setattr(attention, "fp16_flash_attention", lambda *a: calls.append(a) or None)
     torch._dynamo.reset()
     apply_regional_compile(model)
     assert apply_fp16_flash_attention(model) == attention_modules
@@ -159,3 +159,39 @@ def test_bf16_autocast_never_calls_it(kind: str, monkeypatch) -> None:
         ours, exact = model(**batch).sample, exact_model(**batch).sample
     assert calls == []
     assert relative_error(ours, exact) < 2e-2
+
+
+def test_a_recomputing_compiled_block_holds_what_sdpa_holds() -> None:
+    """With the checkpoint inside an inductor-compiled Stage C attention block, the memory
+    the block holds from its forward to its backward is SDPA's (its inputs): the fp16 flash
+    attention is recomputed. The autograd.Function it replaced kept q, k, v, the output and
+    the logsumexp in fp16 under torch 2.11 (3.2 block inputs' worth, bench/RESULTS.md
+    session 10)."""
+    from types import MethodType
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    from diffusers.models.unets.unet_stable_cascade import SDCascadeAttnBlock
+
+    from job.speedups.compile import _checkpointed_forward
+
+    held = {}
+    for processor in (AttnProcessor2_0(), Fp32AttnProcessor()):
+        torch.manual_seed(0)
+        block = SDCascadeAttnBlock(c=256, c_cond=256, nhead=4, self_attn=True).cuda()
+        block.attention.set_processor(processor)
+        block._class_forward = MethodType(type(block).forward, block)
+        block.forward = MethodType(_checkpointed_forward, block)
+        torch._dynamo.reset()
+        compiled = torch.compile(block)
+        x = torch.randn(8, 256, 24, 24, device="cuda", requires_grad=True)
+        kv = torch.randn(8, 85, 256, device="cuda")
+        for _ in range(2):
+            compiled(x, kv).sum().backward()
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        out = compiled(x, kv)
+        torch.cuda.synchronize()
+        held[type(processor).__name__] = torch.cuda.memory_allocated() - before \
+            - out.numel() * out.element_size()
+        out.sum().backward()
+    assert held["Fp32AttnProcessor"] <= held["AttnProcessor2_0"] + 2**20, held

@@ -52,9 +52,10 @@ def test_run_writes_every_output(tmp_path: Path, models_dir: Path) -> None:
     validate_summary(summary)
     assert summary["status"] == "succeeded" and summary["steps_done"] == 6
     assert summary["samples_seen"] == 6 * 2 * 2 and summary["eval_loss"] is not None
-    # The "auto" speedups as decided on the CPU: no compile, so no NHWC and no graphs.
+    # The "auto" speedups as decided on the CPU: no compile, so no NHWC and no graphs; fp32
+    # attention through SDPA (fp16_flash is CUDA-only).
     assert summary["speedups"] == {"compile_blocks": False, "channels_last": False,
-                                   "cuda_graphs": False}
+                                   "cuda_graphs": False, "fp32_attention": "sdpa"}
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
     assert (out / "job.resolved.toml").is_file()
     assert [Path(c).name for c in summary["checkpoints"]] == ["step-000003", "step-000006"]

@@ -6,15 +6,17 @@ training: the family swaps its processors in around sampling only, and training 
 PyTorch's SDPA.
 
 fp32 attention through FlashAttention with fp16 inputs (`[speedups] fp32_attention =
-"fp16_flash"`, `Fp16FlashAttention`): SDPA has no TF32 kernel, so an fp32 attention
+"fp16_flash"`, `fp16_flash_attention`): SDPA has no TF32 kernel, so an fp32 attention
 (mixed_precision = "no") runs the memory-efficient kernel on the CUDA cores, 44% of a Stage
 C lite fp32 step (bench/RESULTS.md, session 8). fp16 inputs with fp32 sums are the rounding
 TF32 gives every other fp32 matmul of the step (10 mantissa bits); fp16's narrower range is
-covered by exact power-of-two scaling (the class says how). torch's flex_attention, which
+covered by exact power-of-two scaling (`fp16_flash_attention` says how). torch's flex_attention, which
 keeps TF32 itself, was measured first and dropped: its Triton backward in TF32 is slower
 than SDPA's fp32 one (Stage C lite fp32: 1.26x the TF32 reference with it, 1.24x without,
-bench/RESULTS.md session 9). Opt-in until measured on a GPU
-(tests/test_gpu_fp16_flash_attention.py); the CPU tests run the same autograd function
+bench/RESULTS.md session 9). Measured on an H200 (session 10): Stage C lite fp32 1.68x the
+TF32 reference step (SDPA: 1.24x), 1.76x with checkpointing; `fp32_attention = "auto"` turns
+it on for the Stage C prior's fp32 jobs (sdxl's fp32 is not measured: opt-in there). The
+kernels' GPU test is tests/test_gpu_fp16_flash_attention.py; the CPU tests run the same ops
 through torch's CPU flash kernels.
 """
 
@@ -129,30 +131,82 @@ def _pow2_scale(x: torch.Tensor) -> torch.Tensor:
 
 
 def _flash_forward(q, k, v):
-    """FlashAttention's forward on fp16 [B, H, S, D] inputs: (out, logsumexp, the RNG state
-    tensors and the longest sequence lengths its backward takes; CPU: (out, logsumexp)). The
-    CUDA ops serve every device but the CPU: "meta" too, which checks them without a GPU."""
+    """FlashAttention's forward on fp16 [B, H, S, D] inputs: (out, logsumexp, and the RNG
+    seed and offset its backward takes; on the CPU, whose kernels take none, two empty
+    placeholders). The CUDA op serves every device but the CPU: "meta" and fake tensors too,
+    which run its shape function (the custom op's fake kernel, the tests without a GPU)."""
     if q.device.type != "cpu":
         # cum_seq_q and cum_seq_k are undefined (None) for dense inputs.
-        out, lse, _, _, max_q, max_k, seed, offset, _ = \
+        out, lse, _, _, _, _, seed, offset, _ = \
             torch.ops.aten._scaled_dot_product_flash_attention.default(q, k, v, 0.0, False,
                                                                       False)
-        return out, lse, (seed, offset), (max_q, max_k)
+        return out, lse, seed, offset
     out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default(
         q, k, v, 0.0, False)
-    return out, lse, (), ()
+    return out, lse, q.new_empty(0), q.new_empty(0)
 
 
-def _flash_backward(grad, q, k, v, out, lse, rng, lengths):
+def _flash_backward(grad, q, k, v, out, lse, seed, offset):
     if q.device.type != "cpu":
-        (seed, offset), (max_q, max_k) = rng, lengths
+        # Dense inputs: the longest sequences are the sequence lengths.
         return torch.ops.aten._scaled_dot_product_flash_attention_backward.default(
-            grad, q, k, v, out, lse, None, None, max_q, max_k, 0.0, False, seed, offset)
+            grad, q, k, v, out, lse, None, None, q.shape[2], k.shape[2], 0.0, False, seed,
+            offset)
     return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default(
         grad, q, k, v, out, lse, 0.0, False)
 
 
-class Fp16FlashAttention(torch.autograd.Function):
+Tensor = torch.Tensor
+
+
+def _attention_forward(q: Tensor, k: Tensor, v: Tensor) -> tuple[
+        Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    v_scale = _pow2_scale(v)
+    q16, k16, v16 = q.half(), k.half(), (v * v_scale).half()
+    out16, lse, seed, offset = _flash_forward(q16, k16, v16)
+    return out16.float() / v_scale, q16, k16, v16, out16, lse, v_scale, seed, offset
+
+
+def _attention_backward(grad: Tensor, q16: Tensor, k16: Tensor, v16: Tensor, out16: Tensor,
+                        lse: Tensor, v_scale: Tensor, seed: Tensor,
+                        offset: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    grad_scale = _pow2_scale(grad)
+    dq, dk, dv = _flash_backward((grad * grad_scale).half(), q16, k16, v16, out16, lse, seed,
+                                 offset)
+    # The kernel's gradients are those of (grad * grad_scale) through q, k and v * v_scale
+    # (two divisions: their product can exceed fp32's range where both are large).
+    return dq.float() / grad_scale / v_scale, dk.float() / grad_scale / v_scale, \
+        dv.float() / grad_scale
+
+
+# Two custom ops (one node each in a compiled graph) rather than an autograd.Function: inside
+# a block that recomputes (gradient checkpointing in its compiled graph), torch 2.11's
+# partitioner kept an autograd.Function's saved fp16 tensors instead of recomputing them
+# (3.2x a block input per attention block, bench/RESULTS.md session 10), and recomputes a
+# custom op like any other. Their fake kernels are the same functions, which run the flash
+# ops' shape functions on fake tensors. The forward returns what its backward needs after
+# the attention (non-differentiable).
+_forward_op = torch.library.custom_op("tunejob::fp16_flash_attention", _attention_forward,
+                                      mutates_args=())
+_forward_op.register_fake(_attention_forward)
+_backward_op = torch.library.custom_op("tunejob::fp16_flash_attention_backward",
+                                       _attention_backward, mutates_args=())
+_backward_op.register_fake(_attention_backward)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*output[1:])
+
+
+def _backward(ctx, grad: Tensor, *_) -> tuple[Tensor, Tensor, Tensor]:
+    return _backward_op(grad, *ctx.saved_tensors)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def fp16_flash_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """softmax(q k^T / sqrt(d)) v for fp32 [B, H, S, D] tensors, through FlashAttention with
     fp16 inputs: the tensor-core matmuls see 10 mantissa bits, as TF32's do, and sum in
     fp32 (scores, softmax and the output's and gradients' accumulators); the output and the
@@ -165,27 +219,9 @@ class Fp16FlashAttention(torch.autograd.Function):
     gradients can be 1e-8 and smaller, which fp16 alone would flush to zero). q and k go in
     as they are (their product sets the softmax; the blocks' projected activations are far
     inside fp16's 6e-5 to 65504); a value beyond 65504 becomes inf, and the step is skipped
-    as non-finite like any other (train.max_nonfinite_steps)."""
-
-    @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        v_scale = _pow2_scale(v)
-        q16, k16, v16 = q.half(), k.half(), (v * v_scale).half()
-        out16, lse, rng, lengths = _flash_forward(q16, k16, v16)
-        ctx.lengths = lengths  # ints (SymInts under dynamo), not tensors
-        ctx.save_for_backward(q16, k16, v16, out16, lse, v_scale, *rng)
-        return out16.float() / v_scale
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        q16, k16, v16, out16, lse, v_scale, *rng = ctx.saved_tensors
-        grad_scale = _pow2_scale(grad)
-        dq, dk, dv = _flash_backward((grad * grad_scale).half(), q16, k16, v16, out16, lse,
-                                     rng, ctx.lengths)
-        # The kernel's gradients are those of (grad * grad_scale) through q, k and v * v_scale
-        # (two divisions: their product can exceed fp32's range where both are large).
-        return (dq.float() / grad_scale / v_scale, dk.float() / grad_scale / v_scale,
-                dv.float() / grad_scale)
+    as non-finite like any other (train.max_nonfinite_steps, whose error then names this
+    kernel)."""
+    return _forward_op(q, k, v)[0]
 
 
 def fp16_flash_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -200,7 +236,7 @@ def fp16_flash_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 class Fp32AttnProcessor:
     """diffusers' AttnProcessor2_0 (self- and cross-attention of `Attention`: SDXL's
     transformer blocks, the Stage C prior's attention blocks) with fp32 attention through
-    Fp16FlashAttention; other dtypes (bf16 autocast) keep SDPA, whose flash and cuDNN
+    fp16_flash_attention; other dtypes (bf16 autocast) keep SDPA, whose flash and cuDNN
     kernels take them. Masks, spatial and group norms (unused by those blocks) go to
     AttnProcessor2_0."""
 
@@ -230,7 +266,7 @@ class Fp32AttnProcessor:
         v = _heads(attn, attn.to_v(context), None)
         if q.dtype == k.dtype == v.dtype == torch.float32 \
                 and q.device.type in FP16_FLASH_DEVICES and fp16_flash_fits(q, k, v):
-            out = Fp16FlashAttention.apply(q, k, v)
+            out = fp16_flash_attention(q, k, v)
         else:
             out = F.scaled_dot_product_attention(q, k, v)
         out = out.transpose(1, 2).flatten(2).to(q.dtype)
@@ -250,6 +286,25 @@ def fp16_flash_applies(cfg) -> bool:
 
     return cfg.train.mixed_precision == "no" \
         and "fp32_attention" in spec_for(cfg.model.family).features
+
+
+def fp16_flash_auto_off_because(cfg, device: torch.device) -> str | None:
+    """Why `fp32_attention = "auto"` keeps SDPA for this job on `device` (None: fp16_flash;
+    "": the choice cannot matter, the job has no fp32 attention in those blocks). On where
+    GPU runs measured it: the Stage C prior in fp32 (bench/RESULTS.md, session 10)."""
+    if not fp16_flash_applies(cfg):
+        return ""
+    if device.type != "cuda":
+        return "no CUDA GPU (the fp16 flash training kernels are CUDA-only)"
+    unavailable = fp16_flash_unavailable_because()
+    if unavailable is not None:
+        return unavailable
+    if cfg.model.family != "stable_cascade":
+        return (f"family {cfg.model.family!r}: not measured on a GPU (fp32_attention = "
+                '"fp16_flash" to try)')
+    if not cfg.speedups.allow_tf32:
+        return "allow_tf32 = false asks for full fp32 matmuls"
+    return None
 
 
 def fp16_flash_unavailable_because() -> str | None:

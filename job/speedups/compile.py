@@ -66,7 +66,7 @@ STATIC_SHAPE_CLASSES = frozenset({
 RECOMPILE_LIMIT = 256
 # The [speedups] settings that default to "auto" (resolve_auto decides them; summary.json
 # records the decisions).
-AUTO_SETTINGS = ("compile_blocks", "channels_last", "cuda_graphs")
+AUTO_SETTINGS = ("compile_blocks", "channels_last", "cuda_graphs", "fp32_attention")
 # Set once any denoiser's blocks replay as CUDA graphs (begin_step marks then).
 _graphs = False
 
@@ -108,11 +108,12 @@ def check_compiler(device: torch.device, backend: str = "inductor") -> None:
 
 
 def resolve_auto(cfg, device: torch.device) -> None:
-    """Decide `[speedups]` compile_blocks, cuda_graphs and channels_last where they are
-    "auto" (their defaults) for this job on `device`, in place, and log the decisions in
-    one `speedup_auto` line (setting: "on" or "off: why"); then check the compiler that
-    compile_blocks needs (exit 2 without it). Every process of a job decides alike (same
-    settings, same kind of machine)."""
+    """Decide `[speedups]` compile_blocks, cuda_graphs, channels_last and fp32_attention
+    (on: "fp16_flash", off: "sdpa") where they are "auto" (their defaults) for this job on
+    `device`, in place, and log the decisions in one `speedup_auto` line (setting: "on" or
+    "off: why"; fp32_attention only for an fp32 job of sdxl or Stage C); then check the
+    compiler that compile_blocks needs (exit 2 without it). Every process of a job decides
+    alike (same settings, same kind of machine)."""
     s, decided = cfg.speedups, {}
     if s.compile_blocks == "auto":
         off = _auto_compile_off_because(cfg, device)
@@ -130,6 +131,13 @@ def resolve_auto(cfg, device: torch.device) -> None:
             "no CUDA GPU" if device.type != "cuda" else _auto_graphs_off_because(cfg)
         s.cuda_graphs = off is None
         decided["cuda_graphs"] = off
+    if s.fp32_attention == "auto":
+        from job.speedups.attention import fp16_flash_auto_off_because
+
+        off = fp16_flash_auto_off_because(cfg, device)
+        s.fp32_attention = "fp16_flash" if off is None else "sdpa"
+        if off != "":  # "": the choice cannot matter (no fp32 attention of its blocks)
+            decided["fp32_attention"] = off
     if decided:
         get_logger().info("speedup_auto", **{key: "on" if off is None else f"off: {off}"
                                              for key, off in decided.items()})

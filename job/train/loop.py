@@ -219,8 +219,8 @@ class Trainer(CheckpointIO):
             raise DivergedError(
                 f"training diverged: {self.state.nonfinite_steps} steps with a NaN/inf loss or "
                 f"gradient (train.max_nonfinite_steps = {self.cfg.train.max_nonfinite_steps})",
-                "lower the learning rate, set max_grad_norm, or use bf16; the last good "
-                f"checkpoint is {last.path if last else 'none (no checkpoint was written)'}")
+                f"{divergence_fix(self.cfg, self.device)}; the last good checkpoint is "
+                f"{last.path if last else 'none (no checkpoint was written)'}")
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
         """The next batch in the data order, moving to the next epoch when one ends; the
@@ -278,6 +278,19 @@ def _read_on_host(*values: torch.Tensor) -> list[float]:
     device = values[0].device
     return torch.stack([(v if v.device == device else distributed.to_device(v, device))
                         .to(dtype) for v in values]).tolist()
+
+
+def divergence_fix(cfg, device: torch.device) -> str:
+    """What to change when training diverges; with fp32 attention through fp16 inputs
+    (fp32_attention = "fp16_flash" on a GPU), that setting too."""
+    from job.speedups.attention import fp16_flash_applies
+
+    fix = "lower the learning rate, set max_grad_norm, or use bf16"
+    if cfg.speedups.fp32_attention == "fp16_flash" and fp16_flash_applies(cfg) \
+            and device.type == "cuda":
+        fix += (' (or speedups.fp32_attention = "sdpa": this job\'s fp32 attention takes fp16 '
+                "inputs, and a query or key beyond 65504 overflows)")
+    return fix
 
 
 def gpu_peak_gib(device: torch.device | None = None) -> float:
