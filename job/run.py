@@ -191,7 +191,9 @@ def _prepare_denoiser(cfg: JobConfig, family, device: torch.device):
             # EMA target, the frozen teacher), so all of them attend alike.
             models = (family.denoiser(), getattr(objective, "target", None),
                       getattr(family, "teacher_unet", None))
-            apply_fp16_flash_attention(*(m for m in models if m is not None))
+            if not apply_fp16_flash_attention(*(m for m in models if m is not None)):
+                # It warned why; the divergence hint must not name a kernel that never ran.
+                cfg.speedups.fp32_attention = "sdpa"
     if cfg.speedups.compile_blocks:
         # After the LoRA and any distillation student exist: the graphs include them.
         from job.speedups.compile import apply_regional_compile, cuda_graphs_off_because

@@ -250,6 +250,10 @@ def test_auto_is_fp16_flash_for_stage_c_fp32_on_a_capable_gpu(tmp_path, monkeypa
     assert flavour == "sdpa" and "allow_tf32 = false" in said
     flavour, said = decided(gpu)  # sdxl in fp32: correct on a GPU, its speed not measured
     assert flavour == "sdpa" and "not measured on a GPU" in said
+    monkeypatch.setattr(torch.version, "hip", "6.2")
+    flavour, said = decided(gpu, model=stage_c)
+    assert flavour == "sdpa" and "ROCm" in said
+    monkeypatch.setattr(torch.version, "hip", None)
     capability[0] = (7, 5)
     flavour, said = decided(gpu, model=stage_c)
     assert flavour == "sdpa" and "compute capability 8.0" in said
@@ -309,8 +313,10 @@ def test_cuda_kernel_calls_on_meta_tensors(mode: str) -> None:
     """The CUDA branch's calls (their arguments' order and types, what the forward keeps for
     the backward) on "meta" tensors, which run the CUDA flash ops' shape functions: eagerly,
     traced by dynamo as regional compile does (static and dynamic shapes: the sequence
-    lengths kept on ctx become SymInts), and inside a non-reentrant checkpoint. A wrong
-    argument is an error here, without a GPU (the CPU ops take different ones)."""
+    lengths the backward reads from the shapes become SymInts), and inside a non-reentrant
+    checkpoint. A wrong argument count or type, or q and k swapped, is an error here without
+    a GPU (the CPU ops take different ones); the shape functions do not see the values, so
+    the numbers are the GPU test's."""
     from torch.utils.checkpoint import checkpoint
 
     def heads(length: int) -> torch.Tensor:  # [B, H, S, D] views of [B, S, H, D], as _heads
@@ -349,6 +355,8 @@ def test_a_full_lcm_student_runs_it_in_all_three_unets(tmp_path, monkeypatch) ->
     student, target, teacher = given[0]
     assert student is family.unet and target is objective.target
     assert teacher is family.teacher_unet and len({id(m) for m in given[0]}) == 3
+    # None installed (the stub returned 0): the setting says so, for the divergence hint.
+    assert family.cfg.speedups.fp32_attention == "sdpa"
 
 
 def saved_for_backward(call, *inputs) -> list[tuple[torch.dtype, int]]:
@@ -369,9 +377,11 @@ def test_a_recomputing_compiled_block_keeps_what_sdpa_keeps(backend: str,
                                                           cpu_flash: None) -> None:
     """With the checkpoint inside a compiled block (regional compile with gradient
     checkpointing) the attention is recomputed in the backward like SDPA's: the block keeps
-    its inputs and weights only, no fp16 copy. (torch 2.11 on a GPU kept an autograd.Function's
-    saved tensors instead: bench/RESULTS.md session 10.) Without the checkpoint the fp16
-    tensors are kept, which shows the hook sees them."""
+    its inputs and weights only, no fp16 copy. This guards the custom ops on this torch; the
+    regression they fixed was torch 2.11's on a GPU, where the partitioner kept an
+    autograd.Function's saved tensors (the Function passes here: bench/RESULTS.md session
+    10; tests/test_gpu_fp16_flash_attention.py checks the GPU). Without the checkpoint the
+    fp16 tensors are kept, which shows the hook sees them."""
     from types import MethodType
 
     from job.speedups.compile import _checkpointed_forward

@@ -161,7 +161,7 @@ def test_bf16_autocast_never_calls_it(kind: str, monkeypatch) -> None:
     assert relative_error(ours, exact) < 2e-2
 
 
-def test_a_recomputing_compiled_block_holds_what_sdpa_holds() -> None:
+def test_a_recomputing_compiled_block_holds_what_sdpa_holds(monkeypatch) -> None:
     """With the checkpoint inside an inductor-compiled Stage C attention block, the memory
     the block holds from its forward to its backward is SDPA's (its inputs): the fp16 flash
     attention is recomputed. The autograd.Function it replaced kept q, k, v, the output and
@@ -174,7 +174,9 @@ def test_a_recomputing_compiled_block_holds_what_sdpa_holds() -> None:
 
     from job.speedups.compile import _checkpointed_forward
 
-    held = {}
+    held, calls, forward = {}, [], attention._flash_forward
+    monkeypatch.setattr(attention, "_flash_forward",
+                        lambda q, k, v: calls.append(q.dtype) or forward(q, k, v))
     for processor in (AttnProcessor2_0(), Fp32AttnProcessor()):
         torch.manual_seed(0)
         block = SDCascadeAttnBlock(c=256, c_cond=256, nhead=4, self_attn=True).cuda()
@@ -194,4 +196,5 @@ def test_a_recomputing_compiled_block_holds_what_sdpa_holds() -> None:
         held[type(processor).__name__] = torch.cuda.memory_allocated() - before \
             - out.numel() * out.element_size()
         out.sum().backward()
+    assert calls and set(calls) == {torch.float16}  # the second block ran the flash kernels
     assert held["Fp32AttnProcessor"] <= held["AttnProcessor2_0"] + 2**20, held

@@ -118,7 +118,7 @@ def _heads(attn, x: torch.Tensor, norm) -> torch.Tensor:
 
 # Where the processor's fp32 attention goes to the fp16 flash kernels: CUDA GPUs of compute
 # capability 8.0 or newer, where FlashAttention trains (tests add "cpu", whose flash kernels
-# take fp16 too, to run the same autograd function there).
+# take fp16 too, to run the same custom ops there).
 FP16_FLASH_DEVICES = ("cuda",)
 
 
@@ -311,6 +311,8 @@ def fp16_flash_unavailable_because() -> str | None:
     """Why this machine cannot run the fp16 flash kernels (None: it can)."""
     if not torch.cuda.is_available():
         return "no CUDA GPU (the fp16 flash training kernels are CUDA-only)"
+    if torch.version.hip is not None:
+        return "a ROCm GPU (the fp16 flash path is run and tested on CUDA only)"
     if torch.cuda.get_device_capability() < (8, 0):
         return (f"FlashAttention needs compute capability 8.0 or newer (this GPU: "
                 f"{'.'.join(map(str, torch.cuda.get_device_capability()))})")
