@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements of sessions 8 and 9, one device call each (each inside
 # bench/run_list.sh's deadline, results in $OUT/results.txt as they end).
-#   run: bash bench/issue9_calls.sh 1|2|3|4|5|6|7|8|9      carry: [".whl"]
+#   run: bash bench/issue9_calls.sh 1|2|3|4|5|6|7|8|9|10      carry: [".whl"]
 set -uo pipefail
 here=$(dirname "$0")
 stage_c="python3 bench/stage_c_step.py"
-case "${1:?which call: 1 to 9}" in
+case "${1:?which call: 1 to 10}" in
 1)  # Stage C: lite with checkpointing now that its dropout blocks recompute inside their
     # graphs (1.45x with the checkpoint around them); CUDA graphs for the prior; fp32 against
     # both references (tunejob's TF32 default and torch's fp32 matmuls), lite profiled; the
@@ -82,4 +82,11 @@ case "${1:?which call: 1 to 9}" in
         "python3 -m pytest -q -m gpu tests/test_gpu_fp16_flash_attention.py -k 'kernels or holds or (stage_c and recompute_inside)' > \$OUT/gpu_tests.log 2>&1; tail -1 \$OUT/gpu_tests.log" \
         "$fp32 --gradient-checkpointing --steps 4 --warmup 3" \
         "$fp32 --steps 4 --warmup 3" ;;
+10) # What issue 9 still lacks (session 10): the full prior in fp32 with the custom ops, with
+    # and without checkpointing, and the whole fp16_flash GPU test on them (about 5 minutes).
+    fp32="$stage_c --precisions no --compile --channels-last --fp16-flash --priors stage-c --max-fp32-batch 16"
+    DEADLINE=${DEADLINE:-550} bash "$here/run_list.sh" \
+        "$fp32 --steps 4 --warmup 3" \
+        "$fp32 --gradient-checkpointing --steps 4 --warmup 3" \
+        "python3 -m pytest -q -m gpu tests/test_gpu_fp16_flash_attention.py > \$OUT/gpu_tests.log 2>&1; tail -1 \$OUT/gpu_tests.log" ;;
 esac
