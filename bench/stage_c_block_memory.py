@@ -20,7 +20,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from types import MethodType
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -31,7 +30,7 @@ from diffusers.models.unets.unet_stable_cascade import (  # noqa: E402
     SDCascadeAttnBlock, SDCascadeResBlock, SDCascadeTimestepBlock)
 
 from job.speedups import attention  # noqa: E402
-from job.speedups.compile import _checkpointed_forward  # noqa: E402
+from job.speedups.compile import recompute_in_own_graph  # noqa: E402
 
 
 def blocks(width: int, heads: int, batch: int, size: int, device: torch.device):
@@ -57,8 +56,7 @@ def prepare(block: torch.nn.Module, mode: str, tiny: bool) -> torch.nn.Module:
             if hasattr(module, "set_processor"):
                 module.set_processor(attention.Fp32AttnProcessor())
     if "nockpt" not in mode:
-        block._class_forward = MethodType(type(block).forward, block)
-        block.forward = MethodType(_checkpointed_forward, block)
+        recompute_in_own_graph(block)
     torch._dynamo.reset()
     return torch.compile(block, backend="aot_eager_decomp_partition" if tiny else "inductor")
 

@@ -382,9 +382,7 @@ def test_a_recomputing_compiled_block_keeps_what_sdpa_keeps(backend: str,
     autograd.Function's saved tensors (the Function passes here: bench/RESULTS.md session
     10; tests/test_gpu_fp16_flash_attention.py checks the GPU). Without the checkpoint the
     fp16 tensors are kept, which shows the hook sees them."""
-    from types import MethodType
-
-    from job.speedups.compile import _checkpointed_forward
+    from job.speedups.compile import recompute_in_own_graph
 
     kept = {}
     for processor in (AttnProcessor2_0(), Fp32AttnProcessor()):
@@ -393,8 +391,7 @@ def test_a_recomputing_compiled_block_keeps_what_sdpa_keeps(backend: str,
             block = SDCascadeAttnBlock(c=128, c_cond=32, nhead=2, self_attn=True)
             block.attention.set_processor(processor)
             if checkpointing:
-                block._class_forward = MethodType(type(block).forward, block)
-                block.forward = MethodType(_checkpointed_forward, block)
+                recompute_in_own_graph(block)
             torch._dynamo.reset()
             x = torch.randn(2, 128, 6, 6, requires_grad=True)
             kept[type(processor).__name__, checkpointing] = saved_for_backward(

@@ -167,12 +167,10 @@ def test_a_recomputing_compiled_block_holds_what_sdpa_holds(monkeypatch) -> None
     attention is recomputed. The autograd.Function it replaced kept q, k, v, the output and
     the logsumexp in fp16 under torch 2.11 (3.2 block inputs' worth, bench/RESULTS.md
     session 10)."""
-    from types import MethodType
-
     from diffusers.models.attention_processor import AttnProcessor2_0
     from diffusers.models.unets.unet_stable_cascade import SDCascadeAttnBlock
 
-    from job.speedups.compile import _checkpointed_forward
+    from job.speedups.compile import recompute_in_own_graph
 
     held, calls, forward = {}, [], attention._flash_forward
     monkeypatch.setattr(attention, "_flash_forward",
@@ -181,8 +179,7 @@ def test_a_recomputing_compiled_block_holds_what_sdpa_holds(monkeypatch) -> None
         torch.manual_seed(0)
         block = SDCascadeAttnBlock(c=256, c_cond=256, nhead=4, self_attn=True).cuda()
         block.attention.set_processor(processor)
-        block._class_forward = MethodType(type(block).forward, block)
-        block.forward = MethodType(_checkpointed_forward, block)
+        recompute_in_own_graph(block)
         torch._dynamo.reset()
         compiled = torch.compile(block)
         x = torch.randn(8, 256, 24, 24, device="cuda", requires_grad=True)

@@ -15,8 +15,9 @@ def apply_speedups(cfg: JobConfig, family) -> None:
     top of the quantised base; channels_last for convolutional denoisers; TREAD's routing
     hooks on the training forward; the sampling-only attention backend. Later, in run.py:
     group offload once the LoRA exists (job/speedups/offload.py), the fp32 attention kernel
-    (job/speedups/attention.py), then regional compile (job/speedups/compile.py). A family without a feature never gets here with it set: the
-    config rules refuse it or say that it is ignored.
+    (job/speedups/attention.py), then regional compile (job/speedups/compile.py). A family
+    without a feature never gets here with it set: the config rules refuse it or say that
+    it is ignored.
     """
     features = spec_for(cfg.model.family).features
     apply_tf32(family, cfg.speedups)

@@ -294,9 +294,7 @@ def fp16_flash_auto_off_because(cfg, device: torch.device) -> str | None:
     GPU runs measured it: the Stage C prior in fp32 (bench/RESULTS.md, session 10)."""
     if not fp16_flash_applies(cfg):
         return ""
-    if device.type != "cuda":
-        return "no CUDA GPU (the fp16 flash training kernels are CUDA-only)"
-    unavailable = fp16_flash_unavailable_because()
+    unavailable = fp16_flash_unavailable_because(device)
     if unavailable is not None:
         return unavailable
     if cfg.model.family != "stable_cascade":
@@ -307,9 +305,10 @@ def fp16_flash_auto_off_because(cfg, device: torch.device) -> str | None:
     return None
 
 
-def fp16_flash_unavailable_because() -> str | None:
-    """Why this machine cannot run the fp16 flash kernels (None: it can)."""
-    if not torch.cuda.is_available():
+def fp16_flash_unavailable_because(device: torch.device | None = None) -> str | None:
+    """Why this machine (or `device` on it) cannot run the fp16 flash kernels (None: it
+    can)."""
+    if not torch.cuda.is_available() or (device is not None and device.type != "cuda"):
         return "no CUDA GPU (the fp16 flash training kernels are CUDA-only)"
     if torch.version.hip is not None:
         return "a ROCm GPU (the fp16 flash path is run and tested on CUDA only)"

@@ -292,12 +292,18 @@ def _recompute_inside(denoiser: nn.Module, blocks: list[nn.Module],
     chosen = SelectiveCheckpointing(min(ratio, 1.0)).chosen
     recomputing = [block for index, block in enumerate(blocks) if chosen(index)]
     for block in recomputing:
-        # The class's forward, bound here: dynamo cannot trace `type(block).forward` when
-        # diffusers marks the class allow_in_graph (BasicTransformerBlock), and broke the
-        # block's graph there (its checkpoint and recompute then ran eagerly).
-        block._class_forward = MethodType(type(block).forward, block)
-        block.forward = MethodType(_checkpointed_forward, block)
+        recompute_in_own_graph(block)
     return recomputing
+
+
+def recompute_in_own_graph(block: nn.Module) -> None:
+    """Make `block`'s forward checkpoint itself (`_checkpointed_forward`), so that compiled,
+    its recompute is inside its own graph. The class's forward is bound here: dynamo cannot
+    trace `type(block).forward` when diffusers marks the class allow_in_graph
+    (BasicTransformerBlock), and broke the block's graph there (its checkpoint and recompute
+    then ran eagerly)."""
+    block._class_forward = MethodType(type(block).forward, block)
+    block.forward = MethodType(_checkpointed_forward, block)
 
 
 def _checkpointed_forward(block: nn.Module, *args: Any, **kwargs: Any) -> Any:
