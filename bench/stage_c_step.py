@@ -253,7 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
            "torch": torch.__version__, "lora_rank": RANK, "latents": [LATENT, LATENT],
            "gradient_checkpointing": args.gradient_checkpointing, "compile_blocks": args.compile,
            "channels_last": args.channels_last, "cuda_graphs": args.cuda_graphs,
-           "fp32_attention": "fp16_flash" if args.fp16_flash and device.type == "cuda" else "sdpa", "priors": {}}
+           "fp32_attention": "fp16_flash" if args.fp16_flash and device.type == "cuda"
+           else "sdpa", "priors": {}}
     for name in args.priors.split(","):
         config = TINY if args.tiny else PRIORS[name]
         if args.tiny:
