@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements of sessions 8 and 9, one device call each (each inside
 # bench/run_list.sh's deadline, results in $OUT/results.txt as they end).
-#   run: bash bench/issue9_calls.sh 1|2|3|4|5|6|7|8|9|10      carry: [".whl"]
+#   run: bash bench/issue9_calls.sh 1|2|...|12      carry: [".whl"]
 set -uo pipefail
 here=$(dirname "$0")
 stage_c="python3 bench/stage_c_step.py"
-case "${1:?which call: 1 to 10}" in
+case "${1:?which call: 1 to 12}" in
 1)  # Stage C: lite with checkpointing now that its dropout blocks recompute inside their
     # graphs (1.45x with the checkpoint around them); CUDA graphs for the prior; fp32 against
     # both references (tunejob's TF32 default and torch's fp32 matmuls), lite profiled; the
@@ -89,4 +89,22 @@ case "${1:?which call: 1 to 10}" in
         "$fp32 --steps 4 --warmup 3" \
         "$fp32 --gradient-checkpointing --steps 4 --warmup 3" \
         "python3 -m pytest -q -m gpu tests/test_gpu_fp16_flash_attention.py > \$OUT/gpu_tests.log 2>&1; tail -1 \$OUT/gpu_tests.log" ;;
+11) # Achieved TFLOP/s (new in the benches' output, session 11) of each family's headline
+    # row and its reference, and the GPU's measured matrix rate to read them against.
+    k5="python3 bench/kandinsky5_step.py --no-checkpointing --steps 6 --warmup 4"
+    DEADLINE=${DEADLINE:-550} bash "$here/run_list.sh" \
+        "python3 bench/matmul_rate.py" \
+        "python3 bench/sdxl_step.py --mode reference --steps 6 --warmup 2" \
+        "python3 bench/sdxl_step.py --mode ours --compile blocks --channels-last --cuda-graphs --steps 8 --warmup 4" \
+        "python3 bench/sd3_step.py --compile --steps 6 --warmup 3" \
+        "$stage_c --precisions bf16 --compile --channels-last --steps 5 --warmup 3" \
+        "$k5 --mode reference" "$k5 --mode compile" ;;
+12) # Achieved TFLOP/s of the rows call 11 leaves out: SD3.5 Large, Stage C lite in fp32,
+    # SDXL with checkpointing.
+    sdxl="python3 bench/sdxl_step.py --checkpointing --steps 6"
+    DEADLINE=${DEADLINE:-550} bash "$here/run_list.sh" \
+        "python3 bench/sd3_step.py --model large --batch 2 --compile --steps 6 --warmup 3" \
+        "$stage_c --precisions no --compile --channels-last --fp16-flash --priors stage-c-lite --max-fp32-batch 56 --steps 4 --warmup 3" \
+        "$sdxl --mode reference --warmup 2" \
+        "$sdxl --mode ours --compile blocks --channels-last --cuda-graphs --warmup 4" ;;
 esac

@@ -34,6 +34,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -48,7 +49,7 @@ from peft import LoraConfig  # noqa: E402
 from job.config import JobConfig  # noqa: E402
 from job.models.kandinsky5 import DEFAULT_LORA_TARGETS, Kandinsky5Family  # noqa: E402
 from job.train.optimizers import build_optimizer  # noqa: E402
-from timing import timed  # noqa: E402
+from timing import flops_per_sample, timed  # noqa: E402
 
 LITE = dict(in_visual_dim=16, out_visual_dim=16, in_text_dim=3584, in_text_dim2=768,
             time_dim=512, patch_size=(1, 2, 2), model_dim=2560, ff_dim=10240,
@@ -109,7 +110,7 @@ def job_config(args, mode: str, dtype: torch.dtype) -> JobConfig:
     })
 
 
-def ours(args, mode, config, device, dtype) -> dict:
+def ours(args, mode, config, device, dtype) -> Callable[[], None]:
     """The family's step as job/train/loop.py runs it, with the mode's speedups applied in
     the job's order (quantise, LoRA, group offload; TREAD hooks)."""
     from job.speedups.offload import apply_group_offload
@@ -149,10 +150,10 @@ def ours(args, mode, config, device, dtype) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, args.warmup, args.steps, args.batch, device, args.profile)
+    return step
 
 
-def reference(args, config, device, dtype) -> dict:
+def reference(args, config, device, dtype) -> Callable[[], None]:
     """A plain diffusers + peft Kandinsky 5 LoRA step, laid out as the stock pipeline feeds
     the transformer."""
     transformer = make_transformer(config, device, dtype)
@@ -190,7 +191,7 @@ def reference(args, config, device, dtype) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, args.warmup, args.steps, args.batch, device, args.profile)
+    return step
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -219,18 +220,24 @@ def main(argv: list[str] | None = None) -> dict:
               "cap_gib": args.cap_gib, "checkpointing": not args.no_checkpointing}
     if args.no_checkpointing and args.mode in ("offload", "offload-stream", "job"):
         parser.error(f"--mode {args.mode} offloads, which needs gradient checkpointing")
+    config = TINY if args.tiny else LITE
+    # Counted before --cap-gib applies: the plain step at batch 1 is the reference row's.
+    plain = argparse.Namespace(**{**vars(args), "batch": 1, "no_checkpointing": True})
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
+    sample_flops = flops_per_sample(lambda: reference(plain, config, device, dtype))
+    if cuda:
         if args.cap_gib:
             total = torch.cuda.get_device_properties(0).total_memory / 2**30
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gib / total))
         torch.cuda.reset_peak_memory_stats()
-    config = TINY if args.tiny else LITE
     try:
         if args.mode == "reference":
-            result.update(reference(args, config, device, dtype))
+            step = reference(args, config, device, dtype)
         else:
-            result.update(ours(args, args.mode, config, device, dtype))
+            step = ours(args, args.mode, config, device, dtype)
+        result.update(timed(step, args.warmup, args.steps, args.batch, device, args.profile,
+                            sample_flops))
         result["fits"] = True
     except torch.OutOfMemoryError as err:
         result.update(fits=False, error=str(err).splitlines()[0][:200])

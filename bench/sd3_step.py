@@ -26,6 +26,7 @@ import gc
 import math
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +41,7 @@ from peft import LoraConfig  # noqa: E402
 from job.config import JobConfig  # noqa: E402
 from job.models.sd3 import SD3Family  # noqa: E402
 from job.train.optimizers import build_optimizer  # noqa: E402
-from timing import emit, timed  # noqa: E402
+from timing import emit, flops_per_sample, timed  # noqa: E402
 
 # stabilityai/stable-diffusion-3.5-medium transformer/config.json.
 SD35_MEDIUM = dict(
@@ -103,7 +104,7 @@ def job_config(rank: int, precision: str, checkpointing: bool, tread: float = 0.
     })
 
 
-def ours(args, config, device, dtype) -> dict:
+def ours(args, config, device, dtype) -> Callable[[], None]:
     """The sd3 family's step as job/train/loop.py runs it: loss, backward, clip, step."""
     cfg = job_config(args.rank, "bf16" if dtype == torch.bfloat16 else "no", args.checkpointing,
                      args.tread)
@@ -146,10 +147,10 @@ def ours(args, config, device, dtype) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, args.warmup, args.steps, args.batch, device, args.profile)
+    return step
 
 
-def reference(args, config, device, dtype) -> dict:
+def reference(args, config, device, dtype) -> Callable[[], None]:
     """A plain diffusers + peft SD3 LoRA step (logit-normal sigmas, velocity MSE)."""
     transformer = make_transformer(config, device, dtype)
     if args.checkpointing:
@@ -182,7 +183,7 @@ def reference(args, config, device, dtype) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, args.warmup, args.steps, args.batch, device, args.profile)
+    return step
 
 
 def fresh_memory(device: torch.device) -> None:
@@ -240,11 +241,15 @@ def main(argv: list[str] | None = None) -> dict:
               "warmup": args.warmup}
     from sdxl_step import sdpa_context
 
+    plain = argparse.Namespace(**{**vars(args), "batch": 1, "checkpointing": False})
     with sdpa_context(args.sdpa):
-        fresh_memory(device)
-        result["reference"] = reference(args, config, device, dtype)
-        fresh_memory(device)
-        result["ours"] = ours(args, config, device, dtype)
+        sample_flops = flops_per_sample(lambda: reference(plain, config, device, dtype))
+        for name, build in (("reference", reference), ("ours", ours)):
+            fresh_memory(device)
+            step = build(args, config, device, dtype)
+            result[name] = timed(step, args.warmup, args.steps, args.batch, device,
+                                 args.profile, sample_flops)
+            del step
     result["ratio_samples_per_s"] = round(result["ours"]["samples_per_s"]
                                           / result["reference"]["samples_per_s"], 3)
     emit(result, "sd3_bench.jsonl")

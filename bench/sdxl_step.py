@@ -22,8 +22,9 @@ cached. One configuration per process, so each peak is its own:
 
     python bench/sdxl_step.py --mode ours --compile blocks --channels-last [--profile] [--tiny]
 
-Prints one JSON line and appends it to $OUT/sdxl_bench.jsonl when OUT is set. --tiny: a
-small UNet on the CPU (aot_eager for compile), to check the script.
+Prints one JSON line (samples/s, peak memory, achieved TFLOP/s: bench/timing.py) and
+appends it to $OUT/sdxl_bench.jsonl when OUT is set. --tiny: a small UNet on the CPU
+(aot_eager for compile), to check the script.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from peft import LoraConfig  # noqa: E402
 from lcm_step import (SDXL_UNET, TINY_UNET, job_config, make_batch, make_unet,  # noqa: E402
                       our_family, reference_lora_step, sdxl_scheduler)
 from job.train.optimizers import build_optimizer  # noqa: E402
-from timing import bench_device, emit, timed  # noqa: E402
+from timing import bench_device, emit, flops_per_sample, timed  # noqa: E402
 
 ATTENTION = ["to_q", "to_k", "to_v", "to_out.0"]
 
@@ -168,9 +169,14 @@ def main() -> None:
 
         distributed.to_device = lambda t, d: t if d is None else t.to(d)
     build = reference if args.mode == "reference" else ours
+    plain = argparse.Namespace(**{**vars(args), "checkpointing": False})
     with sdpa_context(args.sdpa):
+        sample_flops = flops_per_sample(lambda: reference(plain, config,
+                                                          make_batch(config, 1, size, device),
+                                                          device, dtype))
         step = build(args, config, batch, device, dtype)
-        result = timed(step, args.warmup, args.steps, args.batch, device, args.profile)
+        result = timed(step, args.warmup, args.steps, args.batch, device, args.profile,
+                       sample_flops)
     line = {"mode": args.mode, "compile": args.compile, "compile_mode": args.compile_mode,
             "cuda_graphs": args.cuda_graphs, "memory_budget": args.memory_budget,
             "channels_last": args.channels_last,

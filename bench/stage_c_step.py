@@ -17,8 +17,9 @@ a time), batch and settings:
                                  [--cuda-graphs] [--fp16-flash]
                                  [--precisions no,bf16] [--fp32-matmul-reference] [--tiny]
 
-Prints JSON and writes it to $OUT/stage_c_bench.json when OUT is set. --tiny runs a toy
-prior on the CPU to check the script itself.
+Each timed row has samples/s, peak memory and achieved TFLOP/s (bench/timing.py). Prints
+JSON and writes it to $OUT/stage_c_bench.json when OUT is set. --tiny runs a toy prior on
+the CPU to check the script itself.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -42,7 +44,7 @@ from peft import LoraConfig, inject_adapter_in_model  # noqa: E402
 from job.config import JobConfig  # noqa: E402
 from job.models.stable_cascade import StableCascadeFamily  # noqa: E402
 from job.train.optimizers import build_optimizer  # noqa: E402
-from timing import timed  # noqa: E402
+from timing import flops_per_sample, timed  # noqa: E402
 
 _COMMON = dict(in_channels=16, out_channels=16, timestep_ratio_embedding_dim=64, patch_size=1,
                clip_text_in_channels=1280, clip_text_pooled_in_channels=1280,
@@ -100,7 +102,7 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def ours(config, batch_size, precision, args, device) -> dict:
+def ours(config, batch_size, precision, args, device) -> Callable[[], None]:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     prior = make_prior(config, device, dtype).train()
     cfg = job_config(precision, args.gradient_checkpointing)
@@ -135,10 +137,10 @@ def ours(config, batch_size, precision, args, device) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, args.warmup, args.steps, batch_size, device, args.profile)
+    return step
 
 
-def reference(config, batch_size, precision, args, device) -> dict:
+def reference(config, batch_size, precision, args, device) -> Callable[[], None]:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     prior = make_prior(config, device, dtype).train().requires_grad_(False)
     if args.gradient_checkpointing:
@@ -173,7 +175,7 @@ def reference(config, batch_size, precision, args, device) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return timed(step, args.warmup, args.steps, batch_size, device, args.profile)
+    return step
 
 
 def fresh_memory(device: torch.device) -> None:
@@ -184,27 +186,31 @@ def fresh_memory(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats()
 
 
-def reference_fp32_matmuls(config, batch_size, precision, args, device) -> dict:
-    """The reference with torch's default float32 matmuls (TF32 off; cuDNN's convolutions
-    keep their default TF32), as a plain fp32 script runs it. The other reference gets
-    tunejob's default (`[speedups] allow_tf32`) so that the ratio shows the other speedups."""
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        return reference(config, batch_size, precision, args, device)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = device.type == "cuda"
-
-
 def both(config, batch_size, precision, args, device) -> dict:
+    """Ours and the reference at one batch and precision, each timed after the other's
+    memory is freed. With --fp32-matmul-reference, fp32 rows also time the reference with
+    torch's default float32 matmuls (TF32 off; cuDNN's convolutions keep their default TF32),
+    as a plain fp32 script runs it; the other reference gets tunejob's default (`[speedups]
+    allow_tf32`) so that its ratio shows the other speedups."""
     result = {"batch": batch_size, "precision": precision}
-    runs = [("ours", ours), ("reference", reference)]
+    cuda = device.type == "cuda"
+    runs = [("ours", ours, cuda), ("reference", reference, cuda)]
     if precision == "no" and args.fp32_matmul_reference:
-        runs.append(("reference_fp32_matmuls", reference_fp32_matmuls))
-    for name, run in runs:
+        runs.append(("reference_fp32_matmuls", reference, False))
+    plain = argparse.Namespace(**{**vars(args), "gradient_checkpointing": False})
+    sample_flops = flops_per_sample(lambda: reference(config, 1, precision, plain, device))
+    for name, build, tf32 in runs:
         fresh_memory(device)
-        result[name] = run(config, batch_size, precision, args, device)
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            step = build(config, batch_size, precision, args, device)
+            result[name] = timed(step, args.warmup, args.steps, batch_size, device,
+                                 args.profile, sample_flops)
+            del step
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = cuda
     fresh_memory(device)
-    for name, _ in runs[1:]:
+    for name, _, _ in runs[1:]:
         key = "ratio_samples_per_s" + name.removeprefix("reference")
         result[key] = round(result["ours"]["samples_per_s"] / result[name]["samples_per_s"], 4)
     return result

@@ -3,19 +3,50 @@ the step's peak memory, and an optional profile of where the step's time goes.
 
 The peak is `max_memory_allocated` over the warm-up and timed steps only: the statistics are
 reset after setup (building the weights), whose own peak is reported as setup_peak_gib.
+
+Achieved TFLOP/s is the model's work per sample (`flops_per_sample`: the plain reference
+step counted once, without checkpointing's recompute, as MFU counts it) times samples/s. Every
+row of one model, batch and resolution divides the same work by its own time, so two rows'
+TFLOP/s compare as their samples/s do; the figure says how much of the GPU's matrix rate a
+step reaches.
 """
 
 from __future__ import annotations
 
+import gc
 import time
 from typing import Callable
 
 import torch
 
 
+def flops_per_sample(build_step: Callable[[], Callable[[], None]]) -> int:
+    """The model FLOPs of one training sample: `build_step()` must build the plain reference
+    step at batch 1 without gradient checkpointing; one call of it runs under torch's
+    FlopCounterMode, which counts matmuls, convolutions and attention, forward and backward
+    (not elementwise work, which is small beside them). The per-sample work does not depend
+    on the batch: every op of these denoisers is per sample. The step and its model are
+    freed before the timed steps are built."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step = build_step()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    total = counter.get_total_flops()
+    del step, counter
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()  # the timed rows' setup peaks leave the count out
+    return total
+
+
 def timed(step: Callable[[], None], warmup: int, steps: int, batch: int,
-          device: torch.device, profile: bool = False) -> dict:
-    """Run `warmup` then `steps` steps; with `profile` (CUDA), two more under the profiler."""
+          device: torch.device, profile: bool = False,
+          sample_flops: int | None = None) -> dict:
+    """Run `warmup` then `steps` steps; with `profile` (CUDA), two more under the profiler.
+    With `sample_flops` (from `flops_per_sample`), also the achieved TFLOP/s."""
     cuda = device.type == "cuda"
     setup_peak = None
     if cuda:
@@ -35,6 +66,8 @@ def timed(step: Callable[[], None], warmup: int, steps: int, batch: int,
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     result = {"ms_per_step": round(seconds * 1000, 2), "samples_per_s": round(batch / seconds, 3),
               "peak_gpu_memory_gib": peak and round(peak, 2), "setup_peak_gib": setup_peak}
+    if sample_flops:
+        result["achieved_tflops"] = float(f"{sample_flops * batch / seconds / 1e12:.3g}")
     if profile and cuda:
         result.update(profiled(step))
     return result

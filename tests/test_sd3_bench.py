@@ -23,4 +23,5 @@ def test_sd3_bench_tiny_writes_its_json(tmp_path: Path, monkeypatch: pytest.Monk
     assert written == result and written["latents"] == [2, 16, 8, 8]
     for side in ("ours", "reference"):
         assert written[side]["samples_per_s"] > 0 and written[side]["ms_per_step"] > 0
+        assert written[side]["achieved_tflops"] > 0
     assert written["ratio_samples_per_s"] > 0

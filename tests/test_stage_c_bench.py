@@ -26,6 +26,10 @@ def test_stage_c_bench_tiny_writes_its_json(tmp_path: Path, monkeypatch: pytest.
             entry = written["priors"][name][mode]
             assert entry["ours"]["samples_per_s"] > 0 and entry["reference"]["samples_per_s"] > 0
             assert entry["ratio_samples_per_s"] > 0
+            # one model's work per sample divided by each row's time
+            ours, ref = entry["ours"]["achieved_tflops"], entry["reference"]["achieved_tflops"]
+            assert ours > 0 and ref > 0
+            assert abs(ours / ref - entry["ratio_samples_per_s"]) < 0.02 * entry["ratio_samples_per_s"]
 
 
 def test_text_caching_bench_tiny_writes_every_prompt(tmp_path: Path,
