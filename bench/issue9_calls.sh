@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Issue 9's GPU measurements of sessions 8 and 9, one device call each (each inside
 # bench/run_list.sh's deadline, results in $OUT/results.txt as they end).
-#   run: bash bench/issue9_calls.sh 1|2|...|12      carry: [".whl"]
+#   run: bash bench/issue9_calls.sh 1|2|...|13      carry: [".whl"]
 set -uo pipefail
 here=$(dirname "$0")
 stage_c="python3 bench/stage_c_step.py"
-case "${1:?which call: 1 to 12}" in
+case "${1:?which call: 1 to 13}" in
 1)  # Stage C: lite with checkpointing now that its dropout blocks recompute inside their
     # graphs (1.45x with the checkpoint around them); CUDA graphs for the prior; fp32 against
     # both references (tunejob's TF32 default and torch's fp32 matmuls), lite profiled; the
@@ -107,4 +107,13 @@ case "${1:?which call: 1 to 12}" in
         "$stage_c --precisions no --compile --channels-last --fp16-flash --priors stage-c-lite --max-fp32-batch 56 --steps 4 --warmup 3" \
         "$sdxl --mode reference --warmup 2" \
         "$sdxl --mode ours --compile blocks --channels-last --cuda-graphs --warmup 4" ;;
+13) # Call 11 measured Stage C lite bf16 (compile + channels_last, no graphs) at 1.43x, where
+    # session 5 had 1.89x: lite's small blocks leave the step waiting on kernel launches.
+    # The same row with and without CUDA graphs in one call; then what call 11's deadline
+    # cut (Kandinsky 5) and SD3.5 Large's TFLOP/s.
+    lite="$stage_c --precisions bf16 --compile --channels-last --priors stage-c-lite --steps 6 --warmup 3"
+    k5="python3 bench/kandinsky5_step.py --no-checkpointing --steps 6 --warmup 4"
+    DEADLINE=${DEADLINE:-560} bash "$here/run_list.sh" \
+        "$lite" "$lite --cuda-graphs" "$k5 --mode reference" "$k5 --mode compile" \
+        "python3 bench/sd3_step.py --model large --batch 2 --compile --steps 6 --warmup 3" ;;
 esac
