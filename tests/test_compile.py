@@ -131,7 +131,8 @@ def test_auto_speedups_decide_per_device_family_and_settings(tmp_path: Path,
                                                             monkeypatch) -> None:
     """compile_blocks, channels_last and cuda_graphs default to "auto": on a CUDA GPU with a
     C compiler compile (and channels_last with it) is on, cuda_graphs only where a GPU run
-    measured it (an sdxl LoRA on an unquantised base, checkpointing all blocks or none);
+    measured it (an sdxl LoRA on an unquantised base, checkpointing all blocks or none; the
+    Stage C prior in bf16 without checkpointing);
     compile is off on the CPU, without a compiler (no error: the default asks for
     nothing), with a quantised base, group offload or fsdp2. An explicit true without a
     compiler is still exit 2, and an explicit setting is never changed."""
@@ -169,10 +170,16 @@ def test_auto_speedups_decide_per_device_family_and_settings(tmp_path: Path,
     # fsdp2 with compile asked for: NHWC stays off (FSDP2 shards contiguous weights only).
     assert decided(gpu, model={"model_type": "full"}, distributed={"strategy": "fsdp2"},
                    speedups={"compile_blocks": True})[:2] == (True, False)
-    # Compile on, graphs off: no gain measured (the Stage C prior) or not measured with graphs.
+    # The Stage C prior: graphs in bf16 without checkpointing (lite: 2.14x with, 1.42x
+    # without); off with checkpointing (no gain measured) and in fp32 (not measured).
     stage_c = {"family": "stable_cascade", "flavour": "tiny",
                "hub_cache_dir": str(tmp_path / "models")}
-    assert decided(gpu, model=stage_c) == (True, True, False)
+    assert decided(gpu, model=stage_c, train={"mixed_precision": "bf16"}) == on
+    assert decided(gpu, model=stage_c, train={"mixed_precision": "bf16",
+                                              "gradient_checkpointing": True}) == (True, True,
+                                                                                   False)
+    assert decided(gpu, model=stage_c, train={"mixed_precision": "no"}) == (True, True, False)
+    # Compile on, graphs off: not measured with graphs.
     assert decided(gpu, model={"model_type": "full"}) == (True, True, False)
     assert decided(gpu, distillation={"method": "lcm"}) == (True, True, False)
     assert decided(gpu, train={"gradient_checkpointing": True,

@@ -121,3 +121,30 @@ def test_smoke_job_runs_with_cuda_graphs(tmp_path: Path, models_dir: Path,  # no
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "succeeded" and summary["steps_done"] == 6
     assert summary["eval_loss"] is not None and summary["images"]
+
+
+def test_stage_c_bf16_job_runs_with_auto_cuda_graphs(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Stage C prior in bf16 without checkpointing, where `cuda_graphs = "auto"` turns
+    graphs on (lite: 2.14x the plain step with them, 1.42x without): training, the decoder
+    validation through the graphed prior, checkpoints and export."""
+    import job.speedups.compile as compile_module
+    from job.run import run_job
+    from test_stage_c_run import stage_c_job
+
+    graphed = []
+    real = compile_module.apply_regional_compile
+
+    def spy(denoiser, *args, **kwargs):
+        graphed.append(kwargs.get("cuda_graphs"))
+        return real(denoiser, *args, **kwargs)
+
+    monkeypatch.setattr(compile_module, "apply_regional_compile", spy)
+    cfg, _ = stage_c_job(tmp_path, 'job.device="cuda"', 'train.mixed_precision="bf16"',
+                         "job.i_know_what_i_am_doing=true",  # the prior's bf16 override
+                         'speedups.base_model_precision="no_change"')
+    assert run_job(cfg) == 0
+    assert graphed == [True]
+    summary = json.loads((Path(cfg.output_path()) / "summary.json").read_text())
+    assert summary["status"] == "succeeded" and summary["steps_done"] == 4
+    assert summary["speedups"]["cuda_graphs"] is True and summary["images"]

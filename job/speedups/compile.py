@@ -24,8 +24,10 @@ With `[speedups] cuda_graphs` on a CUDA GPU the static-shape blocks replay as CU
 (inductor's "reduce-overhead" mode): SDXL's compiled step launches about 10k kernels, and
 without graphs it waits on the CPU launching them (264 ms per step for 179 ms of kernels,
 and its speed followed the host's: 1.13-1.59x; with graphs 2.18x, bench/RESULTS.md).
-`cuda_graphs = "auto"` turns it on for SDXL fine-tuning, where GPU runs showed it; with
-gradient checkpointing the blocks that recompute do it inside their graphs, which replay too.
+`cuda_graphs = "auto"` turns it on where GPU runs showed it: SDXL fine-tuning, and the Stage
+C prior in bf16 without checkpointing (lite 2.14x the plain step with graphs, 1.42x without,
+in one call); with gradient checkpointing the blocks that recompute do it inside their
+graphs, which replay too.
 torch's CUDA graph trees keep one recording per block, shape and grad mode, and reuse a
 graph's output memory at the next "generation": the trainer starts one per optimizer step
 (`begin_step`) and, in eval mode, every denoiser call starts one (validation sampling).
@@ -171,13 +173,19 @@ def _auto_compile_off_because(cfg, device: torch.device) -> str | None:
 def _auto_graphs_off_because(cfg) -> str | None:
     """Why cuda_graphs = "auto" is off for this job (None: on where it applies). On where a
     GPU run showed it: SDXL fine-tuning (step 2.18x, 3.9x with checkpointing; the whole job;
-    tests/test_gpu_cuda_graphs.py)."""
+    tests/test_gpu_cuda_graphs.py) and the Stage C prior in bf16 without checkpointing."""
     t, s, to_try = cfg.train, cfg.speedups, "not measured on a GPU (cuda_graphs = true to try)"
     if cfg.model.family == "stable_cascade":
         # bench/RESULTS.md, session 8: lite, bf16, checkpointing: 155.2 ms with graphs,
-        # 156.4 without (its larger blocks launch fewer kernels per step than SDXL's).
-        return "the Stage C prior: no gain measured on a GPU (cuda_graphs = true to try)"
-    if cfg.model.family != "sdxl":
+        # 156.4 without (the recompute doubles each block's kernels, so launches matter less).
+        # Session 11, one call: lite, bf16, no checkpointing: 122.9 ms with graphs, 181.4
+        # without (2.14x and 1.42x the plain step; without graphs the step waits on launches).
+        if t.gradient_checkpointing:
+            return ("the Stage C prior with gradient checkpointing: no gain measured on a GPU "
+                    "(cuda_graphs = true to try)")
+        if t.mixed_precision != "bf16":
+            return f"the Stage C prior in {t.mixed_precision!r} precision: {to_try}"
+    elif cfg.model.family != "sdxl":
         return f"family {cfg.model.family!r}: {to_try}"
     if cfg.distillation.method != "none":
         return f"distillation: {to_try}"
