@@ -314,9 +314,11 @@ class SpeedupsTable(Table):
         "replay as CUDA graphs (torch.compile's reduce-overhead mode), so the step stops "
         "waiting on the CPU to launch kernels (SDXL: 2.18x the plain step, 3.9x with gradient "
         "checkpointing). Not with group offload or fsdp2. "
-        "auto: on for an sdxl LoRA on an unquantised base, checkpointing all blocks or none "
-        "(measured); off for the Stage C prior (no gain measured) and otherwise (LCM "
-        "distillation, full fine-tunes, ratio < 1: not measured on a GPU yet; true to try).")
+        "auto: on where measured: an sdxl LoRA on an unquantised base, checkpointing all "
+        "blocks or none, and a Stage C prior LoRA in bf16 without checkpointing (lite: 2.14x "
+        "the plain step with graphs, 1.42x without); off for the Stage C prior with "
+        "checkpointing (no gain measured) and otherwise (Stage C in fp32, LCM distillation, "
+        "full fine-tunes, ratio < 1: not measured on a GPU yet; true to try).")
     channels_last: bool | Literal["auto"] = setting(
         "auto", "Convolutional denoisers (sdxl's UNet, the Stage C prior) in channels_last "
         "memory format, which cuDNN's tensor-core convolutions prefer; the same numbers. "
