@@ -5,6 +5,7 @@
 set -uo pipefail
 here=$(dirname "$0")
 stage_c="python3 bench/stage_c_step.py"
+sdxl_ckpt="python3 bench/sdxl_step.py --checkpointing --steps 6"
 case "${1:?which call: 1 to 13}" in
 1)  # Stage C: lite with checkpointing now that its dropout blocks recompute inside their
     # graphs (1.45x with the checkpoint around them); CUDA graphs for the prior; fp32 against
@@ -34,11 +35,10 @@ case "${1:?which call: 1 to 13}" in
 4)  # SDXL with checkpointing again: its BasicTransformerBlocks' graphs broke at the recompute
     # until session 8's fix (the checkpoint and recompute ran eagerly), so session 7's 2.59x
     # and 3.91x were measured with the break; and the CUDA graph tests, which cover it.
-    sdxl="python3 bench/sdxl_step.py --checkpointing --steps 6"
     DEADLINE=${DEADLINE:-550} bash "$here/run_list.sh" \
-        "$sdxl --mode reference --warmup 2" \
-        "$sdxl --mode ours --compile blocks --channels-last --cuda-graphs --warmup 4" \
-        "$sdxl --mode ours --compile blocks --channels-last --warmup 3" \
+        "$sdxl_ckpt --mode reference --warmup 2" \
+        "$sdxl_ckpt --mode ours --compile blocks --channels-last --cuda-graphs --warmup 4" \
+        "$sdxl_ckpt --mode ours --compile blocks --channels-last --warmup 3" \
         "python3 -m pytest -q -m gpu tests/test_gpu_cuda_graphs.py > \$OUT/gpu_graphs.log 2>&1; tail -1 \$OUT/gpu_graphs.log" ;;
 5)  # Stage C in fp32 with its attention through FlashAttention on fp16 inputs ([speedups]
     # fp32_attention = "fp16_flash", opt-in): the FSDP2 GPU test as rewritten in session 9;
@@ -101,12 +101,11 @@ case "${1:?which call: 1 to 13}" in
         "$k5 --mode reference" "$k5 --mode compile" ;;
 12) # Achieved TFLOP/s of the rows call 11 leaves out: SD3.5 Large, Stage C lite in fp32,
     # SDXL with checkpointing.
-    sdxl="python3 bench/sdxl_step.py --checkpointing --steps 6"
     DEADLINE=${DEADLINE:-550} bash "$here/run_list.sh" \
         "python3 bench/sd3_step.py --model large --batch 2 --compile --steps 6 --warmup 3" \
         "$stage_c --precisions no --compile --channels-last --fp16-flash --priors stage-c-lite --max-fp32-batch 56 --steps 4 --warmup 3" \
-        "$sdxl --mode reference --warmup 2" \
-        "$sdxl --mode ours --compile blocks --channels-last --cuda-graphs --warmup 4" ;;
+        "$sdxl_ckpt --mode reference --warmup 2" \
+        "$sdxl_ckpt --mode ours --compile blocks --channels-last --cuda-graphs --warmup 4" ;;
 13) # Call 11 measured Stage C lite bf16 (compile + channels_last, no graphs) at 1.43x, where
     # session 5 had 1.89x: lite's small blocks leave the step waiting on kernel launches.
     # The same row with and without CUDA graphs in one call; then what call 11's deadline

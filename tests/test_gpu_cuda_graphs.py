@@ -100,19 +100,26 @@ def test_graphed_blocks_train_and_sample_like_eager_blocks(
     assert not torch.allclose(graphed_out[0], graphed_out[2], atol=1e-3)
 
 
-def test_smoke_job_runs_with_cuda_graphs(tmp_path: Path, models_dir: Path,  # noqa: F811
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def graphed(monkeypatch: pytest.MonkeyPatch) -> list:
+    """The cuda_graphs argument of every apply_regional_compile call the test's job makes."""
     import job.speedups.compile as compile_module
-    from job.run import run_job
 
-    graphed = []
+    calls = []
     real = compile_module.apply_regional_compile
 
     def spy(denoiser, *args, **kwargs):
-        graphed.append(kwargs.get("cuda_graphs"))
+        calls.append(kwargs.get("cuda_graphs"))
         return real(denoiser, *args, **kwargs)
 
     monkeypatch.setattr(compile_module, "apply_regional_compile", spy)
+    return calls
+
+
+def test_smoke_job_runs_with_cuda_graphs(tmp_path: Path, models_dir: Path,  # noqa: F811
+                                         graphed: list) -> None:
+    from job.run import run_job
+
     cfg = job(tmp_path, models_dir, 'job.device="cuda"', "speedups.compile_blocks=true",
               "speedups.channels_last=true", "speedups.cuda_graphs=true")
     assert run_job(cfg) == 0
@@ -123,23 +130,13 @@ def test_smoke_job_runs_with_cuda_graphs(tmp_path: Path, models_dir: Path,  # no
     assert summary["eval_loss"] is not None and summary["images"]
 
 
-def test_stage_c_bf16_job_runs_with_auto_cuda_graphs(tmp_path: Path,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_stage_c_bf16_job_runs_with_auto_cuda_graphs(tmp_path: Path, graphed: list) -> None:
     """The Stage C prior in bf16 without checkpointing, where `cuda_graphs = "auto"` turns
     graphs on (lite: 2.14x the plain step with them, 1.42x without): training, the decoder
     validation through the graphed prior, checkpoints and export."""
-    import job.speedups.compile as compile_module
     from job.run import run_job
     from test_stage_c_run import stage_c_job
 
-    graphed = []
-    real = compile_module.apply_regional_compile
-
-    def spy(denoiser, *args, **kwargs):
-        graphed.append(kwargs.get("cuda_graphs"))
-        return real(denoiser, *args, **kwargs)
-
-    monkeypatch.setattr(compile_module, "apply_regional_compile", spy)
     cfg, _ = stage_c_job(tmp_path, 'job.device="cuda"', 'train.mixed_precision="bf16"',
                          "job.i_know_what_i_am_doing=true",  # the prior's bf16 override
                          'speedups.base_model_precision="no_change"')
