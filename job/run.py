@@ -372,6 +372,14 @@ def _finish_summary(summary: Summary, trainer, phases: Phases, out: Path,
     metrics.write("end", status=summary.status, exit_code=summary.exit_code)
     if main:
         write_json_atomic(out / "summary.json", summary.to_dict())
+        # The log's last word on the run, so `kubectl logs --tail 1` or a template's console
+        # says how it ended and where to look without opening the volume.
+        get_logger().info("job_finished", status=summary.status, exit_code=summary.exit_code,
+                          steps_done=summary.steps_done,
+                          samples_per_second=summary.samples_per_second,
+                          wall_time_s=summary.wall_time_s["total"],
+                          summary=str(out / "summary.json"),
+                          final_weights=summary.final_weights)
 
 
 def _write_model_card(cfg: JobConfig, folder: Path, trainer) -> None:

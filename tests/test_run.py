@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from job.jobfile import load_job
+from job.log import setup_logging
 from job.metrics import validate_summary
 from job.run import run_job
 
@@ -44,11 +45,19 @@ def rows(out: Path, event: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["event"] == event]
 
 
-def test_run_writes_every_output(tmp_path: Path, models_dir: Path) -> None:
+def test_run_writes_every_output(tmp_path: Path, models_dir: Path,
+                                 capsys: pytest.CaptureFixture) -> None:
+    setup_logging(json_lines=True)  # as the CLI sets it up in a container
     cfg = job(tmp_path, models_dir, "train.gradient_accumulation_steps=2")
     assert run_job(cfg) == 0
     out = Path(cfg.output_path())
     summary = json.loads((out / "summary.json").read_text())
+    # The log ends with how the run ended and where its files are.
+    last = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert last["event"] == "job_finished" and last["status"] == "succeeded"
+    assert last["exit_code"] == 0 and last["steps_done"] == 6
+    assert last["summary"] == str(out / "summary.json")
+    assert last["final_weights"] == summary["final_weights"] != []
     validate_summary(summary)
     assert summary["status"] == "succeeded" and summary["steps_done"] == 6
     assert summary["samples_seen"] == 6 * 2 * 2 and summary["eval_loss"] is not None
