@@ -11,7 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-from job.errors import EXIT_OTHER, EXIT_PREEMPTED, JobError
+from job.errors import EXIT_OTHER, EXIT_PREEMPTED, JobError, ensure_writable
 from job.log import get_logger, setup_logging
 
 
@@ -72,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
                 log.warning("setting_note", note=note)
             log.info("job_valid", job=args.job, name=cfg.job.name, family=cfg.model.family)
             return 0
+        if args.command in ("run", "cache"):
+            # Where the job writes, proven writable before torch is imported.
+            ensure_writable(Path(cfg.output_path()), "job.output_dir")
+            ensure_writable(Path(cfg.cache.dir), "cache.dir")
         if args.command == "cache":
             return _cache_only(cfg)
         if args.command == "export":
@@ -131,8 +135,7 @@ def _cache_only(cfg) -> int:
     from job.speedups import apply_speedups
 
     quiet_libraries()
-    out = Path(cfg.output_path())
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.output_path())  # made writable by main()
     device, dtype = preflight(cfg, out)
     family = family_class(cfg.model.family)(cfg, device, dtype)
     family.load()

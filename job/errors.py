@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 EXIT_SUCCEEDED = 0
 EXIT_OTHER = 1
 EXIT_BAD_JOB = 2
@@ -58,3 +61,21 @@ class DiskFullError(JobError):
     """The output volume filled up while writing; earlier checkpoints are intact."""
 
     exit_code = EXIT_OTHER
+
+
+def ensure_writable(folder: Path, key: str) -> Path:
+    """Create `folder` (with its parents) and prove a file can be written in it. A refusal by
+    the OS (permissions, a read-only mount, a file in the way) is exit 2 naming the folder,
+    the setting that put it there and the fix, before anything is loaded."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".tunejob-write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"{key}: cannot write to {str(folder)!r} "
+                          f"({type(err).__name__}: {err.strerror or err})",
+                          f"mount a writable volume there (docker run -v HOST_DIR:/data; with "
+                          f"--user, the host folder must belong to that user) or point {key} "
+                          f"at a writable folder") from None
+    return folder

@@ -16,7 +16,7 @@ import torch
 
 from job.config import JobConfig
 from job.distill import build_objective, with_method_defaults
-from job.errors import EXIT_PREEMPTED, ConfigError, JobError, PeerLost, Preempted
+from job.errors import EXIT_PREEMPTED, ConfigError, JobError, PeerLost, Preempted, ensure_writable
 from job.log import get_logger, quiet_libraries, set_log_rank
 from job.metrics import MetricsWriter, Summary, versions, write_json_atomic
 from job.models.registry import family_class, spec_for
@@ -54,8 +54,7 @@ def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
     quiet_libraries()
     cfg, method_notes = with_method_defaults(cfg)
     warnings = [*warnings, *method_notes]
-    out = Path(cfg.output_path())
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_writable(Path(cfg.output_path()), "job.output_dir")
     # Rank 0 writes the shared outputs; the launcher (accelerate, torchrun) sets RANK.
     main = launched_rank() == 0
     if main:

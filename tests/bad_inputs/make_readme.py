@@ -15,7 +15,7 @@ else:  # pragma: no cover - python 3.10
     import tomli as tomllib
 
 HERE = Path(__file__).resolve().parent
-STAGES = {"load": "refused while the job file is read (before torch is imported); nothing "
+STAGES = {"load": "refused while the job file is read (before torch is imported); no file "
                   "written",
           "run": "found after the run started; `summary.json` says `failed`, no checkpoint, "
                  "image or final weights",
@@ -33,7 +33,8 @@ real CLI (`python -m job run JOB.toml`, hub offline) and checks:
   contains every text listed under "message names";
 - no Python traceback on stdout or stderr;
 - no output a later run could take for real: a job refused while its file is read writes
-  nothing at all, and does not import torch; a run that fails writes only
+  no file (at most an empty output or cache folder, made while proving it writable) and
+  does not import torch; a run that fails writes only
   `job.resolved.toml`, `metrics.jsonl` and a `summary.json` with status `failed`, its
   exit code and the fix, with no `checkpoints/`, `validation/` or `final/`.
 
