@@ -40,19 +40,19 @@ def load_job(path: str | Path, overrides: list[str] = (),
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{name}: not valid TOML: {err}",
                           "fix the syntax at the line and column given") from None
-    for item in overrides:
-        apply_override(raw, item)
+    overridden = {apply_override(raw, item): item for item in overrides}
     raw = interpolate(raw, ())
     try:
         cfg = JobConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(describe_errors(err, text, name),
+        raise ConfigError(describe_errors(err, text, name, overridden),
                           "see docs/config.md for every key, its type and default") from None
     return cfg, check_rules(cfg)
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one `table.key=value` (value parsed as TOML, else taken as a string)."""
+def apply_override(raw: dict[str, Any], item: str) -> tuple:
+    """Apply one `table.key=value` (value parsed as TOML, else taken as a string); returns
+    the location it set, as pydantic writes locations (list indices as ints)."""
     if "=" not in item:
         raise ConfigError(f"--set {item!r} has no '='", "write --set table.key=value")
     dotted, value_text = item.split("=", 1)
@@ -65,15 +65,19 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
     except tomllib.TOMLDecodeError:
         value = value_text
     node: Any = raw
+    loc: list[str | int] = []
     for part in parts[:-1]:
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
                 raise ConfigError(f"--set {item!r}: {part!r} is not an index of that list",
                                   f"use an index below {len(node)}, e.g. datasets.0.repeats=2")
             node = node[int(part)]
+            loc.append(int(part))
         else:
             node = node.setdefault(part, {})
+            loc.append(part)
     node[parts[-1]] = value
+    return (*loc, parts[-1])
 
 
 def interpolate(value: Any, where: tuple) -> Any:
@@ -105,15 +109,21 @@ def key_path(loc: tuple) -> str:
     return out
 
 
-def describe_errors(err: ValidationError, text: str, name: str) -> str:
-    """One line per problem: file:line, key path, value, what was expected, a suggestion."""
-    lines = [f"{name}: {err.error_count()} problem(s) in the job file:"]
+def describe_errors(err: ValidationError, text: str, name: str,
+                    overridden: dict[tuple, str] | None = None) -> str:
+    """One line per problem: where it was written (file:line, or the --set that wrote it),
+    key path, value, what was expected, a suggestion."""
+    source = f"{name} with its --set values" if overridden else name
+    lines = [f"{source}: {err.error_count()} problem(s) in the job file:"]
     for item in err.errors():
         loc = item["loc"]
+        by_set = next((f"--set {o}" for at, o in (overridden or {}).items()
+                       if tuple(loc[:len(at)]) == at), None)
         line = line_of(text, loc)
-        where = f"{name}:{line}" if line else name
+        where = by_set or (f"{name}:{line}" if line else name)
         value = item.get("input")
-        shown = "" if item["type"] == "missing" else f" = {value!r}"
+        # A whole table's contents say nothing the line number does not.
+        shown = "" if item["type"] == "missing" or isinstance(value, dict) else f" = {value!r}"
         msg = f"  {where}: {key_path(loc)}{shown}: {explain(item)}"
         lines.append(msg + suggestion(item, loc))
     return "\n".join(lines)
@@ -126,6 +136,14 @@ def explain(item: dict) -> str:
         return "unknown key"
     if kind == "missing":
         return "required key is missing"
+    value = item.get("input")
+    if isinstance(value, str) and kind.split("_")[0] in ("int", "float", "bool"):
+        try:
+            unquoted = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            unquoted = value
+        if not isinstance(unquoted, str):  # "2", "0.5", "true": a quoted number or boolean
+            return f"{item['msg']}; write it without quotes: {item['loc'][-1]} = {value}"
     return item["msg"]
 
 
@@ -189,19 +207,25 @@ _HEADER = re.compile(r"^\s*\[(\[)?\s*([A-Za-z0-9_.\-]+)\s*\]")
 
 
 def line_of(text: str, loc: tuple) -> int | None:
-    """The 1-based line where the key at `loc` is written (None when not found)."""
+    """The 1-based line where the key at `loc` is written, else the header of the table it
+    belongs in (a missing key), else None."""
     keys = [p for p in loc if not isinstance(p, int)]
     index = next((p for p in loc if isinstance(p, int)), None)
     table, key = (".".join(map(str, keys[:-1])), str(keys[-1])) if keys else ("", "")
-    current, counts = "", {}
+    current, counts, table_line = "", {}, None
     for number, line in enumerate(text.splitlines(), 1):
         header = _HEADER.match(line)
         if header:
             current = header.group(2)
             if header.group(1):
                 counts[current] = counts.get(current, -1) + 1
+            if current == ".".join(map(str, keys)) and (
+                    index is None or counts.get(current) == index):  # the location is this table
+                return number
+            if current == table and (index is None or counts.get(current) == index):
+                table_line = number
             continue
         in_table = current == table and (index is None or counts.get(current) == index)
         if in_table and re.match(rf"^\s*{re.escape(key)}\s*=", line):
             return number
-    return None
+    return table_line

@@ -70,6 +70,33 @@ def test_wrong_type_names_key_value_and_expectation() -> None:
     assert "train.max_train_steps = '3'" in message and "valid integer" in message
 
 
+def test_quoted_number_is_told_to_drop_the_quotes() -> None:
+    message = error_of(MINIMAL.replace("max_train_steps = 3", 'max_train_steps = "3"'))
+    assert "job.toml:10" in message and "write it without quotes: max_train_steps = 3" in message
+    # A string that is no number gets no such advice.
+    assert "without quotes" not in error_of(MINIMAL.replace("max_train_steps = 3",
+                                                            'max_train_steps = "three"'))
+
+
+def test_misspelt_table_names_its_header_line_not_its_contents() -> None:
+    message = error_of(MINIMAL + '\n[optimiser]\nname = "adamw"\n')
+    assert "job.toml:16: optimiser: unknown key; did you mean 'optimizer'?" in message
+    assert "adamw" not in message
+    # A key missing from the second [[datasets]] points at that table's header.
+    second = error_of(MINIMAL + '\n[[datasets]]\nid = "e"\n')
+    assert "job.toml:16: datasets[1].instance_data_dir: required key is missing" in second
+
+
+def test_a_bad_set_value_is_blamed_on_the_set_not_the_file() -> None:
+    message = error_of(MINIMAL, ["train.max_train_steps=abc", "train.max_train_step=4",
+                                 "datasets.0.repeats=-1"])
+    assert "job.toml with its --set values: 3 problem(s)" in message
+    assert "--set train.max_train_steps=abc: train.max_train_steps = 'abc'" in message
+    assert "--set train.max_train_step=4: train.max_train_step = 4: unknown key" in message
+    assert "--set datasets.0.repeats=-1: datasets[0].repeats = -1" in message
+    assert "job.toml:11" not in message  # the file's max_train_steps = 3 is fine
+
+
 def test_invalid_enum_lists_choices() -> None:
     message = error_of(MINIMAL + '\n[optimizer]\nname = "adam"\n')
     assert "optimizer.name = 'adam'" in message and "'adamw_bf16'" in message
