@@ -54,7 +54,12 @@ class _LineWriter:
         self._stream = stream
 
     def msg(self, message: str) -> None:
-        print(message, file=self._stream or sys.stderr, flush=True)
+        stream = self._stream or sys.stderr
+        if stream.isatty():
+            # Return to the start of the line and clear it: a progress bar drawn there
+            # (Progress on a TTY) gives way to the log line and is redrawn below it.
+            message = "\r\x1b[K" + message
+        print(message, file=stream, flush=True)
 
     log = debug = info = warning = warn = error = critical = exception = fatal = msg
 
