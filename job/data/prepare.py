@@ -114,14 +114,16 @@ def _nothing_usable(cfg: JobConfig, skipped: list[tuple[str, str]]) -> DataError
     listed = "; ".join(f"{rel}: {why}" for rel, why in skipped[:4])
     more = f"; and {len(skipped) - 4} more (all in the images_skipped log event)" \
         if len(skipped) > 4 else ""
-    reasons = " ".join(why for _, why in skipped)
+    def seen(kind: str) -> bool:  # a reason starts with its kind ("no caption: ...")
+        return any(why.startswith(kind) for _, why in skipped)
+
     fixes = []
-    if "unreadable" in reasons:
+    if seen("unreadable"):
         fixes.append("replace or remove the unreadable image files")
-    if "no caption" in reasons:
+    if seen("no caption"):
         fixes.append("write a .txt caption beside each image, or set caption_strategy = "
                      '"filename" or "instanceprompt" in [[datasets]]')
-    if "too small" in reasons:
+    if seen("too small"):
         fixes.append("lower minimum_image_size or add larger images")
     noun = "dataset" if len(ids) == 1 else "datasets"
     return DataError(f"no usable images in {noun} {where}: all {len(skipped)} files found were "
