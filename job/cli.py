@@ -106,20 +106,15 @@ def _export(cfg, merge: bool, adapter: str | None, output: str | None) -> int:
         raise ConfigError('tunejob export --merge needs a LoRA job (model.model_type = "lora")',
                           "a full fine-tune's final/ folder is already a complete model")
     family = family_class(cfg.model.family)(cfg, torch.device("cpu"), torch.float32)
-    if not hasattr(family, "export_merged"):
-        raise ConfigError(f"tunejob export --merge is not built for family {cfg.model.family!r}",
-                          "load final/ with the stock pipeline's load_lora_weights, then call "
-                          "pipeline.fuse_lora() and save_pretrained()")
     out = Path(cfg.output_path())
     source = Path(adapter) if adapter else out / "final"
-    if not (source / "adapter_config.json").is_file():
-        raise ConfigError(f"{source} holds no trained LoRA (adapter_config.json is missing)",
+    if not (source / family.final_lora_file).is_file():
+        raise ConfigError(f"{source} holds no trained LoRA ({family.final_lora_file} is missing)",
                           "run the job to its end first, or point --adapter at a final/ folder")
     target = Path(output) if output else out / "final-merged"
     scratch = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(scratch, ignore_errors=True)
-    family.load()
-    family.export_merged(source, scratch)
+    family.export_merged(source, scratch)  # loads what it needs of the base
     shutil.rmtree(target, ignore_errors=True)
     os.replace(scratch, target)
     get_logger().info("exported", form="merged", adapter=str(source), path=str(target))

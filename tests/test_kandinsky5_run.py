@@ -15,6 +15,7 @@ from PIL import Image
 
 from job.jobfile import load_job
 from job.metrics import validate_summary
+from job.models.registry import family_class
 from job.run import run_job
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -84,7 +85,17 @@ def test_t2i_job_trains_validates_resumes_and_exports_a_stock_lora(tmp_path: Pat
 
     plain = image()
     pipeline.load_lora_weights(str(Path(final).parent))
-    assert np.abs(image().astype(int) - plain).max() > 0
+    with_lora = image().astype(int)
+    assert np.abs(with_lora - plain).max() > 0
+
+    # `tunejob export --merge`: the LoRA fused into the stock pipeline's folder.
+    family = family_class(longer.model.family)(longer, torch.device("cpu"), torch.float32)
+    family.export_merged(Path(final).parent, tmp_path / "merged")
+    pipeline = type(pipeline).from_pretrained(str(tmp_path / "merged"))
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.resolutions = [(64, 64)]  # as stock() sets it
+    assert not any("lora" in k for k in pipeline.transformer.state_dict())
+    assert np.abs(image().astype(int) - with_lora).max() <= 1
 
 
 def write_pairs(tmp_path: Path, count: int, missing: int) -> tuple[Path, Path]:

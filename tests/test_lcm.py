@@ -294,6 +294,16 @@ def test_lora_student_end_to_end_loads_in_the_stock_pipeline(tmp_path: Path, mod
     np.testing.assert_array_equal(teacher,
                                   np.asarray(Image.open(step / "validation-64x64-teacher.png")))
 
+    # Merged (`tunejob export --merge`): the student's LCMScheduler comes with the folder,
+    # and the fused UNet samples what the loaded LoRA does.
+    registry.family_class("sdxl")(cfg, torch.device("cpu"), torch.float32).export_merged(
+        out / "final", tmp_path / "merged")
+    merged = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "merged"))
+    assert isinstance(merged.scheduler, LCMScheduler)
+    assert merged.scheduler.config.timestep_scaling == 10.0
+    merged_image = stock_image(merged, guidance=0.0).astype(int)
+    assert np.abs(merged_image - student.astype(int)).max() <= 1
+
 
 def test_full_student_resumes_exactly_and_exports_an_lcm_pipeline(
         tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import StableDiffusionXLPipeline
 from safetensors.torch import load_file
 
+from job.cli import main
 from job.jobfile import load_job
 from job.log import setup_logging
 from job.metrics import validate_summary
@@ -28,6 +30,12 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def job(tmp_path: Path, models_dir: Path, *overrides: str, name: str = "t"):
     """The smoke job redirected into tmp_path, with fewer steps for speed."""
+    cfg, warnings = load_job(SMOKE, job_sets(tmp_path, models_dir, *overrides, name=name))
+    return cfg
+
+
+def job_sets(tmp_path: Path, models_dir: Path, *overrides: str, name: str = "t") -> list[str]:
+    """job()'s --set values."""
     base = [f"job.output_dir={json.dumps(str(tmp_path / 'out'))}",
             f"model.hub_cache_dir={json.dumps(str(models_dir))}",
             f"cache.dir={json.dumps(str(tmp_path / 'cache'))}",
@@ -36,8 +44,7 @@ def job(tmp_path: Path, models_dir: Path, *overrides: str, name: str = "t"):
             "train.max_train_steps=6", "checkpoint.step_interval=3",
             "validation.step_interval=3", 'validation.resolution=["64x64"]',
             "validation.num_inference_steps=2"]
-    cfg, warnings = load_job(SMOKE, base + list(overrides))
-    return cfg
+    return base + list(overrides)
 
 
 def rows(out: Path, event: str) -> list[dict]:
@@ -72,6 +79,14 @@ def test_run_writes_every_output(tmp_path: Path, models_dir: Path,
     assert {p.parent.name for p in images} == {"step-000003", "step-000006"}
     assert all(p.is_file() for p in images) and any(p.name == "grid.png" for p in images)
     assert len(rows(out, "train")) == 6 and rows(out, "validation")[0]["eval_loss"] > 0
+
+    # `tunejob export --merge`: the stock pipeline's folder with the LoRA fused in
+    # (tests/test_sdxl_family.py shows it equals the pipeline with the LoRA loaded).
+    sets = [a for s in job_sets(tmp_path, models_dir, "train.gradient_accumulation_steps=2")
+            for a in ("--set", s)]
+    assert main(["export", str(SMOKE), *sets, "--merge"]) == 0
+    merged = StableDiffusionXLPipeline.from_pretrained(str(out / "final-merged"))
+    assert not any("lora" in k for k in merged.unet.state_dict())
 
 
 def test_second_run_reuses_caches_and_changed_setting_recomputes(tmp_path: Path,

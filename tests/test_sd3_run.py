@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from job.jobfile import load_job
 from job.metrics import validate_summary
+from job.models.registry import family_class
 from job.run import run_job
 from sd3_helpers import stock_pipeline, tiny_folder
 
@@ -79,7 +80,15 @@ def test_sd3_job_trains_resumes_and_exports_a_stock_lora(tmp_path: Path) -> None
 
     plain = image()
     pipeline.load_lora_weights(str(Path(final).parent))
-    assert np.abs(image().astype(int) - plain).max() > 0
+    with_lora = image().astype(int)
+    assert np.abs(with_lora - plain).max() > 0
+
+    # `tunejob export --merge`: the LoRA fused into the stock pipeline's folder.
+    family = family_class(longer.model.family)(longer, torch.device("cpu"), torch.float32)
+    family.export_merged(Path(final).parent, tmp_path / "merged")
+    pipeline = stock_pipeline(tmp_path / "merged")
+    assert not any("lora" in k for k in pipeline.transformer.state_dict())
+    assert np.abs(image().astype(int) - with_lora).max() <= 1
 
 
 def test_full_fine_tune_exports_a_stock_pipeline_folder(tmp_path: Path) -> None:

@@ -227,6 +227,32 @@ def test_exported_lora_keeps_alpha_in_the_stock_pipeline(trained, tmp_path: Path
     assert not np.array_equal(stock_image(pipeline), ours)
 
 
+def test_merged_export_equals_the_stock_pipeline_with_the_lora(trained, tmp_path: Path,
+                                                               tiny_dir: Path) -> None:
+    """`tunejob export --merge`: the LoRA fused at its trained scale (alpha/rank = 2), no
+    LoRA layers left, the same images as the stock pipeline with load_lora_weights."""
+    family = trained[0]
+    family.save_final(tmp_path / "final")
+    family.export_merged(tmp_path / "final", tmp_path / "merged")
+
+    def image(pipeline: StableDiffusionXLPipeline) -> np.ndarray:
+        return np.asarray(pipeline("a red circle", width=64, height=64, guidance_scale=5.0,
+                                   num_inference_steps=3,
+                                   generator=torch.Generator().manual_seed(7)).images[0]).astype(int)
+
+    merged = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "merged"))
+    merged.set_progress_bar_config(disable=True)
+    assert not any("lora" in k for k in merged.unet.state_dict())
+    stock = stock_pipeline(tiny_dir)
+    plain = image(stock)
+    stock.load_lora_weights(str(tmp_path / "final"))
+    with_lora = image(stock)
+    assert np.abs(with_lora - plain).max() > 2  # the LoRA acts
+    assert np.abs(image(merged) - with_lora).max() <= 1  # fused == applied, up to rounding
+    stock.set_adapters(stock.get_active_adapters(), adapter_weights=[0.5])  # alpha lost
+    assert np.abs(image(merged) - image(stock)).max() > 2
+
+
 def test_checkpoint_state_round_trips(trained, tmp_path: Path, models_dir: Path) -> None:
     family, batch, _ = trained
     assert_trained_state_round_trips(family, batch, torch.tensor([10, 700]),

@@ -35,6 +35,7 @@ from job.models.common import (FamilyCommon, config_hash, error_detail, tokenize
                                weights_source)
 from job.models.kandinsky5_output import Kandinsky5SamplingExport
 from job.models.kandinsky5_rules import is_i2i
+from job.models.merge import StockPipelineMerge
 from job.models.tread_rules import resolve_routes
 from job.train import distributed
 
@@ -58,7 +59,7 @@ def _any_linear(module: nn.Module, name: str) -> bool:
     return isinstance(module, nn.Linear)
 
 
-class Kandinsky5Family(FamilyCommon, Kandinsky5SamplingExport):
+class Kandinsky5Family(FamilyCommon, Kandinsky5SamplingExport, StockPipelineMerge):
     """Kandinsky 5.0 Image through diffusers' Kandinsky5T2IPipeline / Kandinsky5I2IPipeline."""
 
     name = "kandinsky5-image"
@@ -96,6 +97,19 @@ class Kandinsky5Family(FamilyCommon, Kandinsky5SamplingExport):
 
         return Kandinsky5I2IPipeline if self.i2i else Kandinsky5T2IPipeline
 
+    merge_pipeline_class = pipeline_class
+
+    def _merge_source(self) -> str:
+        """The weights' hub id or folder; the tiny flavour's t2i or i2i model is built on
+        first use."""
+        if self.tiny_folder is not None:
+            from job.models.kandinsky5_tiny import ensure_tiny_kandinsky5
+
+            kind = "i2i" if self.i2i else "t2i"
+            folder = self.tiny_folder.with_name(f"{self.tiny_folder.name}-{kind}")
+            self.source = str(ensure_tiny_kandinsky5(folder, kind))
+        return self.source
+
     def load(self) -> None:
         """Every component from the hub id or local folder, frozen. The transformer waits in
         CPU memory when it is group-offloaded or while offload_during_startup caches."""
@@ -105,13 +119,7 @@ class Kandinsky5Family(FamilyCommon, Kandinsky5SamplingExport):
         from transformers import (CLIPTextModel, CLIPTokenizer,
                                   Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor)
 
-        if self.tiny_folder is not None:
-            from job.models.kandinsky5_tiny import ensure_tiny_kandinsky5
-
-            kind = "i2i" if self.i2i else "t2i"
-            folder = self.tiny_folder.with_name(f"{self.tiny_folder.name}-{kind}")
-            self.source = str(ensure_tiny_kandinsky5(folder, kind))
-        hub, src = self._hub_kwargs(), self.source
+        hub, src = self._hub_kwargs(), self._merge_source()
         try:
             self.pipeline_config = self.pipeline_class.load_config(src, **hub)
             self.tokenizer = Qwen2VLProcessor.from_pretrained(src, subfolder="tokenizer", **hub)

@@ -20,6 +20,7 @@ from job.models import sd3_flow as flow
 from job.models.base import PreparedImage
 from job.models.common import (FamilyCommon, config_hash, error_detail, tokenizer_hash,
                                weights_source)
+from job.models.merge import StockPipelineMerge
 from job.models.sd3_output import SD3SamplingExport
 from job.models.sd3_rules import check_skip_layer_guidance
 from job.models.tread_rules import resolve_routes
@@ -38,7 +39,7 @@ def _any_linear(module: nn.Module, name: str) -> bool:
     return isinstance(module, nn.Linear)
 
 
-class SD3Family(FamilyCommon, SD3SamplingExport):
+class SD3Family(FamilyCommon, SD3SamplingExport, StockPipelineMerge):
     """Stable Diffusion 3 / 3.5 through diffusers' StableDiffusion3Pipeline components."""
 
     name = "sd3"

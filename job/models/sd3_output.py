@@ -17,6 +17,12 @@ PIPELINE_PARTS = ("transformer", "vae", "text_encoder", "text_encoder_2", "text_
 class SD3SamplingExport:
     """sample() and save_final() of the SD3 family."""
 
+    @property
+    def merge_pipeline_class(self):
+        from diffusers import StableDiffusion3Pipeline
+
+        return StableDiffusion3Pipeline
+
     def _sampling_pipeline(self):
         """The stock pipeline around the live transformer (built once; it holds references)."""
         if self._pipeline is None:

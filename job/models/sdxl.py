@@ -20,6 +20,7 @@ from job.log import get_logger
 from job.models.base import PreparedImage
 from job.models.common import (FamilyCommon, config_hash, error_detail, tokenizer_hash,
                                weights_source)
+from job.models.merge import StockPipelineMerge
 from job.models.sdxl_output import SDXLSamplingExport
 from job.train import distributed
 
@@ -37,7 +38,7 @@ def min_snr_weights(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor, gamma
     return torch.where(snr > 0, clipped / snr.clamp(min=1e-20), torch.ones_like(snr))
 
 
-class SDXLFamily(FamilyCommon, SDXLSamplingExport):
+class SDXLFamily(FamilyCommon, SDXLSamplingExport, StockPipelineMerge):
     """Stable Diffusion XL through diffusers' StableDiffusionXLPipeline components."""
 
     name = "sdxl"

@@ -18,6 +18,22 @@ PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", 
 class SDXLSamplingExport:
     """sample() and save_final() of the SDXL family."""
 
+    @property
+    def merge_pipeline_class(self):
+        from diffusers import StableDiffusionXLPipeline
+
+        return StableDiffusionXLPipeline
+
+    def _finish_merged(self, pipeline: Any) -> None:
+        """A merged LCM student ships with the LCMScheduler it was distilled for."""
+        if self.cfg.distillation.method == "lcm":
+            from diffusers import LCMScheduler
+
+            from job.distill.lcm import lcm_scheduler_config
+
+            pipeline.scheduler = LCMScheduler.from_config(pipeline.scheduler.config,
+                                                          **lcm_scheduler_config(self.cfg))
+
 
     def _sampling_pipeline(self):
         """The stock pipeline around the live UNet (built once; it holds references)."""

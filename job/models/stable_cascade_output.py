@@ -138,6 +138,8 @@ def previewer_image(previewer: torch.nn.Module, latents: torch.Tensor, width: in
 class StableCascadeSamplingExport:
     """sample() and save_final() of the Stable Cascade family."""
 
+    final_lora_file = "adapter_config.json"  # a peft adapter folder (save_final)
+
     def _prior_pipeline(self):
         if self._pipeline is None:
             from diffusers import DDPMWuerstchenScheduler, StableCascadePriorPipeline
@@ -282,6 +284,8 @@ class StableCascadeSamplingExport:
         from safetensors.torch import load_file
 
         adapter_dir = Path(adapter_dir)
+        if not hasattr(self, "tokenizer"):  # `tunejob export` builds the family unloaded
+            self.load()  # for the tokenizer and scheduler of the saved pipeline
         base = StableCascadeUNet.from_pretrained(self.source, subfolder=self.subfolder,
                                                  torch_dtype=torch.float32, **self._hub_kwargs())
         config = base.config
