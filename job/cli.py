@@ -11,6 +11,7 @@ import os
 import sys
 from pathlib import Path
 
+from job import __version__
 from job.errors import EXIT_OTHER, EXIT_PREEMPTED, JobError, ensure_writable
 from job.log import get_logger, setup_logging
 
@@ -19,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The command-line interface."""
     parser = argparse.ArgumentParser(prog="tunejob", description="Fine-tuning job for "
                                      "diffusion models, configured by one TOML file.")
+    parser.add_argument("--version", action="version", version=f"tunejob {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("run", "train: cache, train, validate, export"),
                        ("validate", "check the job file only (exit 0 or 2)"),
@@ -138,7 +140,8 @@ def _cache_only(cfg) -> int:
     apply_speedups(cfg, family)
     data = prepare_data(cfg, family)
     get_logger().info("cache_filled", encoded_latents=data.encoded["latents"],
-                      encoded_captions=data.encoded["captions"], samples=len(data.train))
+                      encoded_captions=data.encoded["captions"], train_samples=len(data.train),
+                      eval_samples=len(data.eval))
     return 0
 
 

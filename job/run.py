@@ -124,7 +124,9 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
         apply_speedups(cfg, family)
     with phases.phase("cache"):
         data = prepare_data(cfg, family, stop.should_stop)
-        metrics.write("data_ready", train_samples=len(data.train), eval_samples=len(data.eval),
+        metrics.write("data_ready", train_samples=len(data.train),
+                      samples_per_epoch=sum(1 + s.repeats for s in data.train),
+                      eval_samples=len(data.eval),
                       eval_source=data.eval_source, skipped=len(data.skipped),
                       encoded_latents=data.encoded["latents"],
                       encoded_captions=data.encoded["captions"])

@@ -178,3 +178,11 @@ def test_validate_exit_code_2_without_traceback(tmp_path: Path) -> None:
                           capture_output=True, text=True)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr and "trian" in done.stderr
+
+
+def test_version_flag_prints_the_package_version() -> None:
+    from job import __version__
+
+    done = subprocess.run([sys.executable, "-m", "job", "--version"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"tunejob {__version__}"

@@ -92,10 +92,14 @@ def test_run_writes_every_output(tmp_path: Path, models_dir: Path,
 def test_second_run_reuses_caches_and_changed_setting_recomputes(tmp_path: Path,
                                                                 models_dir: Path) -> None:
     assert run_job(job(tmp_path, models_dir, name="first")) == 0
-    cfg = job(tmp_path, models_dir, name="second")
+    first = rows(tmp_path / "out" / "first", "data_ready")[0]
+    assert first["samples_per_epoch"] == first["train_samples"]
+    # Repeats change what an epoch draws, not what is cached.
+    cfg = job(tmp_path, models_dir, "datasets.0.repeats=2", name="second")
     assert run_job(cfg) == 0
     ready = rows(Path(cfg.output_path()), "data_ready")[0]
     assert ready["encoded_latents"] == 0 and ready["encoded_captions"] == 0
+    assert ready["samples_per_epoch"] == 3 * ready["train_samples"] == 3 * first["train_samples"]
     cfg = job(tmp_path, models_dir, "datasets.0.crop_style=\"random\"", name="third")
     assert run_job(cfg) == 0
     ready = rows(Path(cfg.output_path()), "data_ready")[0]
