@@ -10,7 +10,8 @@ export PIP_NO_CACHE_DIR ?= 1
 
 $(STAMP): pyproject.toml
 	python3 -m venv --system-site-packages $(VENV)
-	# Reuse a torch the machine already has (the GPU image); else install the pinned CPU one.
+	# Reuse a torch the machine already has (the GPU image); else the pinned one from PyPI (its
+	# Linux wheel brings the CUDA libraries and runs on the CPU too).
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)

@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
                              help="folder of the trained LoRA (default: OUTPUT/final)")
             cmd.add_argument("-o", "--output", default=None,
                              help="folder to write (default: OUTPUT/final-merged)")
+            cmd.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                             help="dtype of the saved weights; the merge itself is done in "
+                                  "fp32 (default: fp32)")
     source = sub.add_parser("import", help="convert another trainer's configuration into a "
                             "job file").add_subparsers(dest="source", required=True)
     simpletuner = source.add_parser(
@@ -78,10 +81,13 @@ def main(argv: list[str] | None = None) -> int:
             # Where the job writes, proven writable before torch is imported.
             ensure_writable(Path(cfg.output_path()), "job.output_dir")
             ensure_writable(Path(cfg.cache.dir), "cache.dir")
+            for index, ds in enumerate(cfg.datasets):
+                if ds.cache_dir_vae and not ds.disabled:
+                    ensure_writable(Path(ds.cache_dir_vae), f"datasets[{index}].cache_dir_vae")
         if args.command == "cache":
             return _cache_only(cfg)
         if args.command == "export":
-            return _export(cfg, args.merge, args.adapter, args.output)
+            return _export(cfg, args.merge, args.adapter, args.output, args.dtype)
         from job.run import run_job
 
         return run_job(cfg, warnings)
@@ -93,15 +99,18 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _export(cfg, merge: bool, adapter: str | None, output: str | None) -> int:
+def _export(cfg, merge: bool, adapter: str | None, output: str | None,
+            dtype: str = "fp32") -> int:
     """Merge the final LoRA into the base model and write a pipeline folder (atomically)."""
     import shutil
 
     import torch
 
     from job.errors import ConfigError
+    from job.log import quiet_libraries
     from job.models.registry import family_class
 
+    quiet_libraries()
     if not merge:
         raise ConfigError("tunejob export needs a form to write", "add --merge")
     if cfg.model.model_type != "lora":
@@ -114,12 +123,22 @@ def _export(cfg, merge: bool, adapter: str | None, output: str | None) -> int:
         raise ConfigError(f"{source} holds no trained LoRA ({family.final_lora_file} is missing)",
                           "run the job to its end first, or point --adapter at a final/ folder")
     target = Path(output) if output else out / "final-merged"
+    # The target is replaced: only an earlier export (a pipeline folder) or nothing.
+    if target.exists() and not (target / "model_index.json").is_file() \
+            and (not target.is_dir() or any(target.iterdir())):
+        raise ConfigError(f"--output {target} exists and is not a pipeline folder an earlier "
+                          "export wrote; it would be replaced", "name a new folder with -o")
+    if source.resolve().is_relative_to(target.resolve()):
+        raise ConfigError(f"--output {target} holds the LoRA being merged ({source})",
+                          "name another folder with -o")
     scratch = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(scratch, ignore_errors=True)
-    family.export_merged(source, scratch)  # loads what it needs of the base
+    weights = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    family.export_merged(source, scratch, weights)  # loads what it needs of the base
     shutil.rmtree(target, ignore_errors=True)
     os.replace(scratch, target)
-    get_logger().info("exported", form="merged", adapter=str(source), path=str(target))
+    get_logger().info("exported", form="merged", adapter=str(source), path=str(target),
+                      dtype=dtype)
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 EXIT_SUCCEEDED = 0
@@ -69,9 +70,10 @@ def ensure_writable(folder: Path, key: str) -> Path:
     the setting that put it there and the fix, before anything is loaded."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".tunejob-write-probe-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A unique name: ranks on other hosts (own PID namespaces) may probe the same folder.
+        handle, probe = tempfile.mkstemp(prefix=".tunejob-write-probe-", dir=folder)
+        os.close(handle)
+        Path(probe).unlink(missing_ok=True)
     except OSError as err:
         raise ConfigError(f"{key}: cannot write to {str(folder)!r} "
                           f"({type(err).__name__}: {err.strerror or err})",

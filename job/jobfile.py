@@ -66,18 +66,25 @@ def apply_override(raw: dict[str, Any], item: str) -> tuple:
         value = value_text
     node: Any = raw
     loc: list[str | int] = []
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts):
+        last = depth == len(parts) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
                 raise ConfigError(f"--set {item!r}: {part!r} is not an index of that list",
                                   f"use an index below {len(node)}, e.g. datasets.0.repeats=2")
-            node = node[int(part)]
-            loc.append(int(part))
+            key: str | int = int(part)
+        elif isinstance(node, dict):
+            key = part
         else:
-            node = node.setdefault(part, {})
-            loc.append(part)
-    node[parts[-1]] = value
-    return (*loc, parts[-1])
+            where = ".".join(parts[:depth])
+            raise ConfigError(f"--set {item!r}: {where} is a value, not a table or list",
+                              f"set {where} itself, e.g. --set {where}=...")
+        loc.append(key)
+        if last:
+            node[key] = value
+        else:
+            node = node.setdefault(key, {}) if isinstance(node, dict) else node[key]
+    return tuple(loc)
 
 
 def interpolate(value: Any, where: tuple) -> Any:
@@ -117,9 +124,12 @@ def describe_errors(err: ValidationError, text: str, name: str,
     lines = [f"{source}: {err.error_count()} problem(s) in the job file:"]
     for item in err.errors():
         loc = item["loc"]
-        by_set = next((f"--set {o}" for at, o in (overridden or {}).items()
-                       if tuple(loc[:len(at)]) == at), None)
         line = line_of(text, loc)
+        # Written by a --set: the error is at or under the location it set, or above it and
+        # nowhere in the file (a misspelt table the --set made).
+        by_set = next((f"--set {o}" for at, o in (overridden or {}).items()
+                       if tuple(loc[:len(at)]) == at
+                       or (line is None and at[:len(loc)] == tuple(loc))), None)
         where = by_set or (f"{name}:{line}" if line else name)
         value = item.get("input")
         # A whole table's contents say nothing the line number does not.
@@ -136,15 +146,20 @@ def explain(item: dict) -> str:
         return "unknown key"
     if kind == "missing":
         return "required key is missing"
-    value = item.get("input")
-    if isinstance(value, str) and kind.split("_")[0] in ("int", "float", "bool"):
+    value, expected = item.get("input"), _UNQUOTED.get(kind.split("_")[0])
+    if isinstance(value, str) and expected:
         try:
             unquoted = tomllib.loads(f"v = {value}")["v"]
         except tomllib.TOMLDecodeError:
-            unquoted = value
-        if not isinstance(unquoted, str):  # "2", "0.5", "true": a quoted number or boolean
-            return f"{item['msg']}; write it without quotes: {item['loc'][-1]} = {value}"
+            unquoted = None
+        # "2", "0.5", "true": the value this key takes, written in quotes.
+        if type(unquoted) in expected:
+            return f"{item['msg']}; write it without quotes: {value}"
     return item["msg"]
+
+
+# What a key of pydantic's type accepts when written unquoted in TOML.
+_UNQUOTED = {"int": (int,), "float": (int, float), "bool": (bool,)}
 
 
 def suggestion(item: dict, loc: tuple) -> str:

@@ -40,7 +40,7 @@ def setup_logging(stream: TextIO | None = None, json_lines: bool | None = None) 
         processors=[structlog.processors.add_log_level, _add_rank,
                     structlog.processors.TimeStamper(fmt="iso", utc=True),
                     renderer],
-        logger_factory=lambda *args: _LineWriter(stream),
+        logger_factory=lambda *args: _LineWriter(stream, clear_line=not json_lines),
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         cache_logger_on_first_use=False,
     )
@@ -50,14 +50,14 @@ def setup_logging(stream: TextIO | None = None, json_lines: bool | None = None) 
 class _LineWriter:
     """structlog's logger: one rendered line per event, flushed."""
 
-    def __init__(self, stream: TextIO | None) -> None:
-        self._stream = stream
+    def __init__(self, stream: TextIO | None, clear_line: bool = False) -> None:
+        self._stream, self._clear_line = stream, clear_line
 
     def msg(self, message: str) -> None:
         stream = self._stream or sys.stderr
-        if stream.isatty():
+        if self._clear_line and stream.isatty():
             # Return to the start of the line and clear it: a progress bar drawn there
-            # (Progress on a TTY) gives way to the log line and is redrawn below it.
+            # (Progress on a readable log) gives way to the log line and is redrawn below.
             message = "\r\x1b[K" + message
         print(message, file=stream, flush=True)
 
@@ -91,19 +91,27 @@ def quiet_libraries() -> None:
     warnings.showwarning = show
 
 
+def _readable_log() -> bool:
+    """Whether setup_logging chose the readable renderer (not JSON lines)."""
+    return isinstance(structlog.get_config()["processors"][-1], structlog.dev.ConsoleRenderer)
+
+
 def get_logger() -> Any:
     """The job's logger (configured by setup_logging)."""
     return structlog.get_logger("tunejob")
 
 
 class Progress:
-    """A bar with ETA on a TTY; a JSON `progress` event every `every_s` seconds otherwise."""
+    """A bar with ETA on a TTY with a readable log; a `progress` event every `every_s`
+    seconds otherwise."""
 
     def __init__(self, label: str, total: int, stream: TextIO | None = None,
                  every_s: float = 10.0) -> None:
         self.label, self.total, self.done = label, max(total, 0), 0
         self.stream = stream or sys.stderr
-        self.tty = self.stream.isatty()
+        # A bar only where the log is for reading (a TTY, not --json-logs): JSON lines stay
+        # whole, so a JSON log gets progress events even on a terminal.
+        self.tty = self.stream.isatty() and _readable_log()
         self.every_s = every_s
         self.start = self.last = time.monotonic()
 

@@ -19,6 +19,7 @@ from job.distill import build_objective, with_method_defaults
 from job.errors import EXIT_PREEMPTED, ConfigError, JobError, PeerLost, Preempted, ensure_writable
 from job.log import get_logger, quiet_libraries, set_log_rank
 from job.metrics import MetricsWriter, Summary, versions, write_json_atomic
+from job.model_card import write_model_card
 from job.models.registry import family_class, spec_for
 from job.signals import StopSignal
 from job.train.distributed import Topology, broadcast_flag, launched_rank, set_topology
@@ -124,9 +125,7 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
         apply_speedups(cfg, family)
     with phases.phase("cache"):
         data = prepare_data(cfg, family, stop.should_stop)
-        metrics.write("data_ready", train_samples=len(data.train),
-                      samples_per_epoch=sum(1 + s.repeats for s in data.train),
-                      eval_samples=len(data.eval),
+        metrics.write("data_ready", train_samples=len(data.train), eval_samples=len(data.eval),
                       eval_source=data.eval_source, skipped=len(data.skipped),
                       encoded_latents=data.encoded["latents"],
                       encoded_captions=data.encoded["captions"])
@@ -161,7 +160,7 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
     paths = _export(trainer, family, out / "final")
     if not trainer.topology.main:
         return
-    _write_model_card(cfg, out / "final", trainer)
+    write_model_card(cfg, out / "final", trainer)
     summary.final_weights = [str(p) for p in paths]
     summary.images = validator.images
     summary.eval_loss = validator.last_eval_loss
@@ -381,45 +380,3 @@ def _finish_summary(summary: Summary, trainer, phases: Phases, out: Path,
                           wall_time_s=summary.wall_time_s["total"],
                           summary=str(out / "summary.json"),
                           final_weights=summary.final_weights)
-
-
-def _write_model_card(cfg: JobConfig, folder: Path, trainer) -> None:
-    """A short README beside the final weights: what was trained, how to load it."""
-    folder.mkdir(parents=True, exist_ok=True)
-    m = cfg.model
-    card = [f"# {cfg.job.name}", "",
-            f"- family: {m.family}, flavour: {m.flavour}, base: "
-            f"{m.pretrained_model_name_or_path or 'the flavour default'}",
-            f"- model_type: {m.model_type}" + (f", LoRA rank {cfg.lora.rank}, alpha "
-                                                f"{cfg.lora.alpha or cfg.lora.rank}"
-                                                if m.model_type == "lora" else ""),
-            f"- steps: {trainer.state.step}, samples seen: {trainer.state.samples_seen}",
-            f"- EMA weights exported: {cfg.train.use_ema}", "",
-            "Trained with tunejob; the job file is job.resolved.toml in the output folder."]
-    if cfg.distillation.method == "lcm":
-        card[-2:-2] = _lcm_card_lines(cfg)
-    (folder / "README.md").write_text("\n".join(card) + "\n", encoding="utf-8")
-
-
-def _lcm_card_lines(cfg: JobConfig) -> list[str]:
-    """How to sample an LCM student with the stock pipeline."""
-    from job.distill.lcm import lcm_scheduler_config
-
-    lcm, settings = cfg.distillation.lcm, lcm_scheduler_config(cfg)
-    distilled = (f"distilled with w in [{lcm.w_min}, {lcm.w_max}], i.e. CFG "
-                 f"{lcm.w_min + 1}-{lcm.w_max + 1}")
-    if cfg.distillation.student == "full":
-        mid = 1 + 0.5 * (lcm.w_min + lcm.w_max)
-        return [f"- LCM student, full UNet with a guidance embedding ({distilled}); the folder "
-                "is a StableDiffusionXLPipeline with its LCMScheduler: guidance_scale sets w + 1 "
-                "through the embedding (no CFG pass)", "", "```python",
-                "pipe = StableDiffusionXLPipeline.from_pretrained(FOLDER)",
-                f"image = pipe(prompt, num_inference_steps=4, guidance_scale={mid:g}).images[0]",
-                "```"]
-    args = ", ".join(f"{k}={v!r}" for k, v in sorted(settings.items()))
-    return [f"- LCM-LoRA student ({distilled}): sample in 4-8 steps with guidance_scale 0 "
-            "(CFG off; guidance is distilled in)",
-            "", "```python", "pipe.load_lora_weights(FOLDER)",
-            f"pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, {args})",
-            "image = pipe(prompt, num_inference_steps=4, guidance_scale=0.0).images[0]",
-            "```"]

@@ -15,3 +15,14 @@ def tiny_sdxl_hub(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("models")
     ensure_tiny_sdxl(folder / "tunejob-tiny" / "sdxl")
     return folder
+
+
+@pytest.fixture
+def restore_logging():
+    """For a test that reconfigures structlog (setup_logging): the configuration it found
+    is put back afterwards, so later tests' log lines go where they did."""
+    import structlog
+
+    saved = structlog.get_config()
+    yield
+    structlog.configure(**saved)

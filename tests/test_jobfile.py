@@ -72,10 +72,13 @@ def test_wrong_type_names_key_value_and_expectation() -> None:
 
 def test_quoted_number_is_told_to_drop_the_quotes() -> None:
     message = error_of(MINIMAL.replace("max_train_steps = 3", 'max_train_steps = "3"'))
-    assert "job.toml:10" in message and "write it without quotes: max_train_steps = 3" in message
-    # A string that is no number gets no such advice.
-    assert "without quotes" not in error_of(MINIMAL.replace("max_train_steps = 3",
-                                                            'max_train_steps = "three"'))
+    assert "job.toml:10" in message and "write it without quotes: 3" in message
+    # A string that is no integer unquoted gets no such advice ("1e3" would be a float).
+    for text in ('"three"', '"1e3"', '"2026-01-01"'):
+        assert "without quotes" not in error_of(MINIMAL.replace("max_train_steps = 3",
+                                                                f"max_train_steps = {text}"))
+    message = error_of(MINIMAL + '\n[speedups]\ncompile_blocks = "true"\n')
+    assert "write it without quotes: true" in message
 
 
 def test_misspelt_table_names_its_header_line_not_its_contents() -> None:
@@ -95,6 +98,9 @@ def test_a_bad_set_value_is_blamed_on_the_set_not_the_file() -> None:
     assert "--set train.max_train_step=4: train.max_train_step = 4: unknown key" in message
     assert "--set datasets.0.repeats=-1: datasets[0].repeats = -1" in message
     assert "job.toml:11" not in message  # the file's max_train_steps = 3 is fine
+    # A table the file does not have, made by a misspelt --set.
+    assert "--set trian.max_train_steps=3: trian: unknown key" in error_of(
+        MINIMAL, ["trian.max_train_steps=3"])
 
 
 def test_invalid_enum_lists_choices() -> None:
@@ -131,6 +137,13 @@ def test_overrides_and_list_index() -> None:
     assert cfg.job.name == "other"
     assert "index" in error_of(MINIMAL, ["datasets.3.repeats=1"])
     assert "no '='" in error_of(MINIMAL, ["train.seed"])
+    # A list item, a list element, and a key under a plain value.
+    cfg, _ = load_job("job.toml", ['datasets.0={id="e", instance_data_dir="/tmp/e"}',
+                                   'validation.resolution=["64x64", "96x64"]',
+                                   'validation.resolution.1="128x64"'], text=MINIMAL)
+    assert cfg.datasets[0].id == "e" and cfg.validation.resolution == ["64x64", "128x64"]
+    assert "index" in error_of(MINIMAL, ['datasets.1={id="x"}'])
+    assert "train.max_train_steps is a value" in error_of(MINIMAL, ["train.max_train_steps.x=5"])
 
 
 def test_env_interpolation(monkeypatch: pytest.MonkeyPatch) -> None:

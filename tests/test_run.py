@@ -53,7 +53,7 @@ def rows(out: Path, event: str) -> list[dict]:
 
 
 def test_run_writes_every_output(tmp_path: Path, models_dir: Path,
-                                 capsys: pytest.CaptureFixture) -> None:
+                                 capsys: pytest.CaptureFixture, restore_logging) -> None:
     setup_logging(json_lines=True)  # as the CLI sets it up in a container
     cfg = job(tmp_path, models_dir, "train.gradient_accumulation_steps=2")
     assert run_job(cfg) == 0
@@ -87,19 +87,38 @@ def test_run_writes_every_output(tmp_path: Path, models_dir: Path,
     assert main(["export", str(SMOKE), *sets, "--merge"]) == 0
     merged = StableDiffusionXLPipeline.from_pretrained(str(out / "final-merged"))
     assert not any("lora" in k for k in merged.unet.state_dict())
+    # Saved in bf16 on request; the folder is replaced, never one it did not write.
+    assert main(["export", str(SMOKE), *sets, "--merge", "--dtype", "bf16"]) == 0
+    unet = load_file(str(out / "final-merged" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {t.dtype for t in unet.values()} == {torch.bfloat16}
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    for target in (tmp_path / "mine", out / "final"):
+        assert main(["export", str(SMOKE), *sets, "--merge", "-o", str(target)]) == 2
+    assert (tmp_path / "mine" / "notes.txt").is_file()
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def test_second_run_reuses_caches_and_changed_setting_recomputes(tmp_path: Path,
-                                                                models_dir: Path) -> None:
+def test_second_run_reuses_caches_and_changed_setting_recomputes(
+        tmp_path: Path, models_dir: Path, capsys: pytest.CaptureFixture, restore_logging) -> None:
+    setup_logging(json_lines=True)
+
+    def per_epoch() -> int:
+        """The training event's samples_per_epoch in the log written since the last call."""
+        events = [json.loads(line) for line in capsys.readouterr().err.splitlines()
+                  if line.startswith("{")]
+        return next(e for e in events if e["event"] == "training")["samples_per_epoch"]
+
     assert run_job(job(tmp_path, models_dir, name="first")) == 0
-    first = rows(tmp_path / "out" / "first", "data_ready")[0]
-    assert first["samples_per_epoch"] == first["train_samples"]
-    # Repeats change what an epoch draws, not what is cached.
+    # 9 training images in three aspect buckets at batch 2 draw 8 an epoch (one bucket's
+    # odd image waits for the next shuffle); with 2 repeats, 27 draw 26. Repeats change what
+    # an epoch draws, not what is cached.
+    assert per_epoch() == 8
     cfg = job(tmp_path, models_dir, "datasets.0.repeats=2", name="second")
     assert run_job(cfg) == 0
     ready = rows(Path(cfg.output_path()), "data_ready")[0]
     assert ready["encoded_latents"] == 0 and ready["encoded_captions"] == 0
-    assert ready["samples_per_epoch"] == 3 * ready["train_samples"] == 3 * first["train_samples"]
+    assert per_epoch() == 26
     cfg = job(tmp_path, models_dir, "datasets.0.crop_style=\"random\"", name="third")
     assert run_job(cfg) == 0
     ready = rows(Path(cfg.output_path()), "data_ready")[0]

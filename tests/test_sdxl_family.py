@@ -251,6 +251,14 @@ def test_merged_export_equals_the_stock_pipeline_with_the_lora(trained, tmp_path
     assert np.abs(image(merged) - with_lora).max() <= 1  # fused == applied, up to rounding
     stock.set_adapters(stock.get_active_adapters(), adapter_weights=[0.5])  # alpha lost
     assert np.abs(image(merged) - image(stock)).max() > 2
+    # A model.prediction_type override reaches the merged pipeline's scheduler.
+    assert merged.scheduler.config.prediction_type == "epsilon"
+    v_cfg = family.cfg.model_copy(update={"model": family.cfg.model.model_copy(
+        update={"prediction_type": "v_prediction"})})
+    SDXLFamily(v_cfg, torch.device("cpu"), torch.float32).export_merged(
+        tmp_path / "final", tmp_path / "merged-v")
+    config = json.loads((tmp_path / "merged-v" / "scheduler" / "scheduler_config.json").read_text())
+    assert config["prediction_type"] == "v_prediction"
 
 
 def test_checkpoint_state_round_trips(trained, tmp_path: Path, models_dir: Path) -> None:

@@ -98,10 +98,7 @@ def prepare_data(cfg: JobConfig, family: Family,
     else:
         _fill_latents(cfg, family, data, records, should_stop)
         _fill_text(cfg, family, data, should_stop, records=records)
-    log.info("data_ready", train_samples=len(data.train),
-             # what an epoch draws: each sample 1 + its dataset's repeats times
-             samples_per_epoch=sum(1 + s.repeats for s in data.train),
-             eval_samples=len(data.eval),
+    log.info("data_ready", train_samples=len(data.train), eval_samples=len(data.eval),
              eval_source=data.eval_source, skipped=len(skipped),
              buckets=sorted({f"{w}x{h}" for w, h in (s.bucket for s in data.train)}),
              encoded_latents=data.encoded["latents"], encoded_captions=data.encoded["captions"])

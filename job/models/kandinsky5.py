@@ -99,7 +99,7 @@ class Kandinsky5Family(FamilyCommon, Kandinsky5SamplingExport, StockPipelineMerg
 
     merge_pipeline_class = pipeline_class
 
-    def _merge_source(self) -> str:
+    def _weights_source(self) -> str:
         """The weights' hub id or folder; the tiny flavour's t2i or i2i model is built on
         first use."""
         if self.tiny_folder is not None:
@@ -119,7 +119,7 @@ class Kandinsky5Family(FamilyCommon, Kandinsky5SamplingExport, StockPipelineMerg
         from transformers import (CLIPTextModel, CLIPTokenizer,
                                   Qwen2_5_VLForConditionalGeneration, Qwen2VLProcessor)
 
-        hub, src = self._hub_kwargs(), self._merge_source()
+        hub, src = self._hub_kwargs(), self._weights_source()
         try:
             self.pipeline_config = self.pipeline_class.load_config(src, **hub)
             self.tokenizer = Qwen2VLProcessor.from_pretrained(src, subfolder="tokenizer", **hub)

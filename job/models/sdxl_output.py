@@ -25,7 +25,13 @@ class SDXLSamplingExport:
         return StableDiffusionXLPipeline
 
     def _finish_merged(self, pipeline: Any) -> None:
-        """A merged LCM student ships with the LCMScheduler it was distilled for."""
+        """The merged pipeline's scheduler predicts what was trained (model.prediction_type,
+        as the full fine-tune's export does); an LCM student gets the LCMScheduler it was
+        distilled for."""
+        wanted = self.cfg.model.prediction_type
+        if wanted != "auto":
+            pipeline.scheduler = type(pipeline.scheduler).from_config(
+                pipeline.scheduler.config, prediction_type=wanted)
         if self.cfg.distillation.method == "lcm":
             from diffusers import LCMScheduler
 

@@ -264,18 +264,20 @@ class StableCascadeSamplingExport:
             base=self.source, subfolder=self.subfolder, weights=ADAPTER_WEIGHTS), encoding="utf-8")
         return [out_dir / ADAPTER_WEIGHTS, out_dir / "adapter_config.json", out_dir / LOADER_SNIPPET]
 
-    def _save_pipeline(self, out_dir: Path, prior) -> list[Path]:
+    def _save_pipeline(self, out_dir: Path, prior,
+                       dtype: torch.dtype | None = None) -> list[Path]:
         from diffusers import StableCascadePriorPipeline
         from transformers import CLIPTextModelWithProjection
 
         text_encoder = CLIPTextModelWithProjection.from_pretrained(
-            self.source, subfolder="text_encoder", dtype="auto", **self._hub_kwargs())
+            self.source, subfolder="text_encoder", dtype=dtype or "auto", **self._hub_kwargs())
         pipeline = StableCascadePriorPipeline(tokenizer=self.tokenizer, text_encoder=text_encoder,
                                               prior=prior, scheduler=self.scheduler)
         pipeline.save_pretrained(str(out_dir), safe_serialization=True)
         return [out_dir / "model_index.json", out_dir / "prior"]
 
-    def export_merged(self, adapter_dir: Path, out_dir: Path) -> list[Path]:
+    def export_merged(self, adapter_dir: Path, out_dir: Path,
+                      dtype: torch.dtype = torch.float32) -> list[Path]:
         """The base prior with the adapter in `adapter_dir` merged in, as a
         StableCascadePriorPipeline folder (loads with from_pretrained)."""
         from diffusers import StableCascadeUNet
@@ -298,4 +300,4 @@ class StableCascadeSamplingExport:
         state = {k.replace(".base_layer.", "."): v for k, v in base.state_dict().items()
                  if "lora_" not in k}
         merged.load_state_dict(state, strict=True)
-        return self._save_pipeline(Path(out_dir), merged)
+        return self._save_pipeline(Path(out_dir), merged.to(dtype), dtype)

@@ -123,6 +123,10 @@ class Trainer(CheckpointIO):
                       learning_rate=self.learning_rate,
                       lr_scaled_by_processes=self.cfg.distributed.scale_lr,
                       trainable_params=sum(p.numel() for p in self.params),
+                      # what an epoch draws over all ranks: repeats in, dropped buckets and
+                      # each bucket's partial batch out
+                      samples_per_epoch=self.sampler.num_batches_per_epoch()
+                      * c.train.batch_size * self.topology.world,
                       dropped_buckets=[f"{w}x{h}: {n}" for (w, h), n in self.sampler.dropped_buckets()])
         progress = Progress("train", self.total_steps - self.state.step)
         window_start, window_samples = time.perf_counter(), 0
