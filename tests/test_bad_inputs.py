@@ -293,8 +293,8 @@ def _check_no_output_to_mistake(case: dict[str, Any], root: Path, message: str) 
     if case["stage"] == "load":
         # Empty folders may be left: the output and cache folders are made while they are
         # proved writable.
-        left = sorted(p.name for p in root.iterdir()
-                      if p.name in INPUTS or not p.is_dir() or any(q.is_file() for q in p.rglob("*")))
+        left = sorted(p.name for p in root.iterdir() if p.name in INPUTS or not p.is_dir()
+                      or any(q.is_file() for q in p.rglob("*")))
         assert set(left) <= INPUTS, f"a refused job file left {left} (torch imported: " \
                                     f"{TORCH_IMPORTED in left})"
         return

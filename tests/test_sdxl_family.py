@@ -236,9 +236,9 @@ def test_merged_export_equals_the_stock_pipeline_with_the_lora(trained, tmp_path
     family.export_merged(tmp_path / "final", tmp_path / "merged")
 
     def image(pipeline: StableDiffusionXLPipeline) -> np.ndarray:
-        return np.asarray(pipeline("a red circle", width=64, height=64, guidance_scale=5.0,
-                                   num_inference_steps=3,
-                                   generator=torch.Generator().manual_seed(7)).images[0]).astype(int)
+        out = pipeline("a red circle", width=64, height=64, guidance_scale=5.0,
+                       num_inference_steps=3, generator=torch.Generator().manual_seed(7))
+        return np.asarray(out.images[0]).astype(int)
 
     merged = StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "merged"))
     merged.set_progress_bar_config(disable=True)
