@@ -121,8 +121,9 @@ def describe_errors(err: ValidationError, text: str, name: str,
     """One line per problem: where it was written (file:line, or the --set that wrote it),
     key path, value, what was expected, a suggestion."""
     source = f"{name} with its --set values" if overridden else name
-    lines = [f"{source}: {err.error_count()} problem(s) in the job file:"]
-    for item in err.errors():
+    items = _one_per_key(err.errors())
+    lines = [f"{source}: {len(items)} problem(s) in the job file:"]
+    for item in items:
         loc = item["loc"]
         line = line_of(text, loc)
         # Written by a --set: the error is at or under the location it set, or above it and
@@ -137,6 +138,34 @@ def describe_errors(err: ValidationError, text: str, name: str,
         msg = f"  {where}: {key_path(loc)}{shown}: {explain(item)}"
         lines.append(msg + suggestion(item, loc))
     return "\n".join(lines)
+
+
+def _one_per_key(errors: list[dict]) -> list[dict]:
+    """pydantic reports a value that fits no member of a union once per member, at the key's
+    location plus the member's name (`compile_blocks.bool`, `compile_blocks.literal['auto']`);
+    these become one problem at the key, its messages joined with "or"."""
+    merged: list[dict] = []
+    for item in errors:
+        loc = item["loc"]
+        if not _is_union_member(loc):
+            merged.append(item)
+            continue
+        key = loc[:-1]
+        if merged and merged[-1]["loc"] == key and merged[-1].get("union"):
+            merged[-1]["msg"] += f"; or {explain(item)}"
+        else:
+            merged.append({**item, "loc": key, "msg": explain(item), "type": "union",
+                           "union": True})
+    return merged
+
+
+def _is_union_member(loc: tuple) -> bool:
+    """Whether `loc` ends in a union member's name below a key (not a key or a list index)."""
+    if len(loc) < 2 or not isinstance(loc[-1], str) or isinstance(loc[-2], int):
+        return False
+    table = table_model(loc[:-2])
+    return table is not None and str(loc[-2]) in table.model_fields \
+        and table_model(loc[:-1]) is None
 
 
 def explain(item: dict) -> str:

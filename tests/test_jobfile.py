@@ -79,6 +79,10 @@ def test_quoted_number_is_told_to_drop_the_quotes() -> None:
                                                                 f"max_train_steps = {text}"))
     message = error_of(MINIMAL + '\n[speedups]\ncompile_blocks = "true"\n')
     assert "write it without quotes: true" in message
+    # A bool-or-"auto" key: one problem at the key's line, both readings joined.
+    assert "1 problem(s)" in message and "job.toml:17: speedups.compile_blocks = 'true': " \
+        "Input should be a valid boolean; write it without quotes: true; or Input should " \
+        "be 'auto'" in message
 
 
 def test_misspelt_table_names_its_header_line_not_its_contents() -> None:
