@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             for index, ds in enumerate(cfg.datasets):
                 if ds.cache_dir_vae and not ds.disabled:
                     ensure_writable(Path(ds.cache_dir_vae), f"datasets[{index}].cache_dir_vae")
+            if os.environ.get("RANK", "0") == "0":  # the launcher's rank; one line per job
+                # Said before torch loads, which can take a minute on a cold start.
+                log.info("job_started", command=args.command, job=args.job, name=cfg.job.name,
+                         family=cfg.model.family, flavour=cfg.model.flavour,
+                         output=cfg.output_path(), tunejob=__version__)
         if args.command == "cache":
             return _cache_only(cfg)
         if args.command == "export":

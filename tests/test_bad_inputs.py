@@ -283,10 +283,11 @@ def test_bad_input(case: dict[str, Any], outcomes: dict[str, Outcome]) -> None:
     assert "fix: " in message and message.split("fix: ", 1)[1].strip(), message
     for name in case["names"]:
         assert name in message, f"message does not name {name!r}:\n{message}"
-    _check_no_output_to_mistake(case, got.root, message)
+    _check_no_output_to_mistake(case, got.root, message, got.stderr)
 
 
-def _check_no_output_to_mistake(case: dict[str, Any], root: Path, message: str) -> None:
+def _check_no_output_to_mistake(case: dict[str, Any], root: Path, message: str,
+                                got_stderr: str) -> None:
     """Refused at load: nothing written, torch never imported. Failed in the run: a failed
     summary.json with the message the user read, and no checkpoint, validation image or
     final weights."""
@@ -298,6 +299,9 @@ def _check_no_output_to_mistake(case: dict[str, Any], root: Path, message: str) 
         assert set(left) <= INPUTS, f"a refused job file left {left} (torch imported: " \
                                     f"{TORCH_IMPORTED in left})"
         return
+    # The run said it started (before torch loaded) and where it writes.
+    started = [e for e in events(got_stderr) if e.get("event") == "job_started"]
+    assert len(started) == 1 and started[0]["output"] == str(root / "output" / "smoke")
     jobs = sorted((root / "output").iterdir())
     assert [p.name for p in jobs] == ["smoke"], jobs
     made = {p.name for p in jobs[0].iterdir()}
