@@ -151,11 +151,10 @@ def _one_per_key(errors: list[dict]) -> list[dict]:
             merged.append(item)
             continue
         key = loc[:-1]
-        if merged and merged[-1]["loc"] == key and merged[-1].get("union"):
+        if merged and merged[-1]["loc"] == key and merged[-1]["type"] == "union":
             merged[-1]["msg"] += f"; or {explain(item)}"
         else:
-            merged.append({**item, "loc": key, "msg": explain(item), "type": "union",
-                           "union": True})
+            merged.append({**item, "loc": key, "msg": explain(item), "type": "union"})
     return merged
 
 
@@ -256,20 +255,20 @@ def line_of(text: str, loc: tuple) -> int | None:
     keys = [p for p in loc if not isinstance(p, int)]
     index = next((p for p in loc if isinstance(p, int)), None)
     table, key = (".".join(map(str, keys[:-1])), str(keys[-1])) if keys else ("", "")
-    current, counts, table_line = "", {}, None
+    whole = ".".join(map(str, keys))  # the location itself, when it is a table
+    current, counts, table_line, entry = "", {}, None, index is None
     for number, line in enumerate(text.splitlines(), 1):
         header = _HEADER.match(line)
         if header:
             current = header.group(2)
             if header.group(1):
                 counts[current] = counts.get(current, -1) + 1
-            if current == ".".join(map(str, keys)) and (
-                    index is None or counts.get(current) == index):  # the location is this table
+            entry = index is None or counts.get(current) == index  # the [[...]] entry asked
+            if entry and current == whole:
                 return number
-            if current == table and (index is None or counts.get(current) == index):
+            if entry and current == table:
                 table_line = number
             continue
-        in_table = current == table and (index is None or counts.get(current) == index)
-        if in_table and re.match(rf"^\s*{re.escape(key)}\s*=", line):
+        if entry and current == table and re.match(rf"^\s*{re.escape(key)}\s*=", line):
             return number
     return table_line

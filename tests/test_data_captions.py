@@ -94,25 +94,14 @@ def test_symlinked_image_reads_the_caption_beside_the_link(tmp_path: Path) -> No
 
 def test_nothing_usable_gives_only_the_fixes_for_the_reasons_seen(tmp_path: Path) -> None:
     from job.data.prepare import _nothing_usable
-    from job.jobfile import load_job
+    from helpers import tiny_job_config
 
-    cfg, _ = load_job("job.toml", text=f"""
-[job]
-name = "t"
-[model]
-family = "sdxl"
-flavour = "tiny"
-[train]
-max_train_steps = 1
-[[datasets]]
-id = "d"
-instance_data_dir = "{tmp_path}"
-""")
+    cfg = tiny_job_config(tmp_path)  # one dataset, id "tiny"
     # A caption file "missing, empty or unreadable" is a caption problem, not an image one.
-    captions = _nothing_usable(cfg, [("d/a.png", "no caption: a.txt is missing, empty or "
-                                                  "unreadable")])
+    captions = _nothing_usable(cfg, [("tiny/a.png", "no caption: a.txt is missing, empty or "
+                                                     "unreadable")])
     assert "caption_strategy" in captions.hint and "unreadable image" not in captions.hint
-    images = _nothing_usable(cfg, [("d/b.png", "unreadable: empty file"),
-                                   ("d/c.png", "too small (8x8) for minimum_image_size")])
+    images = _nothing_usable(cfg, [("tiny/b.png", "unreadable: empty file"),
+                                   ("tiny/c.png", "too small (8x8) for minimum_image_size")])
     assert "unreadable image files" in images.hint and "minimum_image_size" in images.hint
     assert "caption" not in images.hint
