@@ -25,16 +25,40 @@ else:  # pragma: no cover - python 3.10
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+def _read_job_file(path: Path) -> str:
+    """The job file's text, or a ConfigError saying why it cannot be read and what to pass."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"job file {path} does not exist",
+                          "pass the path of a .toml job file (see jobs/)") from None
+    except IsADirectoryError:
+        if (path / "job.resolved.toml").is_file():  # a run's output folder
+            raise ConfigError(f"job file {path} is a folder: a run's output folder",
+                              f"pass {path / 'job.resolved.toml'} (the job that run used) or "
+                              "the job file it was started with") from None
+        tomls = sorted(str(p) for p in path.glob("*.toml"))
+        listed = ", ".join(tomls[:8]) + (", ..." if len(tomls) > 8 else "")
+        raise ConfigError(f"job file {path} is a folder",
+                          f"pass one of the job files in it: {listed}" if tomls else
+                          "pass the path of a .toml job file (see jobs/)") from None
+    except PermissionError:
+        raise ConfigError(f"job file {path} cannot be read: permission denied",
+                          f"make it readable by this user (uid {os.getuid()}), e.g. "
+                          f"chmod a+r {path}") from None
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[:err.start].count(b"\n") + 1
+        raise ConfigError(f"job file {path} is not UTF-8 text (line {line}, byte "
+                          f"0x{err.object[err.start]:02x})",
+                          "save it as UTF-8, as TOML requires") from None
+
+
 def load_job(path: str | Path, overrides: list[str] = (),
              text: str | None = None) -> tuple[JobConfig, list[str]]:
     """Parse, override, interpolate and validate a job file; returns (config, warnings)."""
     name = str(path)
     if text is None:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"job file {name} does not exist",
-                              "pass the path of a .toml job file (see jobs/)") from None
+        text = _read_job_file(Path(path))
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:

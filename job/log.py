@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
@@ -84,7 +85,15 @@ def quiet_libraries() -> None:
     # pytree constants, and torch logs a deprecation line for each in free text.
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
+    job_source = str(Path(__file__).resolve().parent)
+
     def show(message, category, filename, lineno, file=None, line=None) -> None:
+        # A SyntaxWarning is said while a module's source is compiled (a package installed
+        # without bytecode, such as torchao's `'\\.'` escapes): about a library's source,
+        # nothing the job's user can act on. The job's own are kept (and tests/test_log.py
+        # compiles job/ with SyntaxWarnings as errors).
+        if issubclass(category, SyntaxWarning) and not str(filename).startswith(job_source):
+            return
         get_logger().warning("python_warning", category=category.__name__,
                              message=str(message), where=f"{filename}:{lineno}")
 

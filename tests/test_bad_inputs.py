@@ -44,7 +44,7 @@ DATASET = "datasets/smoke-shapes"  # smoke.toml's instance_data_dir under TUNEJO
 TIMEOUT_S = 300
 WORKERS = 2
 # What a stage "load" case may leave in its folder: its own inputs, nothing written by the job.
-INPUTS = {"job.toml", "datasets", "weights"}
+INPUTS = {"job.toml", "datasets", "weights", "earlier-run"}
 TORCH_IMPORTED = "torch-was-imported"
 POISONED_TORCH = f'''"""Stands in for torch while a job file is read: importing it is a bug."""
 from pathlib import Path
@@ -186,6 +186,13 @@ def run_case(case: dict[str, Any], root: Path, models_dir: Path, no_torch: Path)
         LAYOUTS[case["layout"]](folder)
     if case.get("job_file") == "missing":
         job_path = root / "no-such-job.toml"
+    elif case.get("job_file") == "run-folder":
+        job_path = root / "earlier-run"
+        job_path.mkdir()
+        (job_path / "job.resolved.toml").write_text(job_text(case, models_dir))
+    elif case.get("job_file") == "latin-1":
+        first, rest = job_path.read_text().split("\n", 1)
+        job_path.write_bytes(f"{first}\n# r\u00e9glages du smoke\n{rest}".encode("latin-1"))
     argv = [sys.executable, "-m", "job", "run", str(job_path)]
     for item in case.get("set", []):
         argv += ["--set", item]

@@ -203,3 +203,18 @@ def test_version_flag_prints_the_package_version() -> None:
     done = subprocess.run([sys.executable, "-m", "job", "--version"], cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == f"tunejob {__version__}"
+
+
+def test_a_folder_of_job_files_is_refused_with_its_files_listed(tmp_path: Path) -> None:
+    (tmp_path / "b.toml").write_text("")
+    (tmp_path / "a.toml").write_text("")
+    with pytest.raises(ConfigError) as err:
+        load_job(tmp_path)
+    assert err.value.message == f"job file {tmp_path} is a folder"
+    assert err.value.hint == (f"pass one of the job files in it: {tmp_path / 'a.toml'}, "
+                              f"{tmp_path / 'b.toml'}")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="is a folder") as err:
+        load_job(empty)
+    assert err.value.hint == "pass the path of a .toml job file (see jobs/)"

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
+from pathlib import Path
 
-from job.log import Progress, get_logger, setup_logging
+import pytest
+
+import job
+from job.log import Progress, get_logger, quiet_libraries, setup_logging
 
 
 class Terminal(io.StringIO):
@@ -59,3 +64,28 @@ def test_a_pipe_gets_plain_json_lines(restore_logging) -> None:
     setup_logging(stream=pipe, json_lines=True)
     get_logger().info("step", step=1)
     assert json.loads(pipe.getvalue())["event"] == "step"
+
+
+def test_python_warnings_become_events_but_a_librarys_syntax_warnings_are_dropped(
+        restore_logging, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # put back after
+    pipe = io.StringIO()
+    setup_logging(stream=pipe, json_lines=True)
+    quiet_libraries()
+    ours = str(Path(job.__file__).parent / "run.py")
+    library = "/site-packages/torchao/quantization/quant_api.py"
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.warn_explicit("invalid escape sequence '\\.'", SyntaxWarning, library, 9)
+        warnings.warn_explicit("invalid escape sequence '\\d'", SyntaxWarning, ours, 5)
+        warnings.warn_explicit("torch_dtype is deprecated", FutureWarning, library, 7)
+    said = [json.loads(line) for line in pipe.getvalue().splitlines()]
+    assert [(e["category"], e["where"]) for e in said] == [
+        ("SyntaxWarning", f"{ours}:5"), ("FutureWarning", f"{library}:7")]
+
+
+def test_the_jobs_own_source_compiles_without_syntax_warnings() -> None:
+    for path in sorted(Path(job.__file__).parent.rglob("*.py")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", SyntaxWarning)
+            compile(path.read_text(encoding="utf-8"), str(path), "exec")
