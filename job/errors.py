@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
+import socket
 import tempfile
+import uuid
 from pathlib import Path
 
 EXIT_SUCCEEDED = 0
@@ -81,3 +85,50 @@ def ensure_writable(folder: Path, key: str) -> Path:
                           f"--user, the host folder must belong to that user) or point {key} "
                           f"at a writable folder") from None
     return folder
+
+
+def unique_suffix() -> str:
+    """HOST-PID-RANDOM, for temp names unique across processes and hosts: ranks on other hosts
+    (own PID namespaces) share the output and cache volumes, so a PID alone can repeat."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def temp_name(path: Path) -> Path:
+    """A hidden sibling of `path` to write before the rename that publishes it."""
+    return path.with_name(f".{path.name}.tmp-{unique_suffix()}")
+
+
+# Below this much free space a failed write is taken as a full disk, whatever the writer
+# raised: safetensors raises SafetensorError, torch.save a RuntimeError ("unexpected pos"),
+# torch.distributed.checkpoint a CheckpointException, none of them an OSError(ENOSPC).
+NEARLY_FULL_BYTES = 64 * 2**20
+
+
+def disk_was_full(err: BaseException, folder: Path | None = None) -> bool:
+    """Whether a failed write ran out of space: ENOSPC (or its text) anywhere in the error's
+    chain or inside a sharded checkpoint's per-rank failures, or, for any error, less than
+    NEARLY_FULL_BYTES free where it was writing (call this before removing partial files).
+    A signal's or a lost peer's exception is never a full disk."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(e) or "os error 28" in str(e):
+            return True
+        failures = getattr(e, "failures", None)  # DCP's CheckpointException: rank -> (err, tb)
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        todo += [e.__cause__, e.__context__]
+    if folder is None or isinstance(err, (JobError, KeyboardInterrupt, SystemExit)):
+        return False
+    try:
+        while not folder.exists():
+            folder = folder.parent
+        return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -9,18 +10,39 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from job.errors import temp_name
+from job.log import get_logger
+
 SUMMARY_SCHEMA = Path(__file__).resolve().parent / "schemas" / "summary.schema.json"
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to a uniquely named temp file, fsync, rename: readers never see a half
+    file, and a failed write (a full volume) leaves no temp file behind."""
+    tmp = temp_name(path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON to a temp file, fsync, rename: readers never see a half file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(data, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """JSON through write_text_atomic."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def retire_summary(out: Path) -> None:
+    """Rename the previous attempt's summary.json to summary.previous.json when a run starts:
+    until this run ends, summary.json must not say how an earlier one ended."""
+    try:
+        os.replace(out / "summary.json", out / "summary.previous.json")
+    except FileNotFoundError:
+        pass
 
 
 class MetricsWriter:
@@ -28,14 +50,50 @@ class MetricsWriter:
 
     def __init__(self, path: Path, enabled: bool = True) -> None:
         self.path, self.enabled = path, enabled
+        if enabled:
+            _drop_torn_row(path)
 
     def write(self, event: str, **fields: Any) -> None:
-        """Append a row (flushed at once, so a kill loses at most this row)."""
+        """Append a row in one write (a kill loses at most this row); a failed write (a full
+        volume) is cut back off, so the file never holds half a row."""
         if not self.enabled:
             return
         row = {"event": event, "time": round(time.time(), 3), **fields}
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row, sort_keys=True) + "\n")
+        data = (json.dumps(row, sort_keys=True) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                if os.write(fd, data) != len(data):
+                    raise OSError(errno.ENOSPC, "No space left on device (a short write)")
+            except OSError:
+                os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
+
+
+def _drop_torn_row(path: Path) -> None:
+    """Cut a row left half-written by a kill (no closing newline) off the end of the file, so
+    that the next row starts a line of its own."""
+    try:
+        with open(path, "rb+") as fh:
+            size = fh.seek(0, os.SEEK_END)
+            if size == 0:
+                return
+            fh.seek(max(0, size - 1))
+            if fh.read(1) == b"\n":
+                return
+            start = max(0, size - (1 << 20))
+            fh.seek(start)
+            tail = fh.read()
+            cut = start + tail.rfind(b"\n") + 1 if b"\n" in tail else start  # rows are small
+            fh.truncate(cut)
+    except FileNotFoundError:
+        return
+    get_logger().warning("metrics_row_dropped", path=str(path), bytes=size - cut,
+                         reason="the last row was cut short (the process was killed while "
+                                "writing it)")
 
 
 @dataclass

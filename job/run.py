@@ -16,9 +16,11 @@ import torch
 
 from job.config import JobConfig
 from job.distill import build_objective, with_method_defaults
-from job.errors import EXIT_PREEMPTED, ConfigError, JobError, PeerLost, Preempted, ensure_writable
+from job.errors import (EXIT_PREEMPTED, ConfigError, DiskFullError, JobError, PeerLost, Preempted,
+                        disk_was_full, ensure_writable)
 from job.log import get_logger, quiet_libraries, set_log_rank
-from job.metrics import MetricsWriter, Summary, versions, write_json_atomic
+from job.metrics import (MetricsWriter, Summary, retire_summary, versions, write_json_atomic,
+                         write_text_atomic)
 from job.model_card import write_model_card
 from job.models.registry import family_class, spec_for
 from job.signals import StopSignal
@@ -58,9 +60,8 @@ def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
     out = ensure_writable(Path(cfg.output_path()), "job.output_dir")
     # Rank 0 writes the shared outputs; the launcher (accelerate, torchrun) sets RANK.
     main = launched_rank() == 0
-    if main:
-        (out / "job.resolved.toml").write_text(dumps(cfg.model_dump(mode="json")),
-                                               encoding="utf-8")
+    if main:  # the last attempt's summary would read as this run's until this one ends
+        retire_summary(out)
     metrics = MetricsWriter(out / "metrics.jsonl", enabled=main)
     spec = spec_for(cfg.model.family)
     summary = Summary(cfg.job.name, spec.name, cfg.model.flavour or spec.default_flavour,
@@ -68,24 +69,22 @@ def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
     for note in warnings:
         log.warning("setting_note", note=note)
     phases, stop = Phases(), StopSignal(cfg.job.preemption_grace_s).install()
-    metrics.write("start", job=cfg.job.name, family=spec.name, versions=summary.versions)
     live, failure = LiveRun(), None
     try:
+        if main:  # inside the try: a full volume here still ends with a summary and its code
+            write_text_atomic(out / "job.resolved.toml", dumps(cfg.model_dump(mode="json")))
+        metrics.write("start", job=cfg.job.name, family=spec.name, versions=summary.versions)
         _run(cfg, out, metrics, phases, stop, summary, live)
         summary.status, summary.exit_code = "succeeded", 0
     except Preempted as err:
         _on_preempted(live.trainer, stop, summary, err)
     except JobError as err:
-        failure = err
-        summary.exit_code = err.exit_code
-        summary.error = {"type": type(err).__name__, "message": err.message, "hint": err.hint}
-        log.error("job_failed", error=err.message, hint=err.hint, exit_code=err.exit_code)
+        failure = _failed(summary, err)
     except Exception as err:  # noqa: BLE001 - anything else is exit 1, retried by the scheduler
-        summary.exit_code = 1
-        summary.error = {"type": type(err).__name__, "message": str(err),
-                         "hint": "see the traceback in the log; a retry may succeed if this "
-                                 "was out of memory or a driver fault"}
-        log.error("job_crashed", error=str(err), traceback=traceback.format_exc())
+        if disk_was_full(err, out):  # whatever the writer raised (safetensors, torch.save)
+            failure = _failed(summary, volume_full(err, out))
+        else:
+            _crashed(summary, err)
     finally:
         stop.uninstall()
     _finish_summary(summary, live.trainer, phases, out, metrics, main)
@@ -94,6 +93,34 @@ def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
         # and the fix, readable after the JSON log lines.
         print(f"tunejob: {failure}", file=sys.stderr, flush=True)
     return summary.exit_code
+
+
+def _failed(summary: Summary, err: JobError) -> JobError:
+    """A failure the job explains: its code, message and fix in the summary and the log."""
+    summary.exit_code = err.exit_code
+    summary.error = {"type": type(err).__name__, "message": err.message, "hint": err.hint}
+    get_logger().error("job_failed", error=err.message, hint=err.hint, exit_code=err.exit_code)
+    return err
+
+
+def volume_full(err: BaseException, out: Path) -> DiskFullError:
+    """A write that failed on a full volume (outside a checkpoint, which says more)."""
+    free = shutil.disk_usage(out).free
+    return DiskFullError(
+        f"the output volume is full ({free / 2**20:.1f} MiB free under {out}): "
+        f"{type(err).__name__}: {err}",
+        "free space on the volume (or lower checkpoint.total_limit, or point cache.dir or "
+        "job.output_dir at a larger one) and run the job again: it resumes from the last "
+        "complete checkpoint")
+
+
+def _crashed(summary: Summary, err: Exception) -> None:
+    """Anything else: exit 1, which a scheduler retries a bounded number of times."""
+    summary.exit_code = 1
+    summary.error = {"type": type(err).__name__, "message": str(err),
+                     "hint": "see the traceback in the log; a retry may succeed if this "
+                             "was out of memory or a driver fault"}
+    get_logger().error("job_crashed", error=str(err), traceback=traceback.format_exc())
 
 
 class LiveRun:
@@ -369,9 +396,15 @@ def _finish_summary(summary: Summary, trainer, phases: Phases, out: Path,
 
         setup = trainer.setup_peak_gib if trainer is not None else None
         summary.peak_gpu_memory_gib = max(gpu_peak_gib(), setup or 0.0)
-    metrics.write("end", status=summary.status, exit_code=summary.exit_code)
+    try:
+        metrics.write("end", status=summary.status, exit_code=summary.exit_code)
+        if main:
+            write_json_atomic(out / "summary.json", summary.to_dict())
+    except OSError as err:  # a full volume: the exit code and the log still say how it ended
+        get_logger().error("summary_not_written", path=str(out / "summary.json"),
+                           error=f"{type(err).__name__}: {err}", exit_code=summary.exit_code)
+        return
     if main:
-        write_json_atomic(out / "summary.json", summary.to_dict())
         # The log's last word on the run, so `kubectl logs --tail 1` or a template's console
         # says how it ended and where to look without opening the volume.
         get_logger().info("job_finished", status=summary.status, exit_code=summary.exit_code,

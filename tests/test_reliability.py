@@ -174,6 +174,31 @@ def test_full_disk_while_checkpointing_keeps_the_previous_one(tmp_path: Path, mo
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
 
+def test_a_volume_full_before_training_still_ends_with_a_summary(
+        tmp_path: Path, models_dir: Path, monkeypatch) -> None:
+    """The first writes (job.resolved.toml) hit a full volume: a DiskFullError in summary.json
+    with the fix, not a traceback; the last attempt's summary is retired, not left to read
+    as this run's."""
+    import job.run
+
+    def full(path, text):
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: "
+                           "StorageFull, message: \"No space left on device\" })")
+
+    monkeypatch.setattr(job.run, "write_text_atomic", full)
+    cfg = load_job(SMOKE, settings(tmp_path, models_dir))[0]
+    out = Path(cfg.output_path())
+    out.mkdir(parents=True)
+    (out / "summary.json").write_text('{"status": "succeeded"}')
+    assert run_job(cfg) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    validate_summary(summary)
+    assert summary["error"]["type"] == "DiskFullError"
+    assert "the output volume is full" in summary["error"]["message"]
+    assert "free space on the volume" in summary["error"]["hint"]
+    assert json.loads((out / "summary.previous.json").read_text()) == {"status": "succeeded"}
+
+
 def test_too_little_space_for_one_checkpoint_refuses_to_start(tmp_path: Path, models_dir: Path,
                                                               monkeypatch) -> None:
     from job.train.loop import Trainer
@@ -203,6 +228,29 @@ def test_another_jobs_checkpoints_are_refused_unless_named(tmp_path: Path,
                                      'job.name="other"',
                                      f"checkpoint.resume_from={json.dumps(str(step2))}"))[0]
     assert run_job(named) == 0
+
+
+def test_resuming_an_earlier_checkpoint_sets_the_later_ones_aside(tmp_path: Path,
+                                                                  models_dir: Path) -> None:
+    """Resumed by path from step 4 while step 6 of the first attempt exists: the new line's
+    step 5 must survive total_limit = 1 (before, the highest step was kept and the new one
+    pruned at once) and the old step 6 is kept aside, never resumed."""
+    first = load_job(SMOKE, settings(tmp_path, models_dir, "train.max_train_steps=6",
+                                     "checkpoint.step_interval=2", "checkpoint.total_limit=2"))[0]
+    assert run_job(first) == 0
+    checkpoints = Path(first.output_path()) / "checkpoints"
+    assert [c.step for c in CheckpointManager(checkpoints).complete()] == [4, 6]
+    again = load_job(SMOKE, settings(
+        tmp_path, models_dir, "train.max_train_steps=5", "checkpoint.step_interval=2",
+        "checkpoint.total_limit=1",
+        f"checkpoint.resume_from={json.dumps(str(checkpoints / 'step-000004'))}"))[0]
+    assert run_job(again) == 0
+    assert [c.step for c in CheckpointManager(checkpoints).complete()] == [5]
+    [aside] = checkpoints.glob("superseded-*/step-000006")
+    assert CheckpointManager(aside.parent).problem(aside) is None  # whole, kept
+    summary = json.loads((Path(again.output_path()) / "summary.json").read_text())
+    assert summary["steps_done"] == 5
+    assert summary["checkpoints"] == [str(checkpoints / "step-000005")]
 
 
 def test_two_jobs_filling_one_cache_at_once(tmp_path: Path, models_dir: Path) -> None:

@@ -8,25 +8,34 @@ A sharded model's checkpoint is written by every rank into one temp folder
 (`save_together`): rank 0 names it, every rank writes its part, and rank 0 adds the manifest
 and renames only once every rank has finished. The output folder must then be one shared
 filesystem for all ranks (as the caches already need).
+
+Only the checkpoints of the run's own line count: when a run starts at step S (resumed
+from step S, or fresh at 0) any checkpoint of a later step in its folder is from an
+abandoned attempt, and is moved into `checkpoints/superseded-<time>/` (kept, never resumed
+or pruned), so neither "latest" nor total_limit can pick it over the new ones.
 """
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from job.errors import DiskFullError, PeerLost
+from job.errors import DiskFullError, PeerLost, disk_was_full, unique_suffix
 from job.log import get_logger
 from job.train import distributed
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
+# A checkpoint being replaced by a new copy of the same step, renamed aside until the new
+# one is in place (restored if the process died in between).
+_REPLACED = re.compile(r"^\.replaced-(step-\d{6,})-[0-9a-f]+$")
 MANIFEST = "manifest.json"
 
 
@@ -70,8 +79,9 @@ class CheckpointManager:
             write_files(tmp)
             self._complete(tmp, step, job_identity or {})
         except BaseException as err:
+            full = disk_was_full(err, self.root)  # before the partial files are removed
             shutil.rmtree(tmp, ignore_errors=True)
-            if _disk_was_full(err):
+            if full:
                 raise self._disk_full(step, expected_bytes) from None
             raise
         self.prune()
@@ -98,9 +108,10 @@ class CheckpointManager:
                 if main:
                     self.prune()
                 return Checkpoint(step, self._final(step))
+        full = error is not None and disk_was_full(error, self.root)
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
-        if error is not None and _disk_was_full(error):
+        if full:
             raise self._disk_full(step, expected_bytes) from None
         if error is not None:
             raise _as_exception(error)
@@ -111,21 +122,62 @@ class CheckpointManager:
         return self.root / f"step-{step:06d}"
 
     def _new_tmp(self, step: int) -> Path:
-        """An empty temp folder for `step`, named after this process."""
+        """An empty temp folder for `step`, named uniquely (host, process, random)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f".tmp-step-{step:06d}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = self.root / f".tmp-step-{step:06d}-{unique_suffix()}"
         tmp.mkdir()
         return tmp
 
     def _complete(self, tmp: Path, step: int, identity: dict) -> None:
-        """Manifest last, then the rename that makes the checkpoint visible."""
+        """Manifest last, then the rename that makes the checkpoint visible. A checkpoint of
+        the same step already there is renamed aside first and removed only once the new one
+        is in place: a kill in between leaves it to be restored (_recover_replaced)."""
         self._write_manifest(tmp, step, identity)
         final = self._final(step)
+        aside = None
         if final.exists():
-            shutil.rmtree(final)
+            aside = self.root / f".replaced-{final.name}-{uuid.uuid4().hex[:8]}"
+            os.replace(final, aside)
         os.replace(tmp, final)
         _fsync_dir(self.root)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+
+    def _recover_replaced(self) -> None:
+        """Put back a checkpoint renamed aside by a _complete that died before its
+        replacement was in place; drop it where the replacement made it."""
+        for aside in self.root.glob(".replaced-step-*"):
+            match = _REPLACED.match(aside.name)
+            if not match:
+                continue
+            final = self.root / match.group(1)
+            if final.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.replace(aside, final)
+                self.log.warning("checkpoint_restored", path=str(final),
+                                 reason="a replacement of it was interrupted")
+
+    def set_aside_later_than(self, step: int) -> list[Path]:
+        """Move every checkpoint of a step after `step` (an abandoned attempt's: this run
+        starts at `step`) into checkpoints/superseded-<time>/, where neither resume nor
+        prune looks; returns where they went. Main rank only."""
+        later = [p for p in self._step_dirs() if int(_STEP_DIR.match(p.name).group(1)) > step]
+        if not later:
+            return []
+        folder = self.root / time.strftime("superseded-%Y%m%dT%H%M%SZ", time.gmtime())
+        folder.mkdir(exist_ok=True)
+        moved = []
+        for path in later:
+            os.replace(path, folder / path.name)
+            moved.append(folder / path.name)
+        _fsync_dir(self.root)
+        self.log.warning("checkpoints_superseded", start_step=step,
+                         moved=[str(p) for p in moved],
+                         reason="checkpoints of later steps than this run starts from, from "
+                                "an earlier attempt; kept, never resumed or pruned "
+                                "(delete the folder to free the space)")
+        return moved
 
     def _disk_full(self, step: int, expected_bytes: int) -> DiskFullError:
         """How much was needed, how much is free, and what is still safe."""
@@ -206,10 +258,10 @@ class CheckpointManager:
         return manifest.get("job", {})
 
     def prune(self) -> None:
-        """Delete the oldest complete checkpoints beyond total_limit, and stale temp dirs."""
+        """Delete the oldest complete checkpoints beyond total_limit, and the temp folders of
+        writes that never finished (called after a save, when none is in flight)."""
         for stale in self.root.glob(".tmp-step-*"):
-            if not stale.name.endswith(f"-{os.getpid()}"):
-                shutil.rmtree(stale, ignore_errors=True)
+            shutil.rmtree(stale, ignore_errors=True)
         if not self.total_limit:
             return
         steps = [p for p in self._step_dirs() if (p / MANIFEST).is_file()]
@@ -220,6 +272,7 @@ class CheckpointManager:
     def _step_dirs(self) -> list[Path]:
         if not self.root.is_dir():
             return []
+        self._recover_replaced()
         dirs = [p for p in self.root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
         return sorted(dirs, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
@@ -234,14 +287,6 @@ def _attempt(write: Callable[[Path], None], folder: Path) -> BaseException | Non
     except BaseException as err:  # noqa: BLE001 - reported to the other ranks, then raised
         return err
     return None
-
-
-def _disk_was_full(err: BaseException) -> bool:
-    """ENOSPC, raised directly or by any rank inside torch.distributed.checkpoint."""
-    failures = getattr(err, "failures", None)  # DCP's CheckpointException: rank -> (error, tb)
-    if isinstance(failures, dict):
-        return any(_disk_was_full(wrapped[0]) for wrapped in failures.values())
-    return isinstance(err, OSError) and err.errno == errno.ENOSPC
 
 
 def _as_exception(err: BaseException) -> BaseException:

@@ -118,7 +118,15 @@ class CheckpointIO:
                 "rng": self.rng.state_dict(), "state": self.state.state_dict()}
 
     def resume(self) -> Checkpoint | None:
-        """Load the checkpoint `checkpoint.resume_from` names, if any."""
+        """Load the checkpoint `checkpoint.resume_from` names, if any; then set aside this
+        folder's checkpoints of later steps (an abandoned attempt's), so that "latest" and
+        total_limit only ever see this run's line."""
+        checkpoint = self._resume()
+        if self.topology.main:
+            self.checkpoints.set_aside_later_than(self.state.step)
+        return checkpoint
+
+    def _resume(self) -> Checkpoint | None:
         target = self.cfg.checkpoint.resume_from
         if target == "none":
             return None
