@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The image's entrypoint. Turns
 #     IMAGE [run] JOB.toml [--set table.key=value ...]
-#     IMAGE validate JOB.toml | IMAGE cache JOB.toml | IMAGE --help
+#     IMAGE validate JOB.toml | IMAGE cache JOB.toml | IMAGE export JOB.toml --merge | IMAGE --help
 # into `python -m job ...`, or `accelerate launch ... -m job run ...` when the job gets
 # several GPUs or machines. Run `IMAGE --help` for the environment variables it reads.
 # README.md "Containers" documents it; tests/test_deploy_entrypoint.py tests it.
@@ -21,6 +21,8 @@ usage() {
 usage: docker run [--gpus all] -v DATA:/data IMAGE [run] JOB.toml [--set table.key=value ...]
        docker run ... IMAGE validate JOB.toml     check the job file only (exit 0 or 2)
        docker run ... IMAGE cache JOB.toml        fill the caches, then stop
+       docker run ... IMAGE export JOB.toml --merge [--dtype bf16] [-o DIR]
+                                                  the final LoRA fused into the base pipeline
        docker run ... IMAGE import simpletuner config.json [...]
 
 JOB.toml is a path in the image (jobs/smoke.toml, jobs/sd3.toml, ...), a path under /data
@@ -187,7 +189,7 @@ supervise() {  # supervise OUTPUT_DIR COMMAND...
 command=run
 case ${1:-} in
     -h | --help | help) usage; exit 0 ;;
-    run | validate | cache) command=$1; shift ;;
+    run | validate | cache | export) command=$1; shift ;;
     import) shift; exec python -m job import "$@" ;;
 esac
 job=""
@@ -210,7 +212,13 @@ fi
 if [[ $job != /* && ! -e $job && -e $DATA/$job ]]; then job=$DATA/$job; fi
 args=()
 if [[ -n ${TUNEJOB_SET:-} ]]; then
-    read -r -d '' -a env_sets <<<"$TUNEJOB_SET" || true
+    # Blanks outside quotes separate the overrides: validation.prompt="a corgi on a beach" is
+    # one (its quotes stay: they make the value a TOML string). An unclosed quote is exit 2.
+    sets_file=$(mktemp)
+    python -c 'import sys; from job.jobfile import print_env_overrides; print_env_overrides(sys.argv[1])' \
+        "$TUNEJOB_SET" > "$sets_file" || { rm -f "$sets_file"; exit 2; }
+    mapfile -d '' -t env_sets < "$sets_file"
+    rm -f "$sets_file"
     for item in "${env_sets[@]}"; do args+=(--set "$item"); done
 fi
 args+=("$@")
@@ -225,7 +233,7 @@ fi
 output=""
 launch=(python -m job "$command" "$job" "${args[@]}")
 several=0
-if [[ $command != validate ]]; then
+if [[ $command != validate && $command != export ]]; then  # export merges on the CPU
     gpus=$(count_gpus)
     check_driver "$gpus"
     facts=()

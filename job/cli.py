@@ -111,7 +111,8 @@ def _export(cfg, merge: bool, adapter: str | None, output: str | None,
 
     import torch
 
-    from job.errors import ConfigError
+    from job.atomic import publish_folder, remove_leftovers, temp_name
+    from job.errors import ConfigError, DiskFullError, disk_was_full
     from job.log import quiet_libraries
     from job.models.registry import family_class
 
@@ -136,12 +137,22 @@ def _export(cfg, merge: bool, adapter: str | None, output: str | None,
     if source.resolve().is_relative_to(target.resolve()):
         raise ConfigError(f"--output {target} holds the LoRA being merged ({source})",
                           "name another folder with -o")
-    scratch = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(scratch, ignore_errors=True)
+    remove_leftovers(target)  # of exports that were killed
+    scratch = temp_name(target)
     weights = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    family.export_merged(source, scratch, weights)  # loads what it needs of the base
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(scratch, target)
+    try:
+        family.export_merged(source, scratch, weights)  # loads what it needs of the base
+        publish_folder(scratch, target)
+    except Exception as err:
+        full = disk_was_full(err, target.parent)  # before the partial pipeline is removed
+        shutil.rmtree(scratch, ignore_errors=True)
+        if full:
+            raise DiskFullError(
+                f"the volume under {target.parent} filled up while the merged pipeline was "
+                f"written ({type(err).__name__}: {err}); nothing was replaced",
+                "free space there (the merged pipeline is about the base model's size at "
+                "--dtype), or write it elsewhere with -o") from None
+        raise
     get_logger().info("exported", form="merged", adapter=str(source), path=str(target),
                       dtype=dtype)
     return 0
@@ -162,7 +173,17 @@ def _cache_only(cfg) -> int:
     family.load()
     # As in a run: quantised text encoders ([speedups]) encode what the fingerprint says.
     apply_speedups(cfg, family)
-    data = prepare_data(cfg, family)
+    try:
+        data = prepare_data(cfg, family)
+    except Exception as err:
+        from job.errors import DiskFullError, disk_was_full
+
+        if not disk_was_full(err, Path(cfg.cache.dir)):
+            raise
+        raise DiskFullError(f"the cache volume filled up ({type(err).__name__}: {err}); the "
+                            "entries written so far are whole and kept",
+                            "free space there or point cache.dir at a larger volume, then run "
+                            "tunejob cache again: it continues where this one stopped") from None
     get_logger().info("cache_filled", encoded_latents=data.encoded["latents"],
                       encoded_captions=data.encoded["captions"], train_samples=len(data.train),
                       eval_samples=len(data.eval))

@@ -5,9 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-import socket
 import tempfile
-import uuid
 from pathlib import Path
 
 EXIT_SUCCEEDED = 0
@@ -85,17 +83,6 @@ def ensure_writable(folder: Path, key: str) -> Path:
                           f"--user, the host folder must belong to that user) or point {key} "
                           f"at a writable folder") from None
     return folder
-
-
-def unique_suffix() -> str:
-    """HOST-PID-RANDOM, for temp names unique across processes and hosts: ranks on other hosts
-    (own PID namespaces) share the output and cache volumes, so a PID alone can repeat."""
-    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def temp_name(path: Path) -> Path:
-    """A hidden sibling of `path` to write before the rename that publishes it."""
-    return path.with_name(f".{path.name}.tmp-{unique_suffix()}")
 
 
 # Below this much free space a failed write is taken as a full disk, whatever the writer

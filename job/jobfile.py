@@ -111,6 +111,45 @@ def apply_override(raw: dict[str, Any], item: str) -> tuple:
     return tuple(loc)
 
 
+def split_env_overrides(text: str) -> list[str]:
+    """TUNEJOB_SET's overrides: blanks outside quotes separate them, so
+    `validation.prompt="a corgi on a beach"` is one (quotes kept: the value is TOML)."""
+    items, current, quote, escaped = [], "", None, False
+    for char in text:
+        if quote:
+            current += char
+            if escaped:
+                escaped = False
+            elif char == "\\" and quote == '"':
+                escaped = True
+            elif char == quote:
+                quote = None
+        elif char.isspace():
+            if current:
+                items.append(current)
+            current = ""
+        else:
+            current += char
+            if char in "\"'":
+                quote = char
+    if quote:
+        raise ConfigError(f"TUNEJOB_SET has an unclosed {quote} in {current!r}",
+                          f"close the quote: TUNEJOB_SET='table.key={quote}a value{quote} "
+                          "other.key=1' (blanks outside quotes separate the overrides)")
+    return items + ([current] if current else [])
+
+
+def print_env_overrides(text: str) -> None:
+    """For entrypoint.sh: TUNEJOB_SET's overrides, each ended by a NUL byte, on stdout; a
+    refusal is the usual two-line message on stderr and exit 2."""
+    try:
+        items = split_env_overrides(text)
+    except ConfigError as err:
+        print(f"tunejob: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
+    sys.stdout.write("".join(item + "\0" for item in items))
+
+
 def interpolate(value: Any, where: tuple) -> Any:
     """Replace ${VAR} and ${VAR:-default} in every string value."""
     if isinstance(value, dict):

@@ -1,4 +1,4 @@
-"""metrics.jsonl rows, summary.json, and the atomic JSON writes both rely on."""
+"""metrics.jsonl rows and summary.json."""
 
 from __future__ import annotations
 
@@ -10,30 +10,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from job.errors import temp_name
 from job.log import get_logger
 
 SUMMARY_SCHEMA = Path(__file__).resolve().parent / "schemas" / "summary.schema.json"
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text to a uniquely named temp file, fsync, rename: readers never see a half
-    file, and a failed write (a full volume) leaves no temp file behind."""
-    tmp = temp_name(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """JSON through write_text_atomic."""
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def retire_summary(out: Path) -> None:

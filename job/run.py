@@ -19,8 +19,9 @@ from job.distill import build_objective, with_method_defaults
 from job.errors import (EXIT_PREEMPTED, ConfigError, DiskFullError, JobError, PeerLost, Preempted,
                         disk_was_full, ensure_writable)
 from job.log import get_logger, quiet_libraries, set_log_rank
-from job.metrics import (MetricsWriter, Summary, retire_summary, versions, write_json_atomic,
-                         write_text_atomic)
+from job.atomic import publish_folder, remove_leftovers, temp_name, write_json_atomic, \
+    write_text_atomic
+from job.metrics import MetricsWriter, Summary, retire_summary, versions
 from job.model_card import write_model_card
 from job.models.registry import family_class, spec_for
 from job.signals import StopSignal
@@ -184,11 +185,18 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
     if agreed_stop():
         raise Preempted("stopped by signal after training; the final checkpoint is written",
                         "the next run resumes at the last step and validates and exports")
-    paths = _export(trainer, family, out / "final")
+    # final/ is written whole under a temp name and swapped in: a kill mid-export leaves the
+    # earlier final/ (or none), never a truncated file or a mix of two exports' shards.
+    final = out / "final"
+    staging = temp_name(final) if trainer.topology.main else final
+    if trainer.topology.main:
+        remove_leftovers(final)
+    paths = _export(trainer, family, staging)
     if not trainer.topology.main:
         return
-    write_model_card(cfg, out / "final", trainer)
-    summary.final_weights = [str(p) for p in paths]
+    write_model_card(cfg, staging, trainer)
+    publish_folder(staging, final)
+    summary.final_weights = [str(final / p.relative_to(staging)) for p in paths]
     summary.images = validator.images
     summary.eval_loss = validator.last_eval_loss
 

@@ -8,6 +8,7 @@ same thing at every step and in every run of the same job.
 from __future__ import annotations
 
 import json
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Callable, Optional
 import torch
 from PIL import Image
 
+from job.atomic import temp_name
 from job.config import JobConfig, validation_sizes
 from job.data.batches import BatchLoader
 from job.data.prepare import PreparedData, Sample
@@ -169,16 +171,27 @@ class Validator:
                     row.append(image)
                     if self.writes:
                         path = folder / f"{_safe(name)}-{width}x{height}{suffix}.png"
-                        image.save(path)
+                        save_png(image, path)
                         paths.append(str(path))
             rows.append(row)
         if not self.writes:
             return []
         grid = folder / "grid.png"
-        make_grid(rows).save(grid)
+        save_png(make_grid(rows), grid)
         paths.append(str(grid))
         self.images.extend(paths)
         return paths
+
+
+def save_png(image, path: Path) -> None:
+    """A PNG under a temp name, renamed into place: a kill never leaves a truncated image."""
+    tmp = temp_name(path)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _by_bucket(samples: list[Sample], size: int) -> list[list[tuple[int, Sample]]]:

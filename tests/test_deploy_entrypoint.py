@@ -206,6 +206,25 @@ def test_overrides_from_the_environment_come_first(bin_dir: Path, tmp_path: Path
                        "--set", "train.seed=2"]
 
 
+def test_an_override_from_the_environment_may_hold_blanks_inside_quotes(
+        bin_dir: Path, tmp_path: Path) -> None:
+    cmd = command(entrypoint(bin_dir, tmp_path, SMOKE, TUNEJOB_SET=(
+        'validation.prompt="a corgi on a beach"  train.seed=3 '
+        "validation.negative_prompt='blurry, low quality'")))
+    assert cmd[5:] == ["--set", 'validation.prompt="a corgi on a beach"', "--set", "train.seed=3",
+                       "--set", "validation.negative_prompt='blurry, low quality'"]
+    done = entrypoint(bin_dir, tmp_path, SMOKE, TUNEJOB_SET='validation.prompt="a corgi')
+    assert done.returncode == 2 and "TUNEJOB_SET" in done.stderr and "unclosed" in done.stderr
+    assert "fix:" in done.stderr and done.stdout == ""
+
+
+def test_export_runs_in_the_image_on_the_cpu(bin_dir: Path, tmp_path: Path) -> None:
+    cmd = command(entrypoint(bin_dir, tmp_path, "export", SMOKE, "--merge", "--dtype", "bf16",
+                             gpus=4, TUNEJOB_SET="train.seed=3"))
+    assert cmd == ["python", "-m", "job", "export", SMOKE, "--set", "train.seed=3", "--merge",
+                   "--dtype", "bf16"]  # no accelerate launch, whatever the GPU count
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes anywhere")
 def test_unwritable_output_is_exit_2(bin_dir: Path, tmp_path: Path) -> None:
     locked = tmp_path / "locked"

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from job.metrics import MetricsWriter, retire_summary, write_json_atomic
+from job.atomic import write_json_atomic
+from job.metrics import MetricsWriter, retire_summary
 
 
 def test_a_row_torn_by_a_kill_is_dropped_when_the_next_run_opens_the_file(tmp_path: Path) -> None:

@@ -53,7 +53,8 @@ def rows(out: Path, event: str) -> list[dict]:
 
 
 def test_run_writes_every_output(tmp_path: Path, models_dir: Path,
-                                 capsys: pytest.CaptureFixture, restore_logging) -> None:
+                                 capsys: pytest.CaptureFixture, restore_logging,
+                                 monkeypatch: pytest.MonkeyPatch) -> None:
     setup_logging(json_lines=True)  # as the CLI sets it up in a container
     cfg = job(tmp_path, models_dir, "train.gradient_accumulation_steps=2")
     assert run_job(cfg) == 0
@@ -97,6 +98,21 @@ def test_run_writes_every_output(tmp_path: Path, models_dir: Path,
         assert main(["export", str(SMOKE), *sets, "--merge", "-o", str(target)]) == 2
     assert (tmp_path / "mine" / "notes.txt").is_file()
     assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
+    # A full volume mid-export: exit 1 with the fix, the earlier export untouched, no scratch.
+    from job.models.registry import family_class
+
+    def fills_the_disk(self, source, folder, dtype):
+        Path(folder).mkdir()
+        (Path(folder) / "model_index.json").write_text("{")
+        raise RuntimeError("Error while serializing: IoError(Os { code: 28, kind: "
+                           "StorageFull, message: \"No space left on device\" })")
+
+    monkeypatch.setattr(family_class("sdxl"), "export_merged", fills_the_disk)
+    assert main(["export", str(SMOKE), *sets, "--merge"]) == 1
+    assert "filled up while the merged pipeline was written" in capsys.readouterr().err
+    unet = load_file(str(out / "final-merged" / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert {t.dtype for t in unet.values()} == {torch.bfloat16}
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
 
 
 def test_second_run_reuses_caches_and_changed_setting_recomputes(

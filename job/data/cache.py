@@ -20,6 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from job.atomic import temp_name, write_text_atomic
 from job.log import get_logger
 
 
@@ -43,9 +44,8 @@ class EntryCache:
         self.dir.mkdir(parents=True, exist_ok=True)
         info = self.dir / "fingerprint.json"
         if not info.exists():
-            tmp = info.with_name(f".fingerprint.json.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(fingerprint, indent=2, sort_keys=True, default=str))
-            os.replace(tmp, info)
+            write_text_atomic(info, json.dumps(fingerprint, indent=2, sort_keys=True,
+                                               default=str))
         self.log = get_logger()
         self.writes = 0
 
@@ -84,12 +84,16 @@ class EntryCache:
         """Write an entry atomically (temp file, fsync, rename)."""
         path = self.path(key)
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = temp_name(path)  # unique: every rank, on any host, may write the same entry
         clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(clean, str(tmp), metadata=metadata)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        try:
+            save_file(clean, str(tmp), metadata=metadata)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
         self.writes += 1
 
 

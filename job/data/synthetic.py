@@ -9,6 +9,7 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from job.atomic import temp_name
 from job.config import DatasetTable
 from job.log import get_logger
 
@@ -23,8 +24,7 @@ def ensure_synthetic(ds: DatasetTable, seed: int = 0) -> bool:
     folder = Path(ds.instance_data_dir)
     if ds.synthetic_images == 0 or (folder.is_dir() and any(folder.iterdir())):
         return False
-    tmp = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_name(folder)  # unique: ranks on several hosts may share the volume
     tmp.mkdir(parents=True)
     rng = random.Random(seed)
     for index in range(ds.synthetic_images):

@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from job.errors import DiskFullError, PeerLost, disk_was_full, unique_suffix
+from job.atomic import fsync_dir, unique_suffix
+from job.errors import DiskFullError, PeerLost, disk_was_full
 from job.log import get_logger
 from job.train import distributed
 
@@ -53,15 +54,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename durable (POSIX needs the directory fsynced too)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CheckpointManager:
@@ -139,7 +131,7 @@ class CheckpointManager:
             aside = self.root / f".replaced-{final.name}-{uuid.uuid4().hex[:8]}"
             os.replace(final, aside)
         os.replace(tmp, final)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
 
@@ -171,7 +163,7 @@ class CheckpointManager:
         for path in later:
             os.replace(path, folder / path.name)
             moved.append(folder / path.name)
-        _fsync_dir(self.root)
+        fsync_dir(self.root)
         self.log.warning("checkpoints_superseded", start_step=step,
                          moved=[str(p) for p in moved],
                          reason="checkpoints of later steps than this run starts from, from "
