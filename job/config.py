@@ -165,8 +165,9 @@ class DatasetTable(Table):
     crop_style: Literal["center", "random"] = setting("center", "Where the crop sits.",
                                                       "crop_style")
     crop_aspect: Literal["square", "preserve", "closest"] = setting(
-        "square", "square: 1:1 buckets; preserve: the image's own aspect; closest: the nearest "
-        "of bucket_resolutions.", "crop_aspect")
+        "square", "With crop: square: 1:1 buckets; preserve: the image's own aspect; closest: "
+        "the nearest standard aspect (1:1, 4:3, 3:2, 16:9 and their portraits). "
+        "bucket_resolutions, when set, take precedence.", "crop_aspect")
     aspect_bucket_alignment: int | None = setting(
         None, "Bucket sides are multiples of this (pixels); None: 64, or the family's "
         "alignment if larger.", "aspect_bucket_alignment", gt=0)
@@ -862,6 +863,17 @@ def _warnings(cfg: JobConfig) -> list[str]:
     notes = []
     if cfg.model.model_type == "full" and "lora" in cfg.model_fields_set:
         notes.append("[lora] is ignored: model.model_type = \"full\" trains every weight")
+    for i, ds in enumerate(cfg.datasets):
+        for key in ("crop_aspect", "crop_style"):
+            if getattr(ds, key) == type(ds).model_fields[key].default:
+                continue
+            if not ds.crop:
+                notes.append(f"datasets[{i}].{key} is ignored: datasets[{i}].crop is false "
+                             "(images are resized to fit their own aspect's bucket); set "
+                             "crop = true to use it")
+            elif key == "crop_aspect" and ds.bucket_resolutions:
+                notes.append(f"datasets[{i}].crop_aspect is ignored: datasets[{i}]."
+                             "bucket_resolutions set the bucket sizes")
     v = cfg.validation
     if v.enabled and not v.prompt and not v.prompt_library:
         notes.append("no validation.prompt or prompt_library: validation scores the eval loss "

@@ -218,3 +218,14 @@ def test_a_folder_of_job_files_is_refused_with_its_files_listed(tmp_path: Path) 
     with pytest.raises(ConfigError, match="is a folder") as err:
         load_job(empty)
     assert err.value.hint == "pass the path of a .toml job file (see jobs/)"
+
+
+def test_crop_settings_without_crop_are_said_to_be_ignored(tmp_path: Path) -> None:
+    text = (Path(__file__).parent.parent / "jobs" / "smoke.toml").read_text()
+    _, notes = load_job(tmp_path / "job.toml", ["datasets.0.crop_aspect=\"closest\"",
+                                                "datasets.0.crop=false"], text=text)
+    assert any(n.startswith("datasets[0].crop_aspect is ignored: datasets[0].crop is false")
+               for n in notes), notes
+    _, notes = load_job(tmp_path / "job.toml", ["datasets.0.crop_aspect=\"closest\"",
+                                                "datasets.0.crop=true"], text=text)
+    assert not any("crop_aspect" in n for n in notes), notes
