@@ -118,7 +118,10 @@ def _export(cfg, merge: bool, adapter: str | None, output: str | None,
 
     quiet_libraries()
     if not merge:
-        raise ConfigError("tunejob export needs a form to write", "add --merge")
+        raise ConfigError("tunejob export needs a form to write; the one it writes is --merge "
+                          "(final/'s LoRA fused into the base model's pipeline folder, for "
+                          "tools that do not load LoRA files)",
+                          "add --merge; final/ already holds the LoRA in diffusers format")
     if cfg.model.model_type != "lora":
         raise ConfigError('tunejob export --merge needs a LoRA job (model.model_type = "lora")',
                           "a full fine-tune's final/ folder is already a complete model")

@@ -37,15 +37,22 @@ def setup_logging(stream: TextIO | None = None, json_lines: bool | None = None) 
         json_lines = not (stream or sys.stderr).isatty()
     renderer = (structlog.processors.JSONRenderer() if json_lines
                 else structlog.dev.ConsoleRenderer(colors=False))
+    # Read by people: floats at 4 significant digits (JSON lines keep every digit).
+    shorten = [] if json_lines else [_short_floats]
     structlog.configure(
         processors=[structlog.processors.add_log_level, _add_rank,
                     structlog.processors.TimeStamper(fmt="iso", utc=True),
-                    renderer],
+                    *shorten, renderer],
         logger_factory=lambda *args: _LineWriter(stream, clear_line=not json_lines),
         wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
         cache_logger_on_first_use=False,
     )
     return structlog.get_logger("tunejob")
+
+
+def _short_floats(logger: Any, method: str, event: dict) -> dict:
+    """structlog processor: every float value (top level) at 4 significant digits."""
+    return {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in event.items()}
 
 
 class _LineWriter:

@@ -89,3 +89,15 @@ def test_the_jobs_own_source_compiles_without_syntax_warnings() -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("error", SyntaxWarning)
             compile(path.read_text(encoding="utf-8"), str(path), "exec")
+
+
+def test_a_readable_log_rounds_floats_and_json_keeps_every_digit(restore_logging) -> None:
+    term = Terminal()
+    setup_logging(stream=term, json_lines=False)
+    get_logger().info("step", loss=0.9842857122421265, grad_norm=0.20442171394824982, step=3)
+    line = term.getvalue()
+    assert "loss=0.9843" in line and "grad_norm=0.2044" in line and "step=3" in line
+    pipe = io.StringIO()
+    setup_logging(stream=pipe, json_lines=True)
+    get_logger().info("step", loss=0.9842857122421265)
+    assert json.loads(pipe.getvalue())["loss"] == 0.9842857122421265

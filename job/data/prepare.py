@@ -78,8 +78,11 @@ def prepare_data(cfg: JobConfig, family: Family,
         root = Path(ds.cache_dir_vae) if ds.cache_dir_vae else cache_root / "latents" / ds.id
         caches[ds.id] = EntryCache(root, "latent", _latent_fingerprint(cfg, ds, family))
     if skipped:
-        log.warning("images_skipped", count=len(skipped),
-                    files=[f"{rel}: {why}" for rel, why in skipped[:50]])
+        # Each file by its path on disk (skipped holds "<dataset id>/<path in its folder>").
+        folders = {ds.id: ds.instance_data_dir for ds in cfg.enabled_datasets()}
+        log.warning("images_skipped", count=len(skipped), files=[
+            f"{Path(folders[rel.split('/', 1)[0]]) / rel.split('/', 1)[1]}: {why}"
+            for rel, why in skipped[:50]])
     if not samples:
         raise _nothing_usable(cfg, skipped)
     data = PreparedData([], [], "", caches, text_cache, skipped)
