@@ -41,7 +41,8 @@ class JobTable(Table):
 class ModelTable(Table):
     """[model]: which family, which weights, what is trained."""
 
-    family: str = setting(..., "Model family (see docs/config.md for the list).", "model_family")
+    family: str = setting(..., "Model family: sdxl, sd3, stable_cascade or kandinsky5-image (an LCM student is "
+        "sdxl with [distillation]).", "model_family")
     flavour: str | None = setting(
         None, "Family flavour; picks the default weights. None: the family's default.",
         "model_flavour")
@@ -227,7 +228,9 @@ class ValidationTable(Table):
     eval_dataset: str | None = setting(
         None, "Dataset id held out for the eval loss (not trained on).", "eval_dataset_id")
     eval_split: float = setting(
-        0.0, "Fraction of the training images held out for the eval loss when no eval_dataset.",
+        0.0, "Fraction of the training images held out for the eval loss when no eval_dataset. "
+        "0 (and no eval_dataset): the eval loss is measured on the first 8 training images "
+        "(eval_source train_subset in the log): comparable across steps, but not held out.",
         ge=0, lt=1)
     eval_timesteps: list[int] = setting(
         [100, 300, 500, 700, 900], "Fixed timesteps the eval loss is scored at.")

@@ -71,7 +71,10 @@ def load_job(path: str | Path, overrides: list[str] = (),
     except ValidationError as err:
         raise ConfigError(describe_errors(err, text, name, overridden),
                           "see docs/config.md for every key, its type and default") from None
-    return cfg, check_rules(cfg)
+    try:
+        return cfg, check_rules(cfg)
+    except ConfigError as err:  # a rule across keys: the file it is about, then the rule
+        raise ConfigError(f"{name}: {err.message}", err.hint) from None
 
 
 def apply_override(raw: dict[str, Any], item: str) -> tuple:
