@@ -92,6 +92,10 @@ def quiet_libraries() -> None:
     # pytree constants, and torch logs a deprecation line for each in free text.
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
+    # The job passes from_pretrained's torch_dtype, which the whole supported diffusers range
+    # (pyproject.toml) takes; 0.42 says it is deprecated in favour of dtype: not the user's news.
+    warnings.filterwarnings("ignore", message="`torch_dtype` is deprecated",
+                            category=FutureWarning)
     job_source = str(Path(__file__).resolve().parent)
 
     def show(message, category, filename, lineno, file=None, line=None) -> None:

@@ -172,7 +172,8 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
                       lambda step: _validate(trainer, validator, step), device, objective)
     live.trainer = trainer
     trainer.check_disk_space()
-    trainer.resume()
+    if trainer.resume() is not None:
+        _redo_interrupted_validation(cfg, trainer, validator, device, sharded)
     with phases.phase("train"):
         trainer.train()
     phases.seconds["train"] -= validator.seconds
@@ -268,6 +269,23 @@ def _export(trainer, family, folder: Path) -> list[Path]:
         return []
     with family.swapped_denoiser(fsdp.unsharded_copy(family.denoiser(), weights)):
         return family.save_final(folder)
+
+
+def _redo_interrupted_validation(cfg: JobConfig, trainer, validator, device: torch.device,
+                                 sharded: bool) -> None:
+    """A checkpoint is written before its step's validation: a run killed while validating
+    resumes after it, so the images of that step are made now (rank 0's reading of the
+    folder decides for every rank when all of them sample)."""
+    step, every = trainer.state.step, cfg.validation.step_interval
+    if not every or step % every or step >= trainer.total_steps:
+        return  # not a validation step, or the final validation follows anyway
+    missing = validator.images_missing(step)
+    if sharded:
+        missing = broadcast_flag(missing, device)
+    if missing:
+        get_logger().info("validation_redone", step=step,
+                          reason="the last run stopped before this step's images were written")
+        _validate(trainer, validator, step)
 
 
 def _validate(trainer, validator, step: int) -> None:

@@ -119,6 +119,13 @@ class Validator:
         self.log.info("validation", step=step, eval_loss=eval_loss,
                       eval_source=self.data.eval_source, images=len(paths))
 
+    def images_missing(self, step: int) -> bool:
+        """Whether validation at `step` should have written images and did not finish them
+        (no grid.png, its last file): a run killed while validating after that step's
+        checkpoint."""
+        return bool(self.cfg.validation.enabled and self.prompts and self.writes
+                    and not (self.out_dir / f"step-{step:06d}" / "grid.png").is_file())
+
     @torch.no_grad()
     def eval_loss(self) -> float | None:
         """Mean loss over eval samples x fixed timesteps with fixed noise."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import signal
 from pathlib import Path
@@ -264,3 +265,23 @@ def test_epochs_set_the_step_count(tmp_path: Path) -> None:
     summary = json.loads((Path(cfg.output_path()) / "summary.json").read_text())
     # 4 images in one 64x64 bucket, batch 2: 2 steps an epoch.
     assert summary["steps_done"] == 6 and summary["samples_seen"] == 12
+
+
+def test_a_validation_killed_after_its_checkpoint_is_redone_on_resume(
+        tmp_path: Path, models_dir: Path) -> None:
+    """Step 3's checkpoint is written before step 3's validation: a kill in between left no
+    grid.png, and the resumed run (from step 3) makes that step's images first."""
+    cfg = job(tmp_path, models_dir)
+    assert run_job(cfg) == 0
+    out = Path(cfg.output_path())
+    step3 = out / "validation" / "step-000003"
+    (step3 / "grid.png").unlink()
+    shutil.rmtree(out / "checkpoints" / "step-000006")  # the kill came before step 6
+    assert run_job(cfg) == 0
+    assert (step3 / "grid.png").is_file()
+    redone = [r for r in rows(out, "validation") if r["step"] == 3]
+    assert len(redone) == 2 and redone[1]["time"] > rows(out, "resumed")[-1]["time"]
+    # A complete validation is not repeated: resumed from step 3 again, nothing is redone.
+    shutil.rmtree(out / "checkpoints" / "step-000006")
+    assert run_job(cfg) == 0
+    assert len([r for r in rows(out, "validation") if r["step"] == 3]) == 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from job.atomic import write_text_atomic
 from job.errors import EXIT_BAD_JOB, ConfigError
 
 
@@ -28,7 +29,7 @@ def run_simpletuner_import(config: str, backends: str | None, output: str | None
     text = job_text(conv)
     if output:
         try:
-            Path(output).write_text(text, encoding="utf-8")
+            write_text_atomic(Path(output), text)  # an earlier file stays whole on failure
         except OSError as err:
             raise ConfigError(f"cannot write {output}: {err}", "write to a folder that exists "
                               "and is writable, or leave out -o for standard output") from None
