@@ -41,8 +41,8 @@ class JobTable(Table):
 class ModelTable(Table):
     """[model]: which family, which weights, what is trained."""
 
-    family: str = setting(..., "Model family: sdxl, sd3, stable_cascade or kandinsky5-image (an LCM student is "
-        "sdxl with [distillation]).", "model_family")
+    family: str = setting(..., "Model family: sdxl, sd3, stable_cascade or kandinsky5-image "
+                          "(an LCM student is sdxl with [distillation]).", "model_family")
     flavour: str | None = setting(
         None, "Family flavour; picks the default weights. None: the family's default.",
         "model_flavour")

@@ -234,14 +234,17 @@ class CheckpointManager:
             manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
         except (OSError, ValueError) as err:
             return f"manifest unreadable: {err}"
-        for name, meta in manifest.get("files", {}).items():
-            file = path / name
-            if not file.is_file():
-                return f"{name} is missing"
-            if file.stat().st_size != meta["bytes"]:
-                return f"{name} has {file.stat().st_size} bytes, manifest says {meta['bytes']}"
-            if _sha256(file) != meta["sha256"]:
-                return f"{name} checksum differs from the manifest"
+        try:
+            for name, meta in manifest.get("files", {}).items():
+                file = path / name
+                if not file.is_file():
+                    return f"{name} is missing"
+                if file.stat().st_size != meta["bytes"]:
+                    return f"{name} has {file.stat().st_size} bytes, manifest says {meta['bytes']}"
+                if _sha256(file) != meta["sha256"]:
+                    return f"{name} checksum differs from the manifest"
+        except OSError as err:  # moved or removed while being read (rank 0 sets some aside)
+            return f"unreadable: {err}"
         return None
 
     def identity(self, checkpoint: Checkpoint) -> dict:
@@ -264,7 +267,8 @@ class CheckpointManager:
     def _step_dirs(self) -> list[Path]:
         if not self.root.is_dir():
             return []
-        self._recover_replaced()
+        if distributed.topology().main:  # the one writer; the other ranks only read
+            self._recover_replaced()
         dirs = [p for p in self.root.iterdir() if p.is_dir() and _STEP_DIR.match(p.name)]
         return sorted(dirs, key=lambda p: int(_STEP_DIR.match(p.name).group(1)))
 
