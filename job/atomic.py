@@ -20,8 +20,9 @@ def unique_suffix() -> str:
 
 
 def temp_name(path: Path) -> Path:
-    """A hidden sibling of `path` to write before the rename that publishes it."""
-    return path.with_name(f".{path.name}.tmp-{unique_suffix()}")
+    """A hidden sibling of `path` to write before the rename that publishes it (its name cut
+    to 120 characters: the suffix must not push it past the filesystem's 255 bytes)."""
+    return path.with_name(f".{path.name[:120]}.tmp-{unique_suffix()}")
 
 
 def fsync_dir(path: Path) -> None:
@@ -73,7 +74,7 @@ def publish_folder(staging: Path, target: Path) -> None:
 
 def remove_leftovers(target: Path) -> None:
     """Delete what killed writes of `target` left beside it (temp and replaced copies)."""
-    for pattern in (f".{target.name}.tmp-*", f".{target.name}.replaced-*"):
+    for pattern in (f".{target.name[:120]}.tmp-*", f".{target.name}.replaced-*"):
         for left in target.parent.glob(pattern):
             if left.is_dir():
                 shutil.rmtree(left, ignore_errors=True)

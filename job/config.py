@@ -255,11 +255,14 @@ class CheckpointTable(Table):
 
     step_interval: int | None = setting(500, "Steps between checkpoints; None: only at the end.",
                                         "checkpoint_step_interval", gt=0)
-    total_limit: int | None = setting(None, "Keep at most this many checkpoints.",
-                                      "checkpoints_total_limit", gt=0)
+    total_limit: int | None = setting(
+        None, "Keep at most this many checkpoints (besides one superseded-*/ set: see "
+        "resume_from).", "checkpoints_total_limit", gt=0)
     resume_from: str = setting(
-        "latest", "latest: the newest complete checkpoint if any; none: start fresh; or a path.",
-        "resume_from_checkpoint")
+        "latest", "latest: the newest complete checkpoint if any; none: start fresh; or a path. "
+        "This folder's checkpoints of later steps than the run starts from (all of them with "
+        "none) are moved to checkpoints/superseded-<time>/: kept, the latest set only, never "
+        "resumed or pruned.", "resume_from_checkpoint")
 
 
 Precision = Literal["no_change", "int8-torchao", "fp8-torchao", "int8-quanto", "int4-quanto",

@@ -85,19 +85,21 @@ def ensure_writable(folder: Path, key: str) -> Path:
     return folder
 
 
-# Below this much free space a failed write is taken as a full disk, whatever the writer
-# raised: safetensors raises SafetensorError, torch.save a RuntimeError ("unexpected pos"),
-# torch.distributed.checkpoint a CheckpointException, none of them an OSError(ENOSPC).
+# Below this much free space a failed write is taken as a full disk even when the error
+# does not say so: torch.save raises RuntimeError("... file write failed" / "unexpected
+# pos"), torch.distributed.checkpoint a CheckpointException, neither an OSError(ENOSPC).
 NEARLY_FULL_BYTES = 64 * 2**20
+# What an error of a failed write says (other errors, say CUDA out of memory, never count).
+_WRITE_WORDS = ("write", "serializ", "file", "ioerror", "unexpected pos", "storage")
 
 
-def disk_was_full(err: BaseException, folder: Path | None = None) -> bool:
+def disk_was_full(err: BaseException, *folders: Path) -> bool:
     """Whether a failed write ran out of space: ENOSPC (or its text) anywhere in the error's
-    chain or inside a sharded checkpoint's per-rank failures, or, for any error, less than
-    NEARLY_FULL_BYTES free where it was writing (call this before removing partial files).
-    A signal's or a lost peer's exception is never a full disk."""
+    chain or inside a sharded checkpoint's per-rank failures; or an error of a write with
+    less than NEARLY_FULL_BYTES free in one of `folders` (call this before removing partial
+    files). A signal's or a lost peer's exception is never a full disk."""
     seen: set[int] = set()
-    todo = [err]
+    todo, texts = [err], []
     while todo:
         e = todo.pop()
         if e is None or id(e) in seen:
@@ -105,17 +107,25 @@ def disk_was_full(err: BaseException, folder: Path | None = None) -> bool:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        if "No space left on device" in str(e) or "os error 28" in str(e):
+        texts.append(str(e))
+        if "No space left on device" in texts[-1] or "os error 28" in texts[-1]:
             return True
         failures = getattr(e, "failures", None)  # DCP's CheckpointException: rank -> (err, tb)
         if isinstance(failures, dict):
             todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
         todo += [e.__cause__, e.__context__]
-    if folder is None or isinstance(err, (JobError, KeyboardInterrupt, SystemExit)):
+    if isinstance(err, (JobError, KeyboardInterrupt, SystemExit)):
         return False
-    try:
-        while not folder.exists():
-            folder = folder.parent
-        return shutil.disk_usage(folder).free < NEARLY_FULL_BYTES
-    except OSError:
+    said = " ".join(texts).lower()
+    if "out of memory" in said or not (isinstance(err, OSError)
+                                       or any(word in said for word in _WRITE_WORDS)):
         return False
+    for folder in folders:
+        try:
+            while not folder.exists():
+                folder = folder.parent
+            if shutil.disk_usage(folder).free < NEARLY_FULL_BYTES:
+                return True
+        except OSError:
+            continue
+    return False

@@ -132,13 +132,15 @@ def split_env_overrides(text: str) -> list[str]:
                 items.append(current)
             current = ""
         else:
-            current += char
-            if char in "\"'":
+            # A quote opens a TOML string where a value starts (after "="), or a quoted key;
+            # elsewhere it is a plain character (validation.prompt=dog's).
+            if char in "\"'" and (not current or current.endswith("=")):
                 quote = char
+            current += char
     if quote:
         raise ConfigError(f"TUNEJOB_SET has an unclosed {quote} in {current!r}",
-                          f"close the quote: TUNEJOB_SET='table.key={quote}a value{quote} "
-                          "other.key=1' (blanks outside quotes separate the overrides)")
+                          "close the quote: TUNEJOB_SET='table.key=\"a value\" other.key=1' "
+                          "(blanks outside quotes separate the overrides)")
     return items + ([current] if current else [])
 
 

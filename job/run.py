@@ -6,7 +6,6 @@ import os
 import shutil
 import sys
 import time
-import traceback
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -16,13 +15,13 @@ import torch
 
 from job.config import JobConfig
 from job.distill import build_objective, with_method_defaults
-from job.errors import (EXIT_PREEMPTED, ConfigError, DiskFullError, JobError, PeerLost, Preempted,
-                        disk_was_full, ensure_writable)
+from job.errors import (EXIT_PREEMPTED, ConfigError, JobError, PeerLost, Preempted, disk_was_full,
+                        ensure_writable)
 from job.log import get_logger, quiet_libraries, set_log_rank
-from job.atomic import publish_folder, remove_leftovers, temp_name, write_json_atomic, \
-    write_text_atomic
+from job.atomic import publish_folder, remove_leftovers, temp_name, write_text_atomic
 from job.metrics import MetricsWriter, Summary, retire_summary, versions
 from job.model_card import write_model_card
+from job.outcome import finish_summary, record_crash, record_failure, volume_full
 from job.models.registry import family_class, spec_for
 from job.signals import StopSignal
 from job.train.distributed import Topology, broadcast_flag, launched_rank, set_topology
@@ -80,48 +79,17 @@ def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
     except Preempted as err:
         _on_preempted(live.trainer, stop, summary, err)
     except JobError as err:
-        failure = _failed(summary, err)
+        failure = record_failure(summary, err)
     except Exception as err:  # noqa: BLE001 - anything else is exit 1, retried by the scheduler
-        if disk_was_full(err, out):  # whatever the writer raised (safetensors, torch.save)
-            failure = _failed(summary, volume_full(err, out))
-        else:
-            _crashed(summary, err)
+        failure = record_crash(summary, err, [out, Path(cfg.cache.dir)])
     finally:
         stop.uninstall()
-    _finish_summary(summary, live.trainer, phases, out, metrics, main)
+    finish_summary(summary, live.trainer, phases.totals(), out, metrics, main)
     if failure is not None:
         # The run ends with the same paragraph as a refused job file (cli.py): what, where,
         # and the fix, readable after the JSON log lines.
         print(f"tunejob: {failure}", file=sys.stderr, flush=True)
     return summary.exit_code
-
-
-def _failed(summary: Summary, err: JobError) -> JobError:
-    """A failure the job explains: its code, message and fix in the summary and the log."""
-    summary.exit_code = err.exit_code
-    summary.error = {"type": type(err).__name__, "message": err.message, "hint": err.hint}
-    get_logger().error("job_failed", error=err.message, hint=err.hint, exit_code=err.exit_code)
-    return err
-
-
-def volume_full(err: BaseException, out: Path) -> DiskFullError:
-    """A write that failed on a full volume (outside a checkpoint, which says more)."""
-    free = shutil.disk_usage(out).free
-    return DiskFullError(
-        f"the output volume is full ({free / 2**20:.1f} MiB free under {out}): "
-        f"{type(err).__name__}: {err}",
-        "free space on the volume (or lower checkpoint.total_limit, or point cache.dir or "
-        "job.output_dir at a larger one) and run the job again: it resumes from the last "
-        "complete checkpoint")
-
-
-def _crashed(summary: Summary, err: Exception) -> None:
-    """Anything else: exit 1, which a scheduler retries a bounded number of times."""
-    summary.exit_code = 1
-    summary.error = {"type": type(err).__name__, "message": str(err),
-                     "hint": "see the traceback in the log; a retry may succeed if this "
-                             "was out of memory or a driver fault"}
-    get_logger().error("job_crashed", error=str(err), traceback=traceback.format_exc())
 
 
 class LiveRun:
@@ -173,11 +141,14 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
     live.trainer = trainer
     trainer.check_disk_space()
     if trainer.resume() is not None:
-        _redo_interrupted_validation(cfg, trainer, validator, device, sharded)
+        with phases.phase("validation"):
+            _redo_interrupted_validation(cfg, trainer, validator, device, sharded)
+    before = validator.seconds
     with phases.phase("train"):
         trainer.train()
-    phases.seconds["train"] -= validator.seconds
-    phases.seconds["validation"] += validator.seconds
+    # Validation during training is timed inside the train phase: moved to its own.
+    phases.seconds["train"] -= validator.seconds - before
+    phases.seconds["validation"] += validator.seconds - before
     written = trainer.checkpoints.written()
     if not written or written[-1].step != trainer.state.step:
         trainer.save_checkpoint()
@@ -189,14 +160,21 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
     # final/ is written whole under a temp name and swapped in: a kill mid-export leaves the
     # earlier final/ (or none), never a truncated file or a mix of two exports' shards.
     final = out / "final"
-    staging = temp_name(final) if trainer.topology.main else final
-    if trainer.topology.main:
-        remove_leftovers(final)
-    paths = _export(trainer, family, staging)
     if not trainer.topology.main:
+        _export(trainer, family, final)  # writes nothing here; gathers shards if sharded
         return
-    write_model_card(cfg, staging, trainer)
-    publish_folder(staging, final)
+    remove_leftovers(final)
+    staging = temp_name(final)
+    try:
+        paths = _export(trainer, family, staging)
+        write_model_card(cfg, staging, trainer)
+        publish_folder(staging, final)
+    except Exception as err:
+        full = disk_was_full(err, out)  # before the partial export is removed
+        shutil.rmtree(staging, ignore_errors=True)
+        if full:
+            raise volume_full(err, [out]) from None
+        raise
     summary.final_weights = [str(final / p.relative_to(staging)) for p in paths]
     summary.images = validator.images
     summary.eval_loss = validator.last_eval_loss
@@ -402,40 +380,3 @@ def checkpoint_time_budget(trainer) -> float:
     if trainer.last_checkpoint_s is not None:
         return trainer.last_checkpoint_s * 1.5 + 0.25
     return trainer.estimated_checkpoint_bytes() / 100e6 + 0.25
-
-
-def _finish_summary(summary: Summary, trainer, phases: Phases, out: Path,
-                    metrics: MetricsWriter, main: bool = True) -> None:
-    """Fill the counters and write summary.json (atomically)."""
-    summary.wall_time_s = phases.totals()
-    if trainer is not None:
-        s = trainer.state
-        summary.steps_done, summary.samples_seen = s.step, s.samples_seen
-        summary.final_loss, summary.best_loss = s.last_loss, s.best_loss
-        summary.nonfinite_steps = s.nonfinite_steps
-        summary.checkpoints = [str(c.path) for c in trainer.checkpoints.written()]
-        if trainer.train_time_s > 0:
-            summary.samples_per_second = round(
-                trainer.samples_trained / trainer.train_time_s, 4)
-    if torch.cuda.is_available():  # the whole job's: the setup's or training's, the higher
-        from job.train.loop import gpu_peak_gib
-
-        setup = trainer.setup_peak_gib if trainer is not None else None
-        summary.peak_gpu_memory_gib = max(gpu_peak_gib(), setup or 0.0)
-    try:
-        metrics.write("end", status=summary.status, exit_code=summary.exit_code)
-        if main:
-            write_json_atomic(out / "summary.json", summary.to_dict())
-    except OSError as err:  # a full volume: the exit code and the log still say how it ended
-        get_logger().error("summary_not_written", path=str(out / "summary.json"),
-                           error=f"{type(err).__name__}: {err}", exit_code=summary.exit_code)
-        return
-    if main:
-        # The log's last word on the run, so `kubectl logs --tail 1` or a template's console
-        # says how it ended and where to look without opening the volume.
-        get_logger().info("job_finished", status=summary.status, exit_code=summary.exit_code,
-                          steps_done=summary.steps_done,
-                          samples_per_second=summary.samples_per_second,
-                          wall_time_s=summary.wall_time_s["total"],
-                          summary=str(out / "summary.json"),
-                          final_weights=summary.final_weights)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -110,6 +111,24 @@ def test_a_replaced_checkpoint_killed_mid_swap_is_restored(tmp_path: Path) -> No
     manager.save(7, write(b"second"))
     assert (tmp_path / "step-000007" / "weights.bin").read_bytes() == b"second"
     assert not list(tmp_path.glob(".replaced-*"))
+    # Killed after the new one went in, before the old copy was removed: the copy goes.
+    shutil.copytree(tmp_path / "step-000007", tmp_path / ".replaced-step-000007-4567cdef")
+    (tmp_path / ".replaced-step-000007-4567cdef" / "weights.bin").write_bytes(b"first")
+    assert manager.latest().step == 7
+    assert (tmp_path / "step-000007" / "weights.bin").read_bytes() == b"second"
+    assert not list(tmp_path.glob(".replaced-*"))
+
+
+def test_only_the_latest_superseded_set_is_kept(tmp_path: Path) -> None:
+    """Restarts from one checkpoint must not pile abandoned sets up on the disk."""
+    manager = CheckpointManager(tmp_path)
+    for step in (10, 20):
+        manager.save(step, write(b"a"))
+    [first] = {p.parent for p in manager.set_aside_later_than(10)}
+    manager.save(20, write(b"b"))
+    [second] = {p.parent for p in manager.set_aside_later_than(10)}
+    assert not first.exists() and (second / "step-000020" / "weights.bin").read_bytes() == b"b"
+    assert [c.step for c in manager.complete()] == [10]
 
 
 def test_a_killed_writes_temp_folder_is_pruned_even_with_this_processs_pid(
@@ -165,3 +184,17 @@ def test_disk_was_full_reads_the_chain_and_the_text() -> None:
                                       "StorageFull, message: \"No space left on device\" })"))
     assert not disk_was_full(RuntimeError("CUDA out of memory"))
     assert not disk_was_full(Preempted("stopped"), Path("/"))
+
+
+def test_only_a_writes_error_counts_as_a_full_disk_by_free_space(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil as shutil_module
+    from collections import namedtuple
+
+    from job.errors import disk_was_full
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil_module, "disk_usage", lambda _: usage(10**9, 10**9 - 4096, 4096))
+    assert disk_was_full(RuntimeError("PytorchStreamWriter failed writing file data/0"), tmp_path)
+    assert not disk_was_full(RuntimeError("CUDA out of memory while writing"), tmp_path)
+    assert not disk_was_full(ValueError("a bug in the loss"), tmp_path)

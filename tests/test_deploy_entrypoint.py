@@ -210,9 +210,10 @@ def test_an_override_from_the_environment_may_hold_blanks_inside_quotes(
         bin_dir: Path, tmp_path: Path) -> None:
     cmd = command(entrypoint(bin_dir, tmp_path, SMOKE, TUNEJOB_SET=(
         'validation.prompt="a corgi on a beach"  train.seed=3 '
-        "validation.negative_prompt='blurry, low quality'")))
+        "validation.negative_prompt='blurry, low quality' job.name=dog's")))
     assert cmd[5:] == ["--set", 'validation.prompt="a corgi on a beach"', "--set", "train.seed=3",
-                       "--set", "validation.negative_prompt='blurry, low quality'"]
+                       "--set", "validation.negative_prompt='blurry, low quality'",
+                       "--set", "job.name=dog's"]  # an apostrophe inside a word is plain
     done = entrypoint(bin_dir, tmp_path, SMOKE, TUNEJOB_SET='validation.prompt="a corgi')
     assert done.returncode == 2 and "TUNEJOB_SET" in done.stderr and "unclosed" in done.stderr
     assert "fix:" in done.stderr and done.stdout == ""

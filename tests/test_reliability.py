@@ -194,9 +194,27 @@ def test_a_volume_full_before_training_still_ends_with_a_summary(
     summary = json.loads((out / "summary.json").read_text())
     validate_summary(summary)
     assert summary["error"]["type"] == "DiskFullError"
-    assert "the output volume is full" in summary["error"]["message"]
-    assert "free space on the volume" in summary["error"]["hint"]
+    assert summary["error"]["message"].startswith("a volume of the job is full (")
+    assert str(out) in summary["error"]["message"]
+    assert "free space there" in summary["error"]["hint"]
     assert json.loads((out / "summary.previous.json").read_text()) == {"status": "succeeded"}
+
+
+def test_a_summary_the_full_volume_refuses_turns_success_into_exit_1(
+        tmp_path: Path, models_dir: Path, monkeypatch, capsys) -> None:
+    """DESIGN: summary.json whatever the end. When even it cannot be written, the run is not
+    reported as a success: exit 1 (a retry resumes at the last step and writes it)."""
+    import job.outcome
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(job.outcome, "write_json_atomic", full)
+    cfg = load_job(SMOKE, settings(tmp_path, models_dir, "train.max_train_steps=2"))[0]
+    assert run_job(cfg) == 1
+    assert not (Path(cfg.output_path()) / "summary.json").exists()
+    said = capsys.readouterr()
+    assert "summary_not_written" in said.out + said.err
 
 
 def test_too_little_space_for_one_checkpoint_refuses_to_start(tmp_path: Path, models_dir: Path,

@@ -277,8 +277,13 @@ def test_a_validation_killed_after_its_checkpoint_is_redone_on_resume(
     step3 = out / "validation" / "step-000003"
     (step3 / "grid.png").unlink()
     shutil.rmtree(out / "checkpoints" / "step-000006")  # the kill came before step 6
-    assert run_job(cfg) == 0
+    # Sampling slower than the 3 steps left: its time is validation's, not taken from train.
+    assert run_job(job(tmp_path, models_dir, "validation.num_inference_steps=20")) == 0
     assert (step3 / "grid.png").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    validate_summary(summary)
+    assert summary["wall_time_s"]["train"] > 0
+    assert summary["wall_time_s"]["validation"] > summary["wall_time_s"]["train"]
     redone = [r for r in rows(out, "validation") if r["step"] == 3]
     assert len(redone) == 2 and redone[1]["time"] > rows(out, "resumed")[-1]["time"]
     # A complete validation is not repeated: resumed from step 3 again, nothing is redone.

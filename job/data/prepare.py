@@ -69,20 +69,20 @@ def prepare_data(cfg: JobConfig, family: Family,
     log = get_logger()
     cache_root = Path(cfg.cache.dir)
     text_cache = EntryCache(cache_root / "text", "text", family.fingerprint("text"))
-    samples, skipped, records, caches = [], [], {}, {}
+    samples, skipped, records, caches, on_disk = [], [], {}, {}, []
     for ds in cfg.enabled_datasets():
         found, lost = _samples_of(ds, cfg, family)
         samples += [s for s, _ in found]
         records.update({(s.dataset_id, s.rel): r for s, r in found})
         skipped += lost
+        # For the log: each file by its path on disk ("<id>/<path in the folder>" here).
+        on_disk += [(Path(ds.instance_data_dir) / key[len(ds.id) + 1:], why)
+                    for key, why in lost]
         root = Path(ds.cache_dir_vae) if ds.cache_dir_vae else cache_root / "latents" / ds.id
         caches[ds.id] = EntryCache(root, "latent", _latent_fingerprint(cfg, ds, family))
     if skipped:
-        # Each file by its path on disk (skipped holds "<dataset id>/<path in its folder>").
-        folders = {ds.id: ds.instance_data_dir for ds in cfg.enabled_datasets()}
-        log.warning("images_skipped", count=len(skipped), files=[
-            f"{Path(folders[rel.split('/', 1)[0]]) / rel.split('/', 1)[1]}: {why}"
-            for rel, why in skipped[:50]])
+        log.warning("images_skipped", count=len(skipped),
+                    files=[f"{path}: {why}" for path, why in on_disk[:50]])
     if not samples:
         raise _nothing_usable(cfg, skipped)
     data = PreparedData([], [], "", caches, text_cache, skipped)

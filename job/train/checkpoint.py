@@ -12,7 +12,8 @@ filesystem for all ranks (as the caches already need).
 Only the checkpoints of the run's own line count: when a run starts at step S (resumed
 from step S, or fresh at 0) any checkpoint of a later step in its folder is from an
 abandoned attempt, and is moved into `checkpoints/superseded-<time>/` (kept, never resumed
-or pruned), so neither "latest" nor total_limit can pick it over the new ones.
+or pruned; only the latest such set), so neither "latest" nor total_limit can pick it over
+the new ones.
 """
 
 from __future__ import annotations
@@ -153,12 +154,18 @@ class CheckpointManager:
     def set_aside_later_than(self, step: int) -> list[Path]:
         """Move every checkpoint of a step after `step` (an abandoned attempt's: this run
         starts at `step`) into checkpoints/superseded-<time>/, where neither resume nor
-        prune looks; returns where they went. Main rank only."""
+        prune looks; returns where they went. One such set is kept: an earlier one is
+        deleted, so that restarts from one checkpoint do not fill the disk. Main rank only."""
         later = [p for p in self._step_dirs() if int(_STEP_DIR.match(p.name).group(1)) > step]
         if not later:
             return []
-        folder = self.root / time.strftime("superseded-%Y%m%dT%H%M%SZ", time.gmtime())
-        folder.mkdir(exist_ok=True)
+        for old in self.root.glob("superseded-*"):
+            shutil.rmtree(old, ignore_errors=True)
+            self.log.info("checkpoints_superseded_removed", path=str(old),
+                          reason="a newer set was set aside; one set is kept")
+        folder = self.root / (time.strftime("superseded-%Y%m%dT%H%M%SZ-", time.gmtime())
+                              + uuid.uuid4().hex[:6])
+        folder.mkdir()
         moved = []
         for path in later:
             os.replace(path, folder / path.name)
@@ -167,8 +174,8 @@ class CheckpointManager:
         self.log.warning("checkpoints_superseded", start_step=step,
                          moved=[str(p) for p in moved],
                          reason="checkpoints of later steps than this run starts from, from "
-                                "an earlier attempt; kept, never resumed or pruned "
-                                "(delete the folder to free the space)")
+                                "an earlier attempt; kept (the latest such set only), never "
+                                "resumed or pruned; delete the folder to free the space")
         return moved
 
     def _disk_full(self, step: int, expected_bytes: int) -> DiskFullError:
@@ -180,8 +187,9 @@ class CheckpointManager:
             f"disk full while writing checkpoint step {step} under {self.root}: it needs about "
             f"{needed / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free; the previous "
             f"checkpoint ({last.path if last else 'none'}) is intact",
-            "free space on the output volume (or lower checkpoint.total_limit) and run the job "
-            "again: it resumes from the last complete checkpoint")
+            "free space on the output volume (delete superseded-*/ under checkpoints/, or lower "
+            "checkpoint.total_limit) and run the job again: it resumes from the last complete "
+            "checkpoint")
 
     @staticmethod
     def _bytes_of(checkpoint: Checkpoint) -> int:

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from job.errors import ConfigError
-from job.train import fsdp
+from job.train import distributed, fsdp
 from job.train.checkpoint import Checkpoint
 
 
@@ -131,9 +131,18 @@ class CheckpointIO:
         if target == "none":
             return None
         if target == "latest":
-            checkpoint = self.checkpoints.latest()
-            if checkpoint is None:
+            # Every rank verifies on its own (no rank waits in a collective while another
+            # hashes), then takes rank 0's choice: a rank that listed the folder before rank 0
+            # restored a checkpoint there must still load the same one.
+            mine = self.checkpoints.latest()
+            mine = mine and (mine.step, str(mine.path))
+            chosen = distributed.broadcast_object(mine)
+            if chosen != mine:
+                self.log.warning("resume_rank0_choice", mine=mine and mine[1],
+                                 rank0=chosen and chosen[1])
+            if chosen is None:
                 return None
+            checkpoint = Checkpoint(chosen[0], Path(chosen[1]))
             self._check_identity(checkpoint)
         else:
             path = Path(target)
