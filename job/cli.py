@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate":
             for note in warnings:
                 log.warning("setting_note", note=note)
+            _say_missing_data(cfg)
             log.info("job_valid", job=args.job, name=cfg.job.name, family=cfg.model.family)
             return 0
         if args.command in ("run", "cache"):
@@ -102,6 +103,21 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _say_missing_data(cfg) -> None:
+    """validate checks the file; the data may live on a volume this machine lacks, so a
+    dataset folder missing here is a warning, which `run` and `cache` would make exit 2."""
+    from job.data.discovery import check_present
+
+    for ds in cfg.enabled_datasets():
+        if ds.synthetic_images:
+            continue  # filled by the run when missing or empty
+        try:
+            check_present(ds)
+        except JobError as err:
+            get_logger().warning("dataset_not_found_here", problem=err.message, fix=err.hint,
+                                 note="tunejob run and cache stop here with exit 2")
 
 
 def _export(cfg, merge: bool, adapter: str | None, output: str | None,
