@@ -57,7 +57,8 @@ def publish_folder(staging: Path, target: Path) -> None:
     """Make the complete folder `staging` appear as `target`, replacing what was there: every
     file fsynced, then an earlier `target` renamed aside, `staging` renamed in, the earlier one
     removed. A kill between the two renames leaves the earlier one under
-    `.<name>.replaced-*` and no `target`: never a mix of old and new files."""
+    `.<name>.replaced-*` and no `target` (remove_leftovers puts it back): never a mix of old
+    and new files."""
     for path in staging.rglob("*"):
         if path.is_file():
             with open(path, "rb") as fh:
@@ -72,8 +73,19 @@ def publish_folder(staging: Path, target: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
+def restore_replaced(target: Path) -> None:
+    """Put back the copy of `target` that a publish_folder killed between its two renames
+    left aside, when `target` is missing."""
+    aside = sorted(target.parent.glob(f".{target.name}.replaced-*"),
+                   key=lambda path: path.stat().st_mtime)
+    if aside and not target.exists():
+        os.replace(aside[-1], target)
+
+
 def remove_leftovers(target: Path) -> None:
-    """Delete what killed writes of `target` left beside it (temp and replaced copies)."""
+    """Clear what killed writes of `target` left beside it (by the one process that writes
+    it): the copy aside is restored if need be, temp folders and other copies deleted."""
+    restore_replaced(target)
     for pattern in (f".{target.name[:120]}.tmp-*", f".{target.name}.replaced-*"):
         for left in target.parent.glob(pattern):
             if left.is_dir():

@@ -127,7 +127,7 @@ def _export(cfg, merge: bool, adapter: str | None, output: str | None,
 
     import torch
 
-    from job.atomic import publish_folder, remove_leftovers, temp_name
+    from job.atomic import publish_folder, remove_leftovers, restore_replaced, temp_name
     from job.errors import ConfigError, DiskFullError, disk_was_full
     from job.log import quiet_libraries
     from job.models.registry import family_class
@@ -144,6 +144,8 @@ def _export(cfg, merge: bool, adapter: str | None, output: str | None,
     family = family_class(cfg.model.family)(cfg, torch.device("cpu"), torch.float32)
     out = Path(cfg.output_path())
     source = Path(adapter) if adapter else out / "final"
+    if not adapter:
+        restore_replaced(source)  # final/ back in place if its swap was killed midway
     if not (source / family.final_lora_file).is_file():
         raise ConfigError(f"{source} holds no trained LoRA ({family.final_lora_file} is missing)",
                           "run the job to its end first, or point --adapter at a final/ folder")

@@ -27,7 +27,7 @@ def test_publish_folder_replaces_the_whole_folder(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
 
 
-def test_a_kill_between_the_renames_leaves_no_mix_and_the_next_export_cleans_up(
+def test_a_kill_between_the_renames_leaves_no_mix_and_the_earlier_folder_comes_back(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     final = tmp_path / "final"
     final.mkdir()
@@ -49,8 +49,9 @@ def test_a_kill_between_the_renames_leaves_no_mix_and_the_next_export_cleans_up(
     assert not final.exists()  # no folder that mixes the two exports
     left = sorted(p.name for p in tmp_path.iterdir())
     assert len(left) == 2 and all(name.startswith(".final.") for name in left)
-    remove_leftovers(final)
-    assert list(tmp_path.iterdir()) == []
+    remove_leftovers(final)  # the earlier export is back, the unfinished one gone
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
+    assert [p.name for p in final.iterdir()] == ["old.safetensors"]
 
 
 def test_a_validation_png_is_whole_or_absent(tmp_path: Path,

@@ -114,6 +114,11 @@ def test_run_writes_every_output(tmp_path: Path, models_dir: Path,
     unet = load_file(str(out / "final-merged" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert {t.dtype for t in unet.values()} == {torch.bfloat16}
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]
+    # final/ renamed aside by a run killed mid-swap: export puts it back and merges it.
+    monkeypatch.undo()
+    (out / "final").rename(out / ".final.replaced-host-1-0a1b2c3d")
+    assert main(["export", str(SMOKE), *sets, "--merge"]) == 0
+    assert (out / "final" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_second_run_reuses_caches_and_changed_setting_recomputes(
