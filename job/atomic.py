@@ -10,7 +10,11 @@ import shutil
 import socket
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+from job.errors import disk_was_full
+
+T = TypeVar("T")
 
 
 def unique_suffix() -> str:
@@ -34,13 +38,13 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text to a temp file, fsync, rename: readers never see a half file."""
+def replace_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` writes the file under a temp name; then fsync and the rename into place:
+    readers never see a half file, and a failed write removes its temp file."""
     tmp = temp_name(path)
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
+        write(tmp)
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -48,21 +52,27 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Text through replace_atomically."""
+    replace_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """JSON through write_text_atomic."""
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def publish_folder(staging: Path, target: Path) -> None:
+def publish_folder(staging: Path, target: Path, files_synced: bool = False) -> None:
     """Make the complete folder `staging` appear as `target`, replacing what was there: every
-    file fsynced, then an earlier `target` renamed aside, `staging` renamed in, the earlier one
-    removed. A kill between the two renames leaves the earlier one under
-    `.<name>.replaced-*` and no `target` (remove_leftovers puts it back): never a mix of old
-    and new files."""
-    for path in staging.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
+    file fsynced (unless the caller did), then an earlier `target` renamed aside, `staging`
+    renamed in, the earlier one removed. A kill between the two renames leaves the earlier
+    one under `.<name>.replaced-*` and no `target` (restore_replaced puts it back): never a
+    mix of old and new files."""
+    if not files_synced:
+        for path in staging.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as fh:
+                    os.fsync(fh.fileno())
     aside = None
     if target.exists():
         aside = target.with_name(f".{target.name}.replaced-{unique_suffix()}")
@@ -73,22 +83,46 @@ def publish_folder(staging: Path, target: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
 
 
-def restore_replaced(target: Path) -> None:
+def build_folder(target: Path, build: Callable[[Path], T],
+                 full_error: Callable[[BaseException], Exception]) -> T:
+    """`build(staging)` writes the folder's files under a temp name, then publish_folder
+    swaps it in as `target`; returns what `build` returned. Leftovers of killed builds are
+    cleared first; a failed build removes its staging folder, and one that failed on a full
+    volume is raised as `full_error(err)`."""
+    remove_leftovers(target)
+    staging = temp_name(target)
+    try:
+        built = build(staging)
+        publish_folder(staging, target)
+    except Exception as err:
+        full = disk_was_full(err, target.parent)  # before the partial folder is removed
+        shutil.rmtree(staging, ignore_errors=True)
+        if full:
+            raise full_error(err) from None
+        raise
+    return built
+
+
+def restore_replaced(target: Path) -> bool:
     """Put back the copy of `target` that a publish_folder killed between its two renames
-    left aside, when `target` is missing."""
+    left aside, when `target` is missing; whether it did."""
     aside = sorted(target.parent.glob(f".{target.name}.replaced-*"),
                    key=lambda path: path.stat().st_mtime)
-    if aside and not target.exists():
-        os.replace(aside[-1], target)
+    if not aside or target.exists():
+        return False
+    os.replace(aside[-1], target)
+    return True
 
 
-def remove_leftovers(target: Path) -> None:
+def remove_leftovers(target: Path) -> bool:
     """Clear what killed writes of `target` left beside it (by the one process that writes
-    it): the copy aside is restored if need be, temp folders and other copies deleted."""
-    restore_replaced(target)
+    it): the copy aside is restored if need be, temp folders and other copies deleted;
+    whether a copy was restored."""
+    restored = restore_replaced(target)
     for pattern in (f".{target.name[:120]}.tmp-*", f".{target.name}.replaced-*"):
         for left in target.parent.glob(pattern):
             if left.is_dir():
                 shutil.rmtree(left, ignore_errors=True)
             else:
                 left.unlink(missing_ok=True)
+    return restored

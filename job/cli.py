@@ -123,12 +123,10 @@ def _say_missing_data(cfg) -> None:
 def _export(cfg, merge: bool, adapter: str | None, output: str | None,
             dtype: str = "fp32") -> int:
     """Merge the final LoRA into the base model and write a pipeline folder (atomically)."""
-    import shutil
-
     import torch
 
-    from job.atomic import publish_folder, remove_leftovers, restore_replaced, temp_name
-    from job.errors import ConfigError, DiskFullError, disk_was_full
+    from job.atomic import build_folder, restore_replaced
+    from job.errors import ConfigError, DiskFullError
     from job.log import quiet_libraries
     from job.models.registry import family_class
 
@@ -158,22 +156,13 @@ def _export(cfg, merge: bool, adapter: str | None, output: str | None,
     if source.resolve().is_relative_to(target.resolve()):
         raise ConfigError(f"--output {target} holds the LoRA being merged ({source})",
                           "name another folder with -o")
-    remove_leftovers(target)  # of exports that were killed
-    scratch = temp_name(target)
     weights = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    try:
-        family.export_merged(source, scratch, weights)  # loads what it needs of the base
-        publish_folder(scratch, target)
-    except Exception as err:
-        full = disk_was_full(err, target.parent)  # before the partial pipeline is removed
-        shutil.rmtree(scratch, ignore_errors=True)
-        if full:
-            raise DiskFullError(
-                f"the volume under {target.parent} filled up while the merged pipeline was "
-                f"written ({type(err).__name__}: {err}); nothing was replaced",
-                "free space there (the merged pipeline is about the base model's size at "
-                "--dtype), or write it elsewhere with -o") from None
-        raise
+    build_folder(target, lambda scratch: family.export_merged(source, scratch, weights),
+                 lambda err: DiskFullError(
+                     f"the volume under {target.parent} filled up while the merged pipeline "
+                     f"was written ({type(err).__name__}: {err}); nothing was replaced",
+                     "free space there (the merged pipeline is about the base model's size "
+                     "at --dtype), or write it elsewhere with -o"))
     get_logger().info("exported", form="merged", adapter=str(source), path=str(target),
                       dtype=dtype)
     return 0

@@ -15,10 +15,9 @@ import torch
 
 from job.config import JobConfig
 from job.distill import build_objective, with_method_defaults
-from job.errors import (EXIT_PREEMPTED, ConfigError, JobError, PeerLost, Preempted, disk_was_full,
-                        ensure_writable)
+from job.errors import EXIT_PREEMPTED, ConfigError, JobError, PeerLost, Preempted, ensure_writable
 from job.log import get_logger, quiet_libraries, set_log_rank
-from job.atomic import publish_folder, remove_leftovers, temp_name, write_text_atomic
+from job.atomic import build_folder, write_text_atomic
 from job.metrics import MetricsWriter, Summary, retire_summary, versions
 from job.model_card import write_model_card
 from job.outcome import finish_summary, record_crash, record_failure, volume_full
@@ -163,19 +162,14 @@ def _run(cfg: JobConfig, out: Path, metrics: MetricsWriter, phases: Phases, stop
     if not trainer.topology.main:
         _export(trainer, family, final)  # writes nothing here; gathers shards if sharded
         return
-    remove_leftovers(final)
-    staging = temp_name(final)
-    try:
+
+    def build(staging: Path) -> list[Path]:
         paths = _export(trainer, family, staging)
         write_model_card(cfg, staging, trainer)
-        publish_folder(staging, final)
-    except Exception as err:
-        full = disk_was_full(err, out)  # before the partial export is removed
-        shutil.rmtree(staging, ignore_errors=True)
-        if full:
-            raise volume_full(err, [out]) from None
-        raise
-    summary.final_weights = [str(final / p.relative_to(staging)) for p in paths]
+        return [path.relative_to(staging) for path in paths]
+
+    written = build_folder(final, build, lambda err: volume_full(err, [out]))
+    summary.final_weights = [str(final / path) for path in written]
     summary.images = validator.images
     summary.eval_loss = validator.last_eval_loss
 

@@ -8,7 +8,6 @@ same thing at every step and in every run of the same job.
 from __future__ import annotations
 
 import json
-import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Callable, Optional
 import torch
 from PIL import Image
 
-from job.atomic import temp_name
+from job.atomic import replace_atomically
 from job.config import JobConfig, validation_sizes
 from job.data.batches import BatchLoader
 from job.data.prepare import PreparedData, Sample
@@ -192,13 +191,7 @@ class Validator:
 
 def save_png(image, path: Path) -> None:
     """A PNG under a temp name, renamed into place: a kill never leaves a truncated image."""
-    tmp = temp_name(path)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    replace_atomically(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def _by_bucket(samples: list[Sample], size: int) -> list[list[tuple[int, Sample]]]:

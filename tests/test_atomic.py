@@ -15,13 +15,20 @@ from job.data.cache import EntryCache
 from job.validate import save_png
 
 
-def test_publish_folder_replaces_the_whole_folder(tmp_path: Path) -> None:
-    final = tmp_path / "final"
+def two_exports(root: Path, old_file: str, new_file: str) -> tuple[Path, Path]:
+    """final/ holding `old_file`, and a staged export beside it holding `new_file`."""
+    final = root / "final"
     final.mkdir()
-    (final / "diffusion_pytorch_model-00001-of-00002.safetensors").write_bytes(b"old shard")
+    (final / old_file).write_bytes(b"old")
     staging = temp_name(final)
     staging.mkdir()
-    (staging / "pytorch_lora_weights.safetensors").write_bytes(b"new")
+    (staging / new_file).write_bytes(b"new")
+    return final, staging
+
+
+def test_publish_folder_replaces_the_whole_folder(tmp_path: Path) -> None:
+    final, staging = two_exports(tmp_path, "diffusion_pytorch_model-00001-of-00002.safetensors",
+                                 "pytorch_lora_weights.safetensors")
     publish_folder(staging, final)
     assert sorted(p.name for p in final.iterdir()) == ["pytorch_lora_weights.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
@@ -29,12 +36,7 @@ def test_publish_folder_replaces_the_whole_folder(tmp_path: Path) -> None:
 
 def test_a_kill_between_the_renames_leaves_no_mix_and_the_earlier_folder_comes_back(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    final = tmp_path / "final"
-    final.mkdir()
-    (final / "old.safetensors").write_bytes(b"old")
-    staging = temp_name(final)
-    staging.mkdir()
-    (staging / "new.safetensors").write_bytes(b"new")
+    final, staging = two_exports(tmp_path, "old.safetensors", "new.safetensors")
     real_replace = os.replace
 
     def killed_after_the_first(src, dst):

@@ -104,19 +104,19 @@ def test_a_replaced_checkpoint_killed_mid_swap_is_restored(tmp_path: Path) -> No
     goes in: a kill between the two renames must not lose it."""
     manager = CheckpointManager(tmp_path)
     manager.save(7, write(b"first"))
-    (tmp_path / "step-000007").rename(tmp_path / ".replaced-step-000007-0123abcd")
+    (tmp_path / "step-000007").rename(tmp_path / ".step-000007.replaced-host-1-0123abcd")
     assert manager.latest().step == 7  # listed again, restored
     assert manager.problem(tmp_path / "step-000007") is None
     # A finished replacement: the copy aside is dropped, the new one stays.
     manager.save(7, write(b"second"))
     assert (tmp_path / "step-000007" / "weights.bin").read_bytes() == b"second"
-    assert not list(tmp_path.glob(".replaced-*"))
+    assert not list(tmp_path.glob(".step-*.replaced-*"))
     # Killed after the new one went in, before the old copy was removed: the copy goes.
-    shutil.copytree(tmp_path / "step-000007", tmp_path / ".replaced-step-000007-4567cdef")
-    (tmp_path / ".replaced-step-000007-4567cdef" / "weights.bin").write_bytes(b"first")
+    shutil.copytree(tmp_path / "step-000007", tmp_path / ".step-000007.replaced-host-1-4567cdef")
+    (tmp_path / ".step-000007.replaced-host-1-4567cdef" / "weights.bin").write_bytes(b"first")
     assert manager.latest().step == 7
     assert (tmp_path / "step-000007" / "weights.bin").read_bytes() == b"second"
-    assert not list(tmp_path.glob(".replaced-*"))
+    assert not list(tmp_path.glob(".step-*.replaced-*"))
 
 
 def test_only_the_latest_superseded_set_is_kept(tmp_path: Path) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from job.atomic import temp_name, write_text_atomic
+from job.atomic import replace_atomically, write_text_atomic
 from job.log import get_logger
 
 
@@ -84,16 +83,9 @@ class EntryCache:
         """Write an entry atomically (temp file, fsync, rename)."""
         path = self.path(key)
         path.parent.mkdir(exist_ok=True)
-        tmp = temp_name(path)  # unique: every rank, on any host, may write the same entry
         clean = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        try:
-            save_file(clean, str(tmp), metadata=metadata)
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        # Its temp name is unique: every rank, on any host, may write the same entry.
+        replace_atomically(path, lambda tmp: save_file(clean, str(tmp), metadata=metadata))
         self.writes += 1
 
 

@@ -29,15 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from job.atomic import fsync_dir, unique_suffix
+from job.atomic import fsync_dir, publish_folder, remove_leftovers, unique_suffix
 from job.errors import DiskFullError, PeerLost, disk_was_full
 from job.log import get_logger
 from job.train import distributed
 
 _STEP_DIR = re.compile(r"^step-(\d{6,})$")
-# A checkpoint being replaced by a new copy of the same step, renamed aside until the new
-# one is in place (restored if the process died in between).
-_REPLACED = re.compile(r"^\.replaced-(step-\d{6,})-[0-9a-f]+$")
 MANIFEST = "manifest.json"
 
 
@@ -122,32 +119,19 @@ class CheckpointManager:
         return tmp
 
     def _complete(self, tmp: Path, step: int, identity: dict) -> None:
-        """Manifest last, then the rename that makes the checkpoint visible. A checkpoint of
-        the same step already there is renamed aside first and removed only once the new one
-        is in place: a kill in between leaves it to be restored (_recover_replaced)."""
+        """Manifest last (it fsyncs every file), then the swap that makes the checkpoint
+        visible; a checkpoint of the same step already there is replaced whole, and put back
+        by the next listing if the swap was killed midway (_recover_replaced)."""
         self._write_manifest(tmp, step, identity)
-        final = self._final(step)
-        aside = None
-        if final.exists():
-            aside = self.root / f".replaced-{final.name}-{uuid.uuid4().hex[:8]}"
-            os.replace(final, aside)
-        os.replace(tmp, final)
-        fsync_dir(self.root)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+        publish_folder(tmp, self._final(step), files_synced=True)
 
     def _recover_replaced(self) -> None:
-        """Put back a checkpoint renamed aside by a _complete that died before its
-        replacement was in place; drop it where the replacement made it."""
-        for aside in self.root.glob(".replaced-step-*"):
-            match = _REPLACED.match(aside.name)
-            if not match:
-                continue
-            final = self.root / match.group(1)
-            if final.exists():
-                shutil.rmtree(aside, ignore_errors=True)
-            else:
-                os.replace(aside, final)
+        """Put back a checkpoint that a swap killed midway left aside; drop copies aside
+        whose replacement is in place."""
+        finals = {self.root / aside.name[1:].split(".replaced-")[0]
+                  for aside in self.root.glob(".step-*.replaced-*")}
+        for final in finals:
+            if remove_leftovers(final):
                 self.log.warning("checkpoint_restored", path=str(final),
                                  reason="a replacement of it was interrupted")
 
