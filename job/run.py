@@ -23,7 +23,8 @@ from job.model_card import write_model_card
 from job.outcome import finish_summary, record_crash, record_failure, volume_full
 from job.models.registry import family_class, spec_for
 from job.signals import StopSignal
-from job.train.distributed import Topology, broadcast_flag, launched_rank, set_topology
+from job.train.distributed import (Topology, broadcast_flag, close_process_group, launched_rank,
+                                   set_topology)
 from job.toml_out import dumps
 
 
@@ -68,13 +69,14 @@ def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
     for note in warnings:
         log.warning("setting_note", note=note)
     phases, stop = Phases(), StopSignal(cfg.job.preemption_grace_s).install()
-    live, failure = LiveRun(), None
+    live, failure, finished = LiveRun(), None, False
     try:
         if main:  # inside the try: a full volume here still ends with a summary and its code
             write_text_atomic(out / "job.resolved.toml", dumps(cfg.model_dump(mode="json")))
         metrics.write("start", job=cfg.job.name, family=spec.name, versions=summary.versions)
         _run(cfg, out, metrics, phases, stop, summary, live)
         summary.status, summary.exit_code = "succeeded", 0
+        finished = True
     except Preempted as err:
         _on_preempted(live.trainer, stop, summary, err)
     except JobError as err:
@@ -88,6 +90,7 @@ def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
         # The run ends with the same paragraph as a refused job file (cli.py): what, where,
         # and the fix, readable after the JSON log lines.
         print(f"tunejob: {failure}", file=sys.stderr, flush=True)
+    close_process_group(finished)
     return summary.exit_code
 
 

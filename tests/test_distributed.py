@@ -86,3 +86,43 @@ def test_a_slow_caching_rank_never_times_out_a_collective(tmp_path: Path,
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-2000:] + outputs[1][-2000:]
     phases = json.loads((tmp_path / "out" / "smoke" / "summary.json").read_text())["wall_time_s"]
     assert phases["cache"] > 10, phases  # rank 0 waited longer than the collective timeout
+
+
+CLOSE = """
+import json, os, sys, time
+from datetime import timedelta
+import torch.distributed as dist
+from job.train import distributed
+
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+distributed.set_topology(distributed.Topology(rank, 2))
+finished = sys.argv[1] == "finished"
+if rank == 0:
+    time.sleep(2)  # rank 0's final validation and export, which rank 1 waits for
+started = time.monotonic()
+distributed.close_process_group(finished)
+print(json.dumps({"open": dist.is_initialized(), "waited": time.monotonic() - started}))
+"""
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_finished_rank_waits_for_the_others_then_leaves_the_process_group(
+        finished: bool) -> None:
+    """Left to the interpreter's exit, the group's teardown raced with a peer's exit (a
+    finished rank died of SIGABRT); a failed rank leaves it alone (a peer may be mid-
+    collective)."""
+    port = str(free_port())
+    procs = [subprocess.Popen(
+        [sys.executable, "-c", CLOSE, "finished" if finished else "failed"], cwd=ROOT,
+        env={**env(), "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+             "MASTER_PORT": port}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for rank in (0, 1)]
+    outputs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    ends = [json.loads(out.splitlines()[-1]) for out, _ in outputs]
+    assert [end["open"] for end in ends] == [not finished, not finished]
+    if finished:
+        assert ends[1]["waited"] > 1.5  # rank 1 waited at the barrier for rank 0
+    else:
+        assert ends[1]["waited"] < 1.0

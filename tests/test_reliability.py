@@ -285,10 +285,20 @@ def test_two_jobs_filling_one_cache_at_once(tmp_path: Path, models_dir: Path) ->
 
 def test_a_truncated_cache_entry_is_recomputed_by_the_next_run(tmp_path: Path,
                                                                models_dir: Path) -> None:
+    """... and the temp files of writes killed before their rename are swept once they are
+    an hour old (a younger one may be another job's write in progress)."""
     first = load_job(SMOKE, settings(tmp_path, models_dir, "train.max_train_steps=1"))[0]
     assert run_job(first) == 0
     entry = sorted((tmp_path / "cache" / "latents").rglob("*.safetensors"))[0]
     entry.write_bytes(entry.read_bytes()[:-16])
+    stale = entry.with_name(f".{entry.name}.tmp-otherhost-7-0a1b2c3d")
+    text_dir = next((tmp_path / "cache" / "text").glob("text-*"))
+    stale_text = text_dir / ".fingerprint.json.tmp-otherhost-7-4e5f6a7b"
+    fresh = entry.with_name(f".{entry.name}.tmp-otherhost-8-8c9d0e1f")
+    for path in (stale, stale_text, fresh):
+        path.write_bytes(b"half")
+    for path in (stale, stale_text):
+        os.utime(path, (time.time() - 7200,) * 2)
     again = load_job(SMOKE, settings(tmp_path, models_dir, "train.max_train_steps=1",
                                      'job.name="again"'))[0]
     assert run_job(again) == 0
@@ -297,3 +307,4 @@ def test_a_truncated_cache_entry_is_recomputed_by_the_next_run(tmp_path: Path,
     ready = next(r for r in rows if r["event"] == "data_ready")
     assert ready["encoded_latents"] == 1 and ready["encoded_captions"] == 0
     assert load_file(entry)["latents"].ndim == 3
+    assert not stale.exists() and not stale_text.exists() and fresh.exists()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,10 @@ from safetensors.torch import load_file, save_file
 
 from job.atomic import replace_atomically, write_text_atomic
 from job.log import get_logger
+
+# A temp file older than this is a killed write's, never one in progress (an entry takes
+# seconds to write, on any rank or host sharing the cache).
+LEFTOVER_AGE_S = 3600.0
 
 
 def fingerprint_hash(fingerprint: dict[str, Any]) -> str:
@@ -47,6 +53,27 @@ class EntryCache:
                                                default=str))
         self.log = get_logger()
         self.writes = 0
+
+    def sweep_leftovers(self, older_than_s: float = LEFTOVER_AGE_S) -> int:
+        """Delete the temp files of killed writes (its own folder and the fan-out folders) last
+        changed over `older_than_s` ago: a write in progress, by any rank or host sharing the
+        folder, takes seconds. Returns how many were removed."""
+        removed, cutoff = 0, time.time() - older_than_s
+        for folder in (self.dir, *(d for d in self.dir.iterdir() if d.is_dir())):
+            for entry in os.scandir(folder):
+                if not (entry.name.startswith(".") and ".tmp-" in entry.name):
+                    continue
+                try:
+                    if entry.is_file(follow_symlinks=False) and \
+                            entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                        os.unlink(entry.path)
+                        removed += 1
+                except FileNotFoundError:
+                    continue  # its writer renamed it in, or another sweep removed it
+        if removed:
+            self.log.info("cache_leftovers_removed", folder=str(self.dir), files=removed,
+                          reason="temp files of writes killed before their rename")
+        return removed
 
     def path(self, key: str) -> Path:
         """Where an entry lives (two-level fan-out keeps folders small)."""

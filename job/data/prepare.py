@@ -85,6 +85,9 @@ def prepare_data(cfg: JobConfig, family: Family,
                     files=[f"{path}: {why}" for path, why in on_disk[:50]])
     if not samples:
         raise _nothing_usable(cfg, skipped)
+    if distributed.topology().main:
+        for cache in (text_cache, *caches.values()):
+            cache.sweep_leftovers()
     data = PreparedData([], [], "", caches, text_cache, skipped)
     data.train, data.eval, data.eval_source = _split(cfg, samples)
     _check_cache_space(cfg, family, data)

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from job.errors import PeerLost
+from job.log import get_logger
 
 
 @dataclass(frozen=True)
@@ -182,10 +183,25 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def barrier() -> None:
-    """Wait for every rank (only where no rank can be busy for long: not around caching)."""
-    if _current.distributed:
-        _collective(dist.barrier)
+def close_process_group(finished: bool) -> None:
+    """Leave the process group before the interpreter exits, where its teardown raced with a
+    peer's exit (a finished gloo rank died of SIGABRT). A rank that finished the run first
+    waits at a barrier for the others (a data-parallel rank 1 ends before rank 0's final
+    validation and export), so that no rank closes while another still uses the group. A
+    rank that failed leaves the group as it is: a peer may be inside a collective, which a
+    barrier would wrongly match, and the launcher stops the other ranks anyway."""
+    if not (_current.distributed and finished and dist.is_initialized()):
+        return
+    try:
+        if dist.get_backend() == "nccl":
+            _collective(dist.barrier, device_ids=[torch.cuda.current_device()])
+        else:
+            _collective(dist.barrier)
+    except PeerLost as err:
+        # The run's outcome stands (rank 0 wrote it); only the tidy exit is given up.
+        get_logger().warning("process_group_left_open", reason=err.message)
+        return
+    dist.destroy_process_group()
 
 
 def _collective(collective, *args, **kwargs) -> None:

@@ -7,7 +7,8 @@
 #      naming the problem;
 #   3. SIGTERM (docker stop) during training: exit 143, a checkpoint written, and a second run
 #      resumes from it;
-#   4. the entrypoint's own paths: --help, the job as TOML text in TUNEJOB_JOB_TOML and as a
+#   4. `export --merge` of the smoke job's LoRA, from its job.resolved.toml;
+#   5. the entrypoint's own paths: --help, the job as TOML text in TUNEJOB_JOB_TOML and as a
 #      /data path, the NVIDIA driver check (a driver too old for the image's CUDA is exit 2
 #      naming both versions), and the `accelerate launch` command for several GPUs.
 #
@@ -193,6 +194,13 @@ check_smoke() {
     check "every file under the volume is owned by $RUN_UID:$RUN_GID" test -z "$foreign"
     [[ -z $foreign ]] || echo "      not owned: $foreign"
     [[ $(code_of "$WORK/smoke") == 0 ]] || tail -n 20 "$WORK/smoke.err"
+
+    # The run's resolved job file names everything export needs; it runs on the CPU.
+    run_image "$WORK/export" --user "$RUN_UID:$RUN_GID" -v "$DATA:/data" -- \
+        export /data/output/smoke/job.resolved.toml --merge --dtype bf16
+    check "export --merge of the smoke LoRA: exit 0, a pipeline folder in final-merged/" \
+        test "$(code_of "$WORK/export")" == 0 -a -s "$DATA/output/smoke/final-merged/model_index.json"
+    [[ $(code_of "$WORK/export") == 0 ]] || tail -n 20 "$WORK/export.err"
 }
 
 check_bad_jobs() {
