@@ -85,12 +85,14 @@ def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
         failure = record_crash(summary, err, [out, Path(cfg.cache.dir)])
     finally:
         stop.uninstall()
+    # Before the summary: job_finished stays the log's last line, and its time covers every
+    # rank's end.
+    close_process_group(finished, cfg.distributed.timeout_s)
     finish_summary(summary, live.trainer, phases.totals(), out, metrics, main)
     if failure is not None:
         # The run ends with the same paragraph as a refused job file (cli.py): what, where,
         # and the fix, readable after the JSON log lines.
         print(f"tunejob: {failure}", file=sys.stderr, flush=True)
-    close_process_group(finished)
     return summary.exit_code
 
 

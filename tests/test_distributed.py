@@ -28,6 +28,10 @@ def test_two_processes_equal_one_with_the_doubled_batch(tmp_path: Path, models_d
     assert one.returncode == 0, one.stderr[-3000:]
     two = run_two(settings(tmp_path / "two", models_dir, "train.batch_size=2"))
     assert two.returncode == 0, (two.stdout + two.stderr)[-3000:]
+    # Rank 0 (the one logging below warnings) left the process group before its last word.
+    logs = (two.stdout + two.stderr).splitlines()
+    assert sum('"process_group_closed"' in line for line in logs) == 1
+    assert '"job_finished"' in [line for line in logs if '"event"' in line][-1]
 
     out = tmp_path / "two" / "out"
     training = rows(out, "train")
@@ -97,32 +101,37 @@ from job.train import distributed
 rank = int(os.environ["RANK"])
 dist.init_process_group("gloo", timeout=timedelta(seconds=60))
 distributed.set_topology(distributed.Topology(rank, 2))
-finished = sys.argv[1] == "finished"
+mode = sys.argv[1]
 if rank == 0:
-    time.sleep(2)  # rank 0's final validation and export, which rank 1 waits for
+    time.sleep(3)  # rank 0's final validation and export, which rank 1 waits for
 started = time.monotonic()
-distributed.close_process_group(finished)
+distributed.close_process_group(mode != "failed", 1.0 if mode == "waited_out" else 60.0)
 print(json.dumps({"open": dist.is_initialized(), "waited": time.monotonic() - started}))
 """
 
 
-@pytest.mark.parametrize("finished", [True, False])
-def test_a_finished_rank_waits_for_the_others_then_leaves_the_process_group(
-        finished: bool) -> None:
+@pytest.mark.parametrize("mode", ["finished", "failed", "waited_out"])
+def test_a_finished_rank_waits_for_the_others_then_leaves_the_process_group(mode: str) -> None:
     """Left to the interpreter's exit, the group's teardown raced with a peer's exit (a
-    finished rank died of SIGABRT); a failed rank leaves it alone (a peer may be mid-
-    collective)."""
+    finished rank died of SIGABRT). A failed rank leaves the group alone (a peer may be
+    mid-collective). A rank whose wait ran out leaves it open, and does not hold up the
+    last one."""
     port = str(free_port())
     procs = [subprocess.Popen(
-        [sys.executable, "-c", CLOSE, "finished" if finished else "failed"], cwd=ROOT,
+        [sys.executable, "-c", CLOSE, mode], cwd=ROOT,
         env={**env(), "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
              "MASTER_PORT": port}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for rank in (0, 1)]
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     ends = [json.loads(out.splitlines()[-1]) for out, _ in outputs]
-    assert [end["open"] for end in ends] == [not finished, not finished]
-    if finished:
-        assert ends[1]["waited"] > 1.5  # rank 1 waited at the barrier for rank 0
-    else:
+    if mode == "finished":
+        assert [end["open"] for end in ends] == [False, False]
+        assert ends[1]["waited"] > 2.5  # rank 1 waited for rank 0
+    elif mode == "failed":
+        assert [end["open"] for end in ends] == [True, True]
         assert ends[1]["waited"] < 1.0
+    else:
+        assert [end["open"] for end in ends] == [False, True]
+        assert 0.9 < ends[1]["waited"] < 2.5 and ends[0]["waited"] < 1.0
+        assert "process_group_left_open" in outputs[1][0] + outputs[1][1]

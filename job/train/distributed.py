@@ -19,7 +19,9 @@ as one process with the global batch, whatever the number of ranks.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -183,25 +185,46 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def close_process_group(finished: bool) -> None:
+def close_process_group(finished: bool, timeout_s: float) -> None:
     """Leave the process group before the interpreter exits, where its teardown raced with a
-    peer's exit (a finished gloo rank died of SIGABRT). A rank that finished the run first
-    waits at a barrier for the others (a data-parallel rank 1 ends before rank 0's final
-    validation and export), so that no rank closes while another still uses the group. A
-    rank that failed leaves the group as it is: a peer may be inside a collective, which a
-    barrier would wrongly match, and the launcher stops the other ranks anyway."""
+    peer's exit (a finished gloo rank died of SIGABRT).
+
+    A rank that finished the run waits for the others to finish too (a data-parallel rank 1
+    ends before rank 0's final validation and export), so that no rank closes while another
+    still uses the group. The wait is a count in the process group's store, not a barrier: a
+    rank whose wait ran out (after `timeout_s`) leaves without holding up a later one, which
+    a collective barrier would (an NCCL barrier waits out its whole timeout for a peer that
+    left). A rank that failed leaves the group as it is: a peer may be inside a collective,
+    and the launcher stops the other ranks anyway."""
     if not (_current.distributed and finished and dist.is_initialized()):
         return
+    store, started = dist.distributed_c10d._get_default_store(), time.monotonic()
     try:
-        if dist.get_backend() == "nccl":
-            _collective(dist.barrier, device_ids=[torch.cuda.current_device()])
-        else:
-            _collective(dist.barrier)
-    except PeerLost as err:
+        if store.add("tunejob/finished", 1) == _current.world:
+            store.set("tunejob/all_finished", "1")  # the last one in lets all go
+        store.wait(["tunejob/all_finished"], timedelta(seconds=timeout_s))
+        gave_up = None
+    except (RuntimeError, dist.DistError) as err:
+        gave_up = err
+    try:
+        store.add("tunejob/released", 1)  # done with the store, whether released or not
+        if _current.main and gave_up is None:
+            # Without an agent store (torchrun's), rank 0's process serves the store: it
+            # stays until every rank is done with it.
+            deadline = time.monotonic() + 10
+            while store.add("tunejob/released", 0) < _current.world and \
+                    time.monotonic() < deadline:
+                time.sleep(0.05)
+    except (RuntimeError, dist.DistError):
+        pass  # the store's server went away: every other rank has left already
+    if gave_up is not None:
         # The run's outcome stands (rank 0 wrote it); only the tidy exit is given up.
-        get_logger().warning("process_group_left_open", reason=err.message)
+        reason = str(gave_up).splitlines()[0][:200] if str(gave_up) else ""
+        get_logger().warning("process_group_left_open", waited_s=timeout_s,
+                             reason=f"{type(gave_up).__name__}: {reason}")
         return
     dist.destroy_process_group()
+    get_logger().info("process_group_closed", waited_s=round(time.monotonic() - started, 2))
 
 
 def _collective(collective, *args, **kwargs) -> None:
