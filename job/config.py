@@ -388,7 +388,8 @@ class DistributedTable(Table):
     num_machines: int = setting(1, "Machines (hosts) in the job, for the entrypoint.", ge=1)
     timeout_s: float = setting(
         1800.0, "Seconds a collective may wait before the run fails (the process group's "
-        "timeout); caching never waits in a collective.", gt=0)
+        "timeout); caching never waits in a collective. Also the longest a finished process "
+        "waits at the end for the others.", gt=0)
     cache_stall_s: float = setting(
         600.0, "While waiting for other ranks' cache entries: seconds without a new one before "
         "this rank encodes the rest itself.", gt=0)

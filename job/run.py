@@ -84,10 +84,10 @@ def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
     except Exception as err:  # noqa: BLE001 - anything else is exit 1, retried by the scheduler
         failure = record_crash(summary, err, [out, Path(cfg.cache.dir)])
     finally:
+        # Before the summary (job_finished stays the log's last line, its time covers every
+        # rank's end) and with the signal handlers on (a stop ends the wait).
+        close_process_group(finished, cfg.distributed.timeout_s, stop.should_stop)
         stop.uninstall()
-    # Before the summary: job_finished stays the log's last line, and its time covers every
-    # rank's end.
-    close_process_group(finished, cfg.distributed.timeout_s)
     finish_summary(summary, live.trainer, phases.totals(), out, metrics, main)
     if failure is not None:
         # The run ends with the same paragraph as a refused job file (cli.py): what, where,

@@ -68,3 +68,35 @@ def test_truncated_entry_is_found_at_start_and_recomputed(tmp_path: Path) -> Non
     path = cache.path(key)
     path.write_bytes(path.read_bytes()[:-10])  # a copy cut short, say
     assert not cache.has(key) and not path.exists()
+
+
+def test_sweep_removes_old_temp_files_only_and_survives_what_it_cannot_delete(
+        tmp_path: Path, monkeypatch) -> None:
+    import os
+    import time
+
+    import job.data.cache as cache_module
+
+    cache = EntryCache(tmp_path, "latent", {"m": 1})
+    key = entry_key("an image")
+    cache.save(key, {"x": torch.ones(2)})
+    fan_out = cache.path(key).parent
+    old = [fan_out / ".a.safetensors.tmp-h-1-aaaa", fan_out / ".b.safetensors.tmp-h-1-bbbb",
+           cache.dir / ".fingerprint.json.tmp-h-1-cccc"]
+    fresh = fan_out / ".c.safetensors.tmp-h-2-dddd"
+    for path in (*old, fresh):
+        path.write_bytes(b"half")
+    for path in old:
+        os.utime(path, (time.time() - 7200,) * 2)
+    unlink = os.unlink
+
+    def refuse_one(path, *args, **kwargs):
+        if str(path).endswith("bbbb"):  # another user's file on a shared volume
+            raise PermissionError(13, "Permission denied", str(path))
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(cache_module.os, "unlink", refuse_one)
+    assert cache.sweep_leftovers() == 2
+    assert [p.exists() for p in old] == [False, True, False]
+    assert fresh.exists() and cache.path(key).exists()
+    assert torch.equal(cache.load(key)["x"], torch.ones(2))

@@ -102,20 +102,24 @@ rank = int(os.environ["RANK"])
 dist.init_process_group("gloo", timeout=timedelta(seconds=60))
 distributed.set_topology(distributed.Topology(rank, 2))
 mode = sys.argv[1]
-if rank == 0:
-    time.sleep(3)  # rank 0's final validation and export, which rank 1 waits for
+late = 1 if mode == "late_failure" else 0  # the rank that ends 3 s after the other
+time.sleep(3 if rank == late else 0)  # e.g. rank 0's final validation and export
 started = time.monotonic()
-distributed.close_process_group(mode != "failed", 1.0 if mode == "waited_out" else 60.0)
+finished = mode == "finished" or (mode in ("waited_out", "stopped")) or \
+    (mode == "late_failure" and rank == 0)
+stop = (lambda: time.monotonic() - started > 1) if mode == "stopped" else (lambda: False)
+distributed.close_process_group(finished, 1.0 if mode == "waited_out" else 60.0, stop)
 print(json.dumps({"open": dist.is_initialized(), "waited": time.monotonic() - started}))
 """
 
 
-@pytest.mark.parametrize("mode", ["finished", "failed", "waited_out"])
+@pytest.mark.parametrize("mode", ["finished", "failed", "waited_out", "stopped",
+                                  "late_failure"])
 def test_a_finished_rank_waits_for_the_others_then_leaves_the_process_group(mode: str) -> None:
     """Left to the interpreter's exit, the group's teardown raced with a peer's exit (a
     finished rank died of SIGABRT). A failed rank leaves the group alone (a peer may be
-    mid-collective). A rank whose wait ran out leaves it open, and does not hold up the
-    last one."""
+    mid-collective) and releases a finished one waiting for it. A rank whose wait ran out,
+    or was stopped by a signal, leaves it open and holds up no later one."""
     port = str(free_port())
     procs = [subprocess.Popen(
         [sys.executable, "-c", CLOSE, mode], cwd=ROOT,
@@ -125,13 +129,17 @@ def test_a_finished_rank_waits_for_the_others_then_leaves_the_process_group(mode
     outputs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs
     ends = [json.loads(out.splitlines()[-1]) for out, _ in outputs]
-    if mode == "finished":
+    left_open = ["process_group_left_open" in out + err for out, err in outputs]
+    if mode == "finished":  # rank 1 waited for rank 0, then both left
         assert [end["open"] for end in ends] == [False, False]
-        assert ends[1]["waited"] > 2.5  # rank 1 waited for rank 0
+        assert ends[1]["waited"] > 2.5 and ends[0]["waited"] < 2.0
     elif mode == "failed":
         assert [end["open"] for end in ends] == [True, True]
-        assert ends[1]["waited"] < 1.0
-    else:
+        assert ends[1]["waited"] < 1.0 and left_open == [False, False]
+    elif mode == "late_failure":  # rank 0 waited for rank 1, which failed: no destroy
+        assert [end["open"] for end in ends] == [True, True]
+        assert 2.5 < ends[0]["waited"] < 10 and left_open == [True, False]
+    else:  # rank 1 gave up after 1 s; rank 0, later, left at once
         assert [end["open"] for end in ends] == [False, True]
         assert 0.9 < ends[1]["waited"] < 2.5 and ends[0]["waited"] < 1.0
-        assert "process_group_left_open" in outputs[1][0] + outputs[1][1]
+        assert left_open == [False, True]

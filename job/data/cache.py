@@ -24,8 +24,9 @@ from safetensors.torch import load_file, save_file
 from job.atomic import replace_atomically, write_text_atomic
 from job.log import get_logger
 
-# A temp file older than this is a killed write's, never one in progress (an entry takes
-# seconds to write, on any rank or host sharing the cache).
+# A temp file older than this is taken for a killed write's (an entry takes seconds to
+# write, on any rank or host sharing the cache; only a writer stalled for an hour, then
+# failing its rename, would lose its entry, to be encoded again).
 LEFTOVER_AGE_S = 3600.0
 
 
@@ -55,24 +56,41 @@ class EntryCache:
         self.writes = 0
 
     def sweep_leftovers(self, older_than_s: float = LEFTOVER_AGE_S) -> int:
-        """Delete the temp files of killed writes (its own folder and the fan-out folders) last
-        changed over `older_than_s` ago: a write in progress, by any rank or host sharing the
-        folder, takes seconds. Returns how many were removed."""
-        removed, cutoff = 0, time.time() - older_than_s
-        for folder in (self.dir, *(d for d in self.dir.iterdir() if d.is_dir())):
-            for entry in os.scandir(folder):
-                if not (entry.name.startswith(".") and ".tmp-" in entry.name):
-                    continue
+        """Delete the temp files of killed writes (in its own folder and the fan-out folders)
+        last changed over `older_than_s` ago: a write in progress, by any rank or host sharing
+        the folder, takes seconds. A file or folder that cannot be listed or deleted is left
+        (logged): the sweep only saves space. Returns how many were removed."""
+        removed, failed, cutoff = 0, [], time.time() - older_than_s
+        folders = [self.dir]
+        while folders:
+            folder = folders.pop()
+            try:
+                with os.scandir(folder) as entries:
+                    listed = list(entries)
+            except FileNotFoundError:
+                continue
+            except OSError as err:  # not ours to list: carry on
+                failed.append(f"{type(err).__name__}: {err}")
+                continue
+            for entry in listed:
                 try:
-                    if entry.is_file(follow_symlinks=False) and \
+                    if folder == self.dir and entry.is_dir(follow_symlinks=False):
+                        folders.append(Path(entry.path))
+                    elif entry.name.startswith(".") and ".tmp-" in entry.name and \
+                            entry.is_file(follow_symlinks=False) and \
                             entry.stat(follow_symlinks=False).st_mtime < cutoff:
                         os.unlink(entry.path)
                         removed += 1
                 except FileNotFoundError:
-                    continue  # its writer renamed it in, or another sweep removed it
+                    continue  # renamed in by its writer, or removed by another sweep
+                except OSError as err:  # not ours to delete, a read-only volume: carry on
+                    failed.append(f"{type(err).__name__}: {err}")
         if removed:
             self.log.info("cache_leftovers_removed", folder=str(self.dir), files=removed,
                           reason="temp files of writes killed before their rename")
+        if failed:
+            self.log.warning("cache_leftovers_kept", errors=failed[:5],
+                             hint="they only take space; delete them by hand if need be")
         return removed
 
     def path(self, key: str) -> Path:

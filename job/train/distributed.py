@@ -22,6 +22,7 @@ import os
 import time
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -185,46 +186,70 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def close_process_group(finished: bool, timeout_s: float) -> None:
+def close_process_group(finished: bool, timeout_s: float,
+                        should_stop: Callable[[], bool] = lambda: False) -> None:
     """Leave the process group before the interpreter exits, where its teardown raced with a
     peer's exit (a finished gloo rank died of SIGABRT).
 
-    A rank that finished the run waits for the others to finish too (a data-parallel rank 1
-    ends before rank 0's final validation and export), so that no rank closes while another
-    still uses the group. The wait is a count in the process group's store, not a barrier: a
-    rank whose wait ran out (after `timeout_s`) leaves without holding up a later one, which
-    a collective barrier would (an NCCL barrier waits out its whole timeout for a peer that
-    left). A rank that failed leaves the group as it is: a peer may be inside a collective,
-    and the launcher stops the other ranks anyway."""
-    if not (_current.distributed and finished and dist.is_initialized()):
+    Every rank reports its end in the process group's store; a failed one (a peer may still
+    be inside a collective) then exits as it is. A finished one waits until every rank has
+    ended (a data-parallel rank 1 ends before rank 0's final validation and export), at most
+    `timeout_s` and not past a stop signal, and then leaves the group, unless a rank failed.
+    The wait polls counts in the store rather than a collective barrier, so a rank whose wait
+    ran out holds up no later one (an NCCL barrier would wait out its whole timeout for a
+    peer that left) and a failed rank releases the others at once."""
+    if not (_current.distributed and dist.is_initialized()):
         return
-    store, started = dist.distributed_c10d._get_default_store(), time.monotonic()
+    log, started = get_logger(), time.monotonic()
+    # Keys of this launch attempt: an elastic agent keeps its store across restarts.
+    key = f"tunejob/end/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    why = None
     try:
-        if store.add("tunejob/finished", 1) == _current.world:
-            store.set("tunejob/all_finished", "1")  # the last one in lets all go
-        store.wait(["tunejob/all_finished"], timedelta(seconds=timeout_s))
-        gave_up = None
-    except (RuntimeError, dist.DistError) as err:
-        gave_up = err
-    try:
-        store.add("tunejob/released", 1)  # done with the store, whether released or not
-        if _current.main and gave_up is None:
-            # Without an agent store (torchrun's), rank 0's process serves the store: it
-            # stays until every rank is done with it.
-            deadline = time.monotonic() + 10
-            while store.add("tunejob/released", 0) < _current.world and \
-                    time.monotonic() < deadline:
-                time.sleep(0.05)
-    except (RuntimeError, dist.DistError):
-        pass  # the store's server went away: every other rank has left already
-    if gave_up is not None:
-        # The run's outcome stands (rank 0 wrote it); only the tidy exit is given up.
-        reason = str(gave_up).splitlines()[0][:200] if str(gave_up) else ""
-        get_logger().warning("process_group_left_open", waited_s=timeout_s,
-                             reason=f"{type(gave_up).__name__}: {reason}")
+        store = dist.distributed_c10d._get_default_store()
+        store.set_timeout(timedelta(seconds=30))  # each call below is one quick exchange
+        if not finished:
+            store.add(f"{key}/failed", 1)  # before arriving: whoever sees all arrive sees it
+            store.add(f"{key}/arrived", 1)
+            return
+        store.add(f"{key}/arrived", 1)
+        why = _wait(lambda: store.add(f"{key}/arrived", 0) >= _current.world, timeout_s,
+                    should_stop)
+        if why is None and store.add(f"{key}/failed", 0):
+            why = "another rank failed"
+        store.add(f"{key}/released", 1)  # done with the store
+        if why is None and _current.main and \
+                os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true":
+            # Rank 0's process serves the store (no launcher's agent does): it stays until
+            # every rank is done with it.
+            _wait(lambda: store.add(f"{key}/released", 0) >= _current.world, 10, should_stop)
+    except (RuntimeError, ValueError, dist.DistError) as err:
+        if not finished:
+            return
+        why = f"the process group's store failed ({type(err).__name__}: " \
+              f"{str(err).splitlines()[0][:200] if str(err) else ''})"
+    if why is None:
+        try:
+            dist.destroy_process_group()
+        except (RuntimeError, dist.DistError) as err:
+            why = f"destroy_process_group failed ({type(err).__name__}: {err})"
+    if why is not None:
+        # The run's outcome stands; only the tidy exit is given up.
+        log.warning("process_group_left_open", reason=why)
         return
-    dist.destroy_process_group()
-    get_logger().info("process_group_closed", waited_s=round(time.monotonic() - started, 2))
+    log.info("process_group_closed", waited_s=round(time.monotonic() - started, 2))
+
+
+def _wait(done: Callable[[], bool], timeout_s: float, should_stop: Callable[[], bool]
+          ) -> str | None:
+    """Poll `done` until it holds (None), a stop signal, or `timeout_s` (why not)."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if should_stop():
+            return "stopped by signal while waiting for the other ranks to end"
+        if time.monotonic() > deadline:
+            return f"the other ranks did not end within {timeout_s:g} s (distributed.timeout_s)"
+        time.sleep(0.1)
+    return None
 
 
 def _collective(collective, *args, **kwargs) -> None:
