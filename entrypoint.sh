@@ -133,6 +133,7 @@ distributed = getattr(cfg, "distributed", None)
 print(getattr(distributed, "num_processes", 0))
 print(getattr(distributed, "num_machines", 1))
 print(cfg.output_path())
+print(getattr(distributed, "rendezvous_timeout_s", 1800))
 EOF
 }
 
@@ -238,7 +239,7 @@ if [[ $command != validate && $command != export ]]; then  # export merges on th
     check_driver "$gpus"
     facts=()
     mapfile -t facts < <(job_facts "$job" "${args[@]}")
-    if (( ${#facts[@]} == 3 )); then
+    if (( ${#facts[@]} == 4 )); then
         output=${facts[2]}
         check_writable "$output"
         machines=${NNODES:-${facts[1]}}
@@ -247,6 +248,10 @@ if [[ $command != validate && $command != export ]]; then  # export merges on th
         if [[ $command == run ]] && (( processes > 1 || machines > 1 )); then
             (( gpus > 0 )) || die "the job asks for $processes processes on $machines machines, but this machine has no GPU" \
                 "run with --gpus all (docker) or a GPU resource limit (Kubernetes), or set distributed.num_machines = 1"
+            (( processes <= gpus * machines )) || die "the job asks for $processes processes on $machines machine(s), but this machine has $gpus GPU(s): $(( gpus * machines )) in all" \
+                "set distributed.num_processes to at most $(( gpus * machines )), or to 0 for every GPU"
+            (( processes % machines == 0 )) || die "$processes processes do not divide evenly over $machines machines (accelerate would start $(( processes / machines )) on each)" \
+                "set distributed.num_processes to a multiple of $machines, or to 0 for every GPU"
             several=1
             launch=(accelerate launch --num_processes "$processes" --multi_gpu
                     --num_machines "$machines" --mixed_precision no --dynamo_backend no)
@@ -257,7 +262,8 @@ if [[ $command != validate && $command != export ]]; then  # export merges on th
                 [[ -n ${MASTER_ADDR:-} ]] || die "$machines machines but no MASTER_ADDR" \
                     "set MASTER_ADDR to the address of the machine of rank 0"
                 launch+=(--machine_rank "$rank" --main_process_ip "$MASTER_ADDR"
-                         --main_process_port "${MASTER_PORT:-29500}")
+                         --main_process_port "${MASTER_PORT:-29500}"
+                         --rdzv_conf "timeout=${facts[3]}")
             fi
             launch+=(-m job run "$job" "${args[@]}")
         fi

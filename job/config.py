@@ -390,6 +390,10 @@ class DistributedTable(Table):
         1800.0, "Seconds a collective may wait before the run fails (the process group's "
         "timeout); caching never waits in a collective. Also the longest a finished process "
         "waits at the end for the others.", gt=0)
+    rendezvous_timeout_s: int = setting(
+        1800, "Several machines: seconds each machine's launcher waits for the others to "
+        "join (pods pending or pulling the image on a fresh node); accelerate's own default "
+        "is 600.", gt=0)
     cache_stall_s: float = setting(
         600.0, "While waiting for other ranks' cache entries: seconds without a new one before "
         "this rank encodes the rest itself.", gt=0)

@@ -126,11 +126,25 @@ def test_several_machines(bin_dir: Path, tmp_path: Path) -> None:
     assert flags["--machine_rank"] == "1"
     assert flags["--main_process_ip"] == "tunejob-multinode-0.svc"
     assert flags["--main_process_port"] == "29500"
+    # A pod pending or pulling the image on a fresh node must not time out the rendezvous
+    # after accelerate's 600 s.
+    assert flags["--rdzv_conf"] == "timeout=1800"
     # NODE_RANK wins over the completion index.
     cmd = command(entrypoint(bin_dir, tmp_path, SMOKE, gpus=8, NNODES="2", NODE_RANK="0",
                              JOB_COMPLETION_INDEX="1", MASTER_ADDR="a", MASTER_PORT="1234"))
     assert cmd[cmd.index("--machine_rank") + 1] == "0"
     assert cmd[cmd.index("--main_process_port") + 1] == "1234"
+
+
+def test_more_processes_than_gpus_or_an_uneven_split_is_exit_2(bin_dir: Path,
+                                                                tmp_path: Path) -> None:
+    done = entrypoint(bin_dir, tmp_path, SMOKE, "--set", "distributed.num_processes=8", gpus=4)
+    assert done.returncode == 2 and "8 processes on 1 machine(s)" in done.stderr
+    assert "at most 4" in done.stderr
+    done = entrypoint(bin_dir, tmp_path, SMOKE, "--set", "distributed.num_processes=5",
+                      gpus=4, NNODES="2", NODE_RANK="0", MASTER_ADDR="a")
+    assert done.returncode == 2 and "do not divide evenly over 2 machines" in done.stderr
+    assert "multiple of 2" in done.stderr
 
 
 def test_several_machines_need_a_rank_and_rank_0s_address(bin_dir: Path,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,37 @@ def test_a_finished_rank_waits_for_the_others_then_leaves_the_process_group(mode
         assert [end["open"] for end in ends] == [False, True]
         assert 0.9 < ends[1]["waited"] < 2.5 and ends[0]["waited"] < 1.0
         assert left_open == [False, True]
+
+
+def test_two_machines_through_the_entrypoint_equal_one_process(tmp_path: Path,
+                                                               models_dir: Path) -> None:
+    """The image's several-machine path, for real: two entrypoints (two "machines" of one
+    process each, as two pods of the indexed Job would be: NNODES, NODE_RANK, MASTER_ADDR)
+    run accelerate's static rendezvous over TCP and train with gloo; machine 1 starts 5 s
+    late, so machine 0's launcher waits for it. The run equals one process with the
+    doubled batch."""
+    one = run_one(settings(tmp_path / "one", models_dir, "train.batch_size=4"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    port, args = str(free_port()), settings(tmp_path / "two", models_dir, "train.batch_size=2")
+    base = {k: v for k, v in env().items()
+            if not k.startswith(("TUNEJOB_", "NNODES", "NODE_RANK", "MASTER_", "RANK",
+                                 "WORLD_SIZE", "LOCAL_RANK", "JOB_COMPLETION"))}
+    procs = []
+    for machine in (0, 1):
+        if machine:
+            time.sleep(5)
+        procs.append(subprocess.Popen(
+            ["bash", str(ROOT / "entrypoint.sh"), str(SMOKE), *args], cwd=ROOT,
+            env={**base, "PATH": f"{Path(sys.executable).parent}:{base['PATH']}",
+                 "TUNEJOB_NUM_GPUS": "1", "NNODES": "2", "NODE_RANK": str(machine),
+                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    outputs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    out = tmp_path / "two" / "out"
+    assert [r["samples_seen"] for r in rows(out, "train")] == [4 * s for s in range(1, 7)]
+    losses_one = [r["loss"] for r in rows(tmp_path / "one" / "out", "train")]
+    assert [r["loss"] for r in rows(out, "train")] == pytest.approx(losses_one, rel=1e-4)
+    summary = json.loads((out / "smoke" / "summary.json").read_text())
+    assert summary["status"] == "succeeded"
+    assert '"process_group_closed"' in outputs[0]
