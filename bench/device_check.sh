@@ -3,11 +3,8 @@
 # suite and the smoke job on CUDA in bf16. Results go to $OUT.
 #   run: bash bench/device_check.sh      carry: [".whl"]
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TUNEJOB_DATA=/tmp/data
+source bench/wheels.sh
+export TUNEJOB_DATA=/tmp/data
 python3 - <<'PY' | tee "$OUT/versions.txt"
 import torch, transformers, diffusers, peft, accelerate
 print("torch", torch.__version__, "cuda", torch.version.cuda, torch.cuda.get_device_name(0))

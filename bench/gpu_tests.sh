@@ -6,11 +6,8 @@
 # All 28 take about 12 minutes on an H200, more than one call: `a` is every file but the
 # fp16_flash attention tests, `b` is those (each about 5-6 minutes).
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 TUNEJOB_DATA=/tmp/data
+source bench/wheels.sh
+export TUNEJOB_DATA=/tmp/data
 python3 -c "import torch, transformers, diffusers; print('torch', torch.__version__, \
 torch.cuda.get_device_name(0), 'transformers', transformers.__version__, 'diffusers', \
 diffusers.__version__)" | tee "$OUT/versions.txt"

@@ -4,11 +4,8 @@
 # (falls back to SDPA with a warning when the package is not installed).
 #   run: bash bench/sd3_gpu_check.sh     carry: [".whl"] (with a torchao wheel in it)
 set -uo pipefail
-OUT=${OUT:-/tmp/out}
-mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 D=/tmp/sd3gpu
+source bench/wheels.sh
+export D=/tmp/sd3gpu
 python3 -c "import torch, torchao; print('torch', torch.__version__, 'torchao', torchao.__version__, torch.cuda.get_device_name(0), 'capability', torch.cuda.get_device_capability(0))"
 common=(--set "job.output_dir=\"$D/out\"" --set "model.hub_cache_dir=\"$D/models\""
         --set "cache.dir=\"$D/cache\"" --set "datasets.0.instance_data_dir=\"$D/data\""
