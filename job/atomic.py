@@ -15,6 +15,7 @@ from typing import Any, Callable, TypeVar
 from job.errors import disk_was_full
 
 T = TypeVar("T")
+TEMP_MARK = ".tmp-"
 
 
 def unique_suffix() -> str:
@@ -26,7 +27,12 @@ def unique_suffix() -> str:
 def temp_name(path: Path) -> Path:
     """A hidden sibling of `path` to write before the rename that publishes it (its name cut
     to 120 characters: the suffix must not push it past the filesystem's 255 bytes)."""
-    return path.with_name(f".{path.name[:120]}.tmp-{unique_suffix()}")
+    return path.with_name(f".{path.name[:120]}{TEMP_MARK}{unique_suffix()}")
+
+
+def is_temp_name(name: str) -> bool:
+    """Whether a file name is one that temp_name makes."""
+    return name.startswith(".") and TEMP_MARK in name
 
 
 def fsync_dir(path: Path) -> None:
@@ -119,7 +125,7 @@ def remove_leftovers(target: Path) -> bool:
     it): the copy aside is restored if need be, temp folders and other copies deleted;
     whether a copy was restored."""
     restored = restore_replaced(target)
-    for pattern in (f".{target.name[:120]}.tmp-*", f".{target.name}.replaced-*"):
+    for pattern in (f".{target.name[:120]}{TEMP_MARK}*", f".{target.name}.replaced-*"):
         for left in target.parent.glob(pattern):
             if left.is_dir():
                 shutil.rmtree(left, ignore_errors=True)

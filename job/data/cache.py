@@ -21,7 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from job.atomic import replace_atomically, write_text_atomic
+from job.atomic import is_temp_name, replace_atomically, write_text_atomic
 from job.log import get_logger
 
 # A temp file older than this is taken for a killed write's (an entry takes seconds to
@@ -76,8 +76,7 @@ class EntryCache:
                 try:
                     if folder == self.dir and entry.is_dir(follow_symlinks=False):
                         folders.append(Path(entry.path))
-                    elif entry.name.startswith(".") and ".tmp-" in entry.name and \
-                            entry.is_file(follow_symlinks=False) and \
+                    elif is_temp_name(entry.name) and entry.is_file(follow_symlinks=False) and \
                             entry.stat(follow_symlinks=False).st_mtime < cutoff:
                         os.unlink(entry.path)
                         removed += 1

@@ -10,10 +10,7 @@ SDXL) and a T5-style unigram tokenizer over a small vocabulary.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import torch
@@ -132,13 +129,3 @@ def build_tiny_sd3(path: Path, seed: int = 0) -> Path:
 def ensure_tiny_sd3(folder: Path, seed: int = 0) -> Path:
     """Build the tiny model at `folder` unless a complete one is there (atomic rename)."""
     return ensure_model_folder(Path(folder), build_tiny_sd3, seed)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    scratch = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    build_tiny_sd3(scratch, seed)
-    try:
-        os.rename(scratch, folder)
-    except OSError:
-        shutil.rmtree(scratch, ignore_errors=True)
-        if not (folder / "model_index.json").is_file():
-            raise
-    return folder

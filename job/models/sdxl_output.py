@@ -5,11 +5,12 @@ A mixin of SDXLFamily (job/models/sdxl.py), which owns the components it uses.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from job.atomic import replace_atomically
 
 PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2",
                   "scheduler")
@@ -150,6 +151,6 @@ def add_file_metadata(path: Path, extra: dict[str, str]) -> None:
 
     with safe_open(str(path), "pt") as handle:
         metadata = dict(handle.metadata() or {})
-    scratch = path.with_name(f".{path.name}.tmp")
-    save_file(load_file(str(path)), str(scratch), metadata={**metadata, **extra})
-    os.replace(scratch, path)
+    tensors = load_file(str(path))
+    replace_atomically(path, lambda tmp: save_file(tensors, str(tmp),
+                                                   metadata={**metadata, **extra}))

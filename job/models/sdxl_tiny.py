@@ -11,10 +11,11 @@ import json
 import os
 import shutil
 import tempfile
-import uuid
 from pathlib import Path
 
 import torch
+
+from job.atomic import temp_name
 
 MAX_LENGTH = 77
 HIDDEN = 32
@@ -173,7 +174,7 @@ def ensure_model_folder(folder: Path, build, seed: int = 0) -> Path:
     if (folder / "model_index.json").is_file():
         return folder
     folder.parent.mkdir(parents=True, exist_ok=True)
-    scratch = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    scratch = temp_name(folder)
     build(scratch, seed)
     try:
         os.rename(scratch, folder)

@@ -225,13 +225,12 @@ def close_process_group(finished: bool, timeout_s: float,
     except (RuntimeError, ValueError, dist.DistError) as err:
         if not finished:
             return
-        why = f"the process group's store failed ({type(err).__name__}: " \
-              f"{str(err).splitlines()[0][:200] if str(err) else ''})"
+        why = f"the process group's store failed ({_said(err)})"
     if why is None:
         try:
             dist.destroy_process_group()
         except (RuntimeError, dist.DistError) as err:
-            why = f"destroy_process_group failed ({type(err).__name__}: {err})"
+            why = f"destroy_process_group failed ({_said(err)})"
     if why is not None:
         # The run's outcome stands; only the tidy exit is given up.
         log.warning("process_group_left_open", reason=why)
@@ -259,6 +258,12 @@ def _collective(collective, *args, **kwargs) -> None:
         collective(*args, **kwargs)
     except (RuntimeError, dist.DistError) as err:
         raise PeerLost(f"rank {_current.rank}: a collective with the other processes failed "
-                       f"({type(err).__name__}: {str(err).splitlines()[0][:200]})",
+                       f"({_said(err)})",
                        "another process of the job died or hangs; the retry resumes from the "
                        "last periodic checkpoint (none is written mid-step)") from None
+
+
+def _said(err: BaseException) -> str:
+    """An error's type and the first line of its text (NCCL and gloo errors run long)."""
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
