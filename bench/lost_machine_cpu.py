@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
-from distributed_helpers import SMOKE, env, free_port, settings  # noqa: E402
+from distributed_helpers import free_port, settings, start_machine  # noqa: E402
 
 from job.models.sdxl_tiny import ensure_tiny_sdxl  # noqa: E402
 
@@ -60,9 +60,6 @@ def main() -> int:
                     "checkpoint.step_interval=50", "distributed.timeout_s=10",
                     "train.log_every=10")
     port = str(free_port())
-    base = {k: v for k, v in env().items()
-            if not k.startswith(("TUNEJOB_", "NNODES", "NODE_RANK", "MASTER_", "RANK",
-                                 "WORLD_SIZE", "LOCAL_RANK", "JOB_COMPLETION"))}
     started = time.monotonic()
 
     def say(*what: object) -> None:
@@ -71,12 +68,8 @@ def main() -> int:
     def launch(machine: int, attempt: str) -> subprocess.Popen:
         log = open(work / f"machine{machine}-{attempt}.log", "w")  # noqa: SIM115
         say(f"machine {machine} ({attempt}) starts")
-        return subprocess.Popen(
-            ["bash", str(ROOT / "entrypoint.sh"), str(SMOKE), *args], cwd=ROOT,
-            env={**base, "PATH": f"{Path(sys.executable).parent}:{base['PATH']}",
-                 "TUNEJOB_NUM_GPUS": "1", "NNODES": "2", "NODE_RANK": str(machine),
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        return start_machine(machine, port, args, stdout=log, stderr=subprocess.STDOUT,
+                             start_new_session=True)
 
     def last_step() -> int:
         metrics = work / "out" / "smoke" / "metrics.jsonl"

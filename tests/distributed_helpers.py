@@ -57,3 +57,17 @@ def run_two(args: list[str]) -> subprocess.CompletedProcess:
          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
          "--main_process_port", str(free_port()), "-m", "job", "run", str(SMOKE), *args],
         cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+
+
+def start_machine(machine: int, port: str, args: list[str], **popen) -> subprocess.Popen:
+    """Machine `machine` of a two-machine job, as a pod of the indexed Job runs it: the image's
+    entrypoint with NNODES=2, NODE_RANK and MASTER_ADDR, one (CPU) process, rank 0's machine
+    at 127.0.0.1:`port`. Launcher variables of the calling process are left out."""
+    base = {k: v for k, v in env().items()
+            if not k.startswith(("TUNEJOB_", "NNODES", "NODE_RANK", "MASTER_", "RANK",
+                                 "WORLD_SIZE", "LOCAL_RANK", "JOB_COMPLETION"))}
+    return subprocess.Popen(
+        ["bash", str(ROOT / "entrypoint.sh"), str(SMOKE), *args], cwd=ROOT,
+        env={**base, "PATH": f"{Path(sys.executable).parent}:{base['PATH']}",
+             "TUNEJOB_NUM_GPUS": "1", "NNODES": "2", "NODE_RANK": str(machine),
+             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}, **popen)

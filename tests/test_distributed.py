@@ -14,7 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from distributed_helpers import ROOT, SMOKE, env, free_port, rows, run_one, run_two, settings
+from distributed_helpers import (ROOT, SMOKE, env, free_port, rows, run_one, run_two, settings,
+                                 start_machine)
 
 LORA = "final/pytorch_lora_weights.safetensors"
 
@@ -156,19 +157,12 @@ def test_two_machines_through_the_entrypoint_equal_one_process(tmp_path: Path,
     one = run_one(settings(tmp_path / "one", models_dir, "train.batch_size=4"))
     assert one.returncode == 0, one.stderr[-3000:]
     port, args = str(free_port()), settings(tmp_path / "two", models_dir, "train.batch_size=2")
-    base = {k: v for k, v in env().items()
-            if not k.startswith(("TUNEJOB_", "NNODES", "NODE_RANK", "MASTER_", "RANK",
-                                 "WORLD_SIZE", "LOCAL_RANK", "JOB_COMPLETION"))}
     procs = []
     for machine in (0, 1):
         if machine:
             time.sleep(5)
-        procs.append(subprocess.Popen(
-            ["bash", str(ROOT / "entrypoint.sh"), str(SMOKE), *args], cwd=ROOT,
-            env={**base, "PATH": f"{Path(sys.executable).parent}:{base['PATH']}",
-                 "TUNEJOB_NUM_GPUS": "1", "NNODES": "2", "NODE_RANK": str(machine),
-                 "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port},
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        procs.append(start_machine(machine, port, args, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True))
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
     out = tmp_path / "two" / "out"
