@@ -1,24 +1,30 @@
-"""LCM distillation step time vs a plain LoRA step, on a full-size random-init SDXL UNet.
+"""LCM-LoRA distillation step, tunejob's against diffusers' example, on a full-size
+random-init SDXL UNet. One configuration per process, so each peak is its own:
 
-Four step kinds, same UNet config, batch, resolution and LoRA, measured in one process:
+  --mode reference   the LCM-LoRA step as diffusers' train_lcm_distill_lora_sdxl example runs
+                     it (student, then the teacher's conditional and unconditional passes as
+                     two UNet calls with the adapters disabled, then the target: the student
+                     under no grad; l2 loss; gradient clipping; AdamW)
+  --mode ours        tunejob's LCMDistillation (one 2B teacher pass) + the project's optimizer
+                     and clipping, with the speedups the flags ask for:
+  --compile          [speedups] compile_blocks (regional, static shapes)
+  --cuda-graphs      with --compile: [speedups] cuda_graphs (the trainer's begin_step marks)
+  --channels-last    [speedups] channels_last
+  --checkpointing    gradient checkpointing, reference and ours alike (ours with --compile:
+                     inside the compiled blocks, as the job does)
+  --accumulation N   N micro-batches of --batch per optimizer step (jobs/sdxl_lcm.toml: 1 x 4)
 
-  ref_lora   plain diffusers + peft LoRA step (epsilon MSE), the reference
-  ours_lora  tunejob's SDXL family training_loss + its optimizer
-  ref_lcm    the LCM-LoRA step as diffusers' train_lcm_distill_lora_sdxl example runs it
-             (teacher conditional and unconditional passes as two UNet calls)
-  ours_lcm   tunejob's LCMDistillation (one 2B teacher pass)
+    python bench/lcm_step.py --mode ours --compile --cuda-graphs --channels-last [--tiny]
 
-    python bench/lcm_step.py [--batch 2] [--size 1024] [--steps 10] [--tiny]
-
-Writes JSON to $OUT/lcm_bench.json (or prints it). --tiny runs a small UNet on the CPU to
-check the script itself.
+Prints one JSON line (samples/s over batch x accumulation, peak memory: bench/timing.py) and
+appends it to $OUT/lcm_bench.jsonl when OUT is set. --tiny: a small UNet on the CPU
+(aot_eager for compile), to check the script. The module's helpers (the SDXL UNet config,
+the batch, the plain LoRA reference step) also serve bench/sdxl_step.py.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -35,7 +41,7 @@ from job.config import JobConfig  # noqa: E402
 from job.distill.lcm import LCMDistillation  # noqa: E402
 from job.models.sdxl import SDXLFamily  # noqa: E402
 from job.train.optimizers import build_optimizer  # noqa: E402
-from timing import timed  # noqa: E402
+from timing import bench_device, emit, timed  # noqa: E402
 
 # stabilityai/stable-diffusion-xl-base-1.0 unet/config.json, the dims that matter.
 SDXL_UNET = dict(
@@ -122,7 +128,7 @@ def reference_lora_step(unet, batch, scheduler, dtype, optimizer, generator):
 
 
 def reference_lcm_step(unet, batch, alphas, dtype, optimizer, generator, w_min=1.0, w_max=12.0,
-                       num_ddim=50):
+                       num_ddim=50, scale=1.0):
     """The LCM-LoRA step of diffusers' train_lcm_distill_lora_sdxl example, written inline:
     conditional and unconditional teacher passes as two calls, the target from the student
     under no grad, l2 loss."""
@@ -168,105 +174,140 @@ def reference_lcm_step(unet, batch, alphas, dtype, optimizer, generator, w_min=1
         c_skip_e, c_out_e = boundary(end)
         target = c_skip_e * x_prev + c_out_e * x0(call(x_prev, end, embeds, pooled), x_prev, end)
     loss = F.mse_loss(student, target)
-    loss.backward()
+    (loss * scale).backward()  # scale: 1 / accumulation, as accelerate divides the loss
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
+def lora_unet(config: dict, rank: int, device, dtype):
+    """The reference's UNet: frozen weights in `dtype`, a peft LoRA in fp32."""
+    unet = make_unet(config, device, dtype)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGETS,
+                                init_lora_weights="gaussian"))
+    for p in unet.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    return unet
+
+
+def reference(args, config, batch, device, dtype):
+    """diffusers' example: accumulation through loss / N per micro-batch, clip, AdamW."""
+    unet = lora_unet(config, args.rank, device, dtype)
+    if args.checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = AccumulatingOptimizer(torch.optim.AdamW(
+        params, lr=1e-4, fused=device.type == "cuda" or None), params, args.accumulation)
+    generator, alphas = torch.Generator().manual_seed(0), sdxl_scheduler().alphas_cumprod
+
+    def step() -> None:
+        for _ in range(args.accumulation):
+            reference_lcm_step(unet, batch, alphas, dtype, optimizer, generator,
+                               scale=optimizer.scale)
+
+    return step
+
+
+class AccumulatingOptimizer:
+    """What reference_lcm_step calls as its optimizer: it scales its loss by `scale` (1/N),
+    and every Nth call clips and steps, as the example's accelerator.accumulate does."""
+
+    def __init__(self, optimizer, params, accumulation: int) -> None:
+        self.optimizer, self.params, self.n, self.calls = optimizer, params, accumulation, 0
+        self.scale = 1.0 / accumulation
+
+    def step(self) -> None:
+        self.calls += 1
+        if self.calls % self.n == 0:
+            torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+            self.optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.calls % self.n == 0:
+            self.optimizer.zero_grad(set_to_none=set_to_none)
+
+
+def ours(args, config, batch, device, dtype):
+    """tunejob's LCM step, set up in run.py's order: LoRA, objective, channels_last, compile."""
+    cfg = job_config(args.rank, "bf16" if device.type == "cuda" else "no", lcm=True)
+    unet = make_unet(config, device, dtype)
+    if args.checkpointing:
+        from job.speedups.checkpointing import enable_checkpointing
+
+        enable_checkpointing(unet, 1.0)
+    family = our_family(cfg, unet, device, dtype)
+    family.unet.train()
+    objective = LCMDistillation(cfg, family, device)
+    if args.channels_last:
+        from job.speedups.memory_format import apply_channels_last
+
+        apply_channels_last(family.unet)
+    if args.compile:
+        from job.speedups.compile import apply_regional_compile
+
+        apply_regional_compile(family.unet, "aot_eager" if args.tiny else "inductor",
+                               cuda_graphs=args.cuda_graphs,
+                               recompute_inside=1.0 if args.checkpointing else 0.0)
+    params = [p for p in family.unet.parameters() if p.requires_grad]
+    optimizer = build_optimizer(params, "adamw", 1e-4, 0.9, 0.999, 1e-2, 1e-8)
+    generator = torch.Generator().manual_seed(0)
+
+    from job.speedups.compile import begin_step
+
+    def step() -> None:
+        begin_step()  # the trainer's mark (a no-op without --cuda-graphs)
+        for _ in range(args.accumulation):
+            (objective(batch, generator).mean() / args.accumulation).backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("reference", "ours"), required=True)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--cuda-graphs", action="store_true")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--checkpointing", action="store_true")
+    parser.add_argument("--accumulation", type=int, default=1)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--profile", action="store_true")
     parser.add_argument("--tiny", action="store_true")
-    parser.add_argument("--channels-last", action="store_true",
-                        help="ours with [speedups] channels_last (the UNet's convolutions)")
-    parser.add_argument("--profile", action="store_true",
-                        help="also profile two steps (GPU busy share, top kernels)")
-    parser.add_argument("--compile", action="store_true",
-                        help="ours with [speedups] compile_blocks (regional torch.compile)")
     parser.add_argument("--targets", default="lcm", choices=["lcm", "attention"],
                         help="LoRA targets: the LCM-LoRA set, or to_q/to_k/to_v/to_out.0")
-    args = parser.parse_args()
-    cuda = torch.cuda.is_available() and not args.tiny
-    device = torch.device("cuda" if cuda else "cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    precision = "bf16" if cuda else "no"
+    args = parser.parse_args(argv)
+    if args.mode == "reference" and (args.compile or args.cuda_graphs or args.channels_last):
+        parser.error("--compile, --cuda-graphs and --channels-last are ours (--mode ours)")
+    if args.cuda_graphs and not args.compile:
+        parser.error("--cuda-graphs needs --compile (the graphs are the compiled blocks')")
+    cuda, device, dtype = bench_device(args.tiny)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     config = TINY_UNET if args.tiny else SDXL_UNET
     size = 128 if args.tiny else args.size
-    if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    batch = make_batch(config, args.batch, size, device)
     if args.targets == "attention":
         TARGETS[:] = ["to_q", "to_k", "to_v", "to_out.0"]
-    results = {"device": torch.cuda.get_device_name(0) if cuda else "cpu",
-               "compile_blocks": args.compile, "lora_targets": list(TARGETS),
-               "torch": torch.__version__, "batch": args.batch, "resolution": size,
-               "lora_rank": args.rank, "dtype": str(dtype), "steps_timed": args.steps}
-
-    def lora_unet():
-        unet = make_unet(config, device, dtype)
-        unet.requires_grad_(False)
-        unet.add_adapter(LoraConfig(r=args.rank, lora_alpha=args.rank, target_modules=TARGETS,
-                                    init_lora_weights="gaussian"))
-        for p in unet.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-        return unet
-
-    generator = torch.Generator().manual_seed(0)
-    scheduler = sdxl_scheduler()
-    # Reference and ours alternate per kind; one UNet at a time keeps memory comparable.
-    unet = lora_unet()
-    opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
-    results["ref_lora"] = timed(lambda: reference_lora_step(unet, batch, scheduler, dtype, opt,
-                                                            generator),
-                                args.warmup, args.steps, args.batch, device, args.profile)
-    results["ref_lcm"] = timed(lambda: reference_lcm_step(unet, batch, scheduler.alphas_cumprod,
-                                                          dtype, opt, generator),
-                               args.warmup, args.steps, args.batch, device, args.profile)
-    del unet, opt
-    torch.cuda.empty_cache() if cuda else None
-
-    for lcm in (False, True):
-        cfg = job_config(args.rank, precision, lcm)
-        family = our_family(cfg, make_unet(config, device, dtype), device, dtype)
-        params = [p for p in family.unet.parameters() if p.requires_grad]
-        opt = build_optimizer(params, "adamw", 1e-4, 0.9, 0.999, 1e-2, 1e-8)
-        objective = LCMDistillation(cfg, family, device) if lcm else family.training_loss
-        if args.channels_last:
-            from job.speedups.memory_format import apply_channels_last
-
-            apply_channels_last(family.unet)
-        if args.compile:
-            from job.speedups.compile import apply_regional_compile
-
-            apply_regional_compile(family.unet, "aot_eager" if args.tiny else "inductor")
-
-        def step():
-            loss = objective(batch, generator).mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        results["ours_lcm" if lcm else "ours_lora"] = timed(
-            step, args.warmup, args.steps, args.batch, device, args.profile)
-        del family, opt, objective
-        torch.cuda.empty_cache() if cuda else None
-
-    ms = {k: results[k]["ms_per_step"] for k in ("ref_lora", "ours_lora", "ref_lcm", "ours_lcm")}
-    results["ratios"] = {
-        "ours_lora_speedup_vs_ref_lora": round(ms["ref_lora"] / ms["ours_lora"], 3),
-        "ours_lcm_speedup_vs_ref_lcm": round(ms["ref_lcm"] / ms["ours_lcm"], 3),
-        "ours_lcm_step_over_ours_lora_step": round(ms["ours_lcm"] / ms["ours_lora"], 3),
-        "samples_per_s": {k: round(args.batch / (v / 1000), 3) for k, v in ms.items()}}
-    text = json.dumps(results, indent=2)
-    print(text)
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "lcm_bench.json").write_text(text)
+    batch = make_batch(config, args.batch, size, device)
+    step = (reference if args.mode == "reference" else ours)(args, config, batch, device, dtype)
+    result = timed(step, args.warmup, args.steps, args.batch * args.accumulation, device,
+                   args.profile)
+    line = {"mode": args.mode, "compile": args.compile, "cuda_graphs": args.cuda_graphs,
+            "channels_last": args.channels_last, "checkpointing": args.checkpointing,
+            "batch": args.batch, "accumulation": args.accumulation, "resolution": size,
+            "lora_rank": args.rank, "lora_targets": list(TARGETS),
+            "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+            "torch": torch.__version__, **result}
+    emit(line, "lcm_bench.jsonl")
+    return line
 
 
 if __name__ == "__main__":
