@@ -100,8 +100,9 @@ def build_folder(target: Path, build: Callable[[Path], T],
     try:
         built = build(staging)
         publish_folder(staging, target)
-    except Exception as err:
-        full = disk_was_full(err, target.parent)  # before the partial folder is removed
+    except BaseException as err:  # a second Ctrl-C (ForcedStop) too: no staging left behind
+        # Before the partial folder is removed.
+        full = isinstance(err, Exception) and disk_was_full(err, target.parent)
         shutil.rmtree(staging, ignore_errors=True)
         if full:
             raise full_error(err) from None

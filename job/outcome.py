@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from job.atomic import write_json_atomic
-from job.errors import DiskFullError, JobError, disk_was_full
+from job.errors import EXIT_PREEMPTED, DiskFullError, JobError, disk_was_full
 from job.log import get_logger
 from job.metrics import MetricsWriter, Summary
 
@@ -21,6 +21,19 @@ def record_failure(summary: Summary, err: JobError) -> JobError:
     summary.error = {"type": type(err).__name__, "message": err.message, "hint": err.hint}
     get_logger().error("job_failed", error=err.message, hint=err.hint, exit_code=err.exit_code)
     return err
+
+
+def record_forced_stop(summary: Summary, trainer) -> None:
+    """A second Ctrl-C cut the run short where it was (job/signals.py): preempted, exit 143,
+    and no checkpoint, since a step cut midway is no state to save; the last complete one
+    stays for the next run."""
+    summary.status, summary.exit_code = "preempted", EXIT_PREEMPTED
+    written = trainer.checkpoints.written() if trainer is not None else []
+    step = trainer.state.step if trainer is not None else 0
+    note = (f"stopped at once by a second SIGINT after step {step}: no checkpoint written; "
+            f"the last one is {written[-1].path if written else 'none'}")
+    summary.notes.append(note)
+    get_logger().warning("preempted", step=step, checkpoint="skipped", reason=note)
 
 
 def record_crash(summary: Summary, err: Exception, volumes: list[Path]) -> JobError | None:

@@ -20,9 +20,10 @@ from job.log import get_logger, quiet_libraries, set_log_rank
 from job.atomic import build_folder, write_text_atomic
 from job.metrics import MetricsWriter, Summary, retire_summary, versions
 from job.model_card import write_model_card
-from job.outcome import finish_summary, record_crash, record_failure, volume_full
+from job.outcome import (finish_summary, record_crash, record_failure, record_forced_stop,
+                         volume_full)
 from job.models.registry import family_class, spec_for
-from job.signals import StopSignal
+from job.signals import ForcedStop, StopSignal
 from job.train.distributed import (Topology, broadcast_flag, close_process_group, launched_rank,
                                    set_topology)
 from job.toml_out import dumps
@@ -71,22 +72,33 @@ def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
     phases, stop = Phases(), StopSignal(cfg.job.preemption_grace_s).install()
     live, failure, finished = LiveRun(), None, False
     try:
-        if main:  # inside the try: a full volume here still ends with a summary and its code
-            write_text_atomic(out / "job.resolved.toml", dumps(cfg.model_dump(mode="json")))
-        metrics.write("start", job=cfg.job.name, family=spec.name, versions=summary.versions)
-        _run(cfg, out, metrics, phases, stop, summary, live)
-        summary.status, summary.exit_code = "succeeded", 0
-        finished = True
-    except Preempted as err:
-        _on_preempted(live.trainer, stop, summary, err)
-    except JobError as err:
-        failure = record_failure(summary, err)
-    except Exception as err:  # noqa: BLE001 - anything else is exit 1, retried by the scheduler
-        failure = record_crash(summary, err, [out, Path(cfg.cache.dir)])
+        # The inner handlers may themselves be cut short by a second Ctrl-C (ForcedStop),
+        # e.g. while writing the preemption checkpoint; the outer one catches that too.
+        try:
+            if main:  # inside the try: a full volume here still ends with a summary and code
+                write_text_atomic(out / "job.resolved.toml", dumps(cfg.model_dump(mode="json")))
+            metrics.write("start", job=cfg.job.name, family=spec.name, versions=summary.versions)
+            _run(cfg, out, metrics, phases, stop, summary, live)
+            summary.status, summary.exit_code = "succeeded", 0
+            finished = True
+        except Preempted as err:
+            _on_preempted(live.trainer, stop, summary, err)
+        except JobError as err:
+            failure = record_failure(summary, err)
+        except Exception as err:  # noqa: BLE001 - anything else is exit 1, retried
+            if not stop.forced:  # else a library turned the ForcedStop into its own error
+                failure = record_crash(summary, err, [out, Path(cfg.cache.dir)])
+            else:
+                record_forced_stop(summary, live.trainer)
+    except ForcedStop:
+        record_forced_stop(summary, live.trainer)
     finally:
         # Before the summary (job_finished stays the log's last line, its time covers every
         # rank's end) and with the signal handlers on (a stop ends the wait).
-        close_process_group(finished, cfg.distributed.timeout_s, stop.should_stop)
+        try:
+            close_process_group(finished, cfg.distributed.timeout_s, stop.should_stop)
+        except ForcedStop:
+            pass  # the outcome stands; this rank stops waiting for the others
         stop.uninstall()
     finish_summary(summary, live.trainer, phases.totals(), out, metrics, main)
     if failure is not None:

@@ -1,10 +1,30 @@
-"""SIGTERM/SIGINT: note the time, let the loop stop at its next safe point."""
+"""SIGTERM/SIGINT: note the time, let the loop stop at its next safe point; a second
+SIGINT (Ctrl-C again) stops at once.
+
+The safe points are between steps, validation images and cache batches, so a first signal
+waits for the work in flight: a first step that compiles the blocks can take minutes. A
+person at the terminal can press Ctrl-C again to stop then and there: the job raises
+ForcedStop where it is, writes no checkpoint (a step cut short is no state to save; the
+last complete checkpoint stays, as after a kill), writes summary.json (preempted, exit 143)
+and exits. Only SIGINT forces, and only a second or more after the first signal: a
+launcher that passes a Ctrl-C on to its workers, or a scheduler's repeated SIGTERM, does
+not cut a step short.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from types import FrameType
+
+# A second SIGINT this soon after the first is the same Ctrl-C passed on by a launcher.
+FORCE_AFTER_S = 1.0
+
+
+class ForcedStop(BaseException):
+    """A second SIGINT: stop now, mid-step. A BaseException, as KeyboardInterrupt is, so that
+    no library's `except Exception` (torch.compile wraps its backends' errors) swallows it."""
 
 
 class StopSignal:
@@ -14,6 +34,7 @@ class StopSignal:
         self.grace_s = grace_s
         self.received_at: float | None = None
         self.signal_name: str | None = None
+        self.forced = False
         self._previous: dict[int, object] = {}
 
     def install(self) -> "StopSignal":
@@ -28,9 +49,20 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
         if self.received_at is None:
-            self.received_at = time.monotonic()
+            self.received_at = now
             self.signal_name = signal.Signals(signum).name
+            again = (" Press Ctrl-C again to stop at once, without a checkpoint."
+                     if signum == signal.SIGINT else "")
+            _say(f"tunejob: {self.signal_name} received: stopping at the next safe point "
+                 f"(after the step, image or cache batch in flight), then a checkpoint if it "
+                 f"fits the grace, summary.json and exit 143.{again}")
+            return
+        if signum == signal.SIGINT and not self.forced and now - self.received_at >= FORCE_AFTER_S:
+            self.forced = True  # once: the unwinding that follows is not interrupted again
+            _say("tunejob: SIGINT again: stopping now, without a checkpoint.")
+            raise ForcedStop("stopped at once by a second SIGINT")
 
     def should_stop(self) -> bool:
         """True once a stop signal arrived."""
@@ -41,3 +73,12 @@ class StopSignal:
         if self.received_at is None:
             return float("inf")
         return self.grace_s - (time.monotonic() - self.received_at)
+
+
+def _say(line: str) -> None:
+    """One line on stderr straight through the file descriptor: a signal handler may run
+    while the main thread is inside a buffered write to the same stream."""
+    try:
+        os.write(2, (line + "\n").encode())
+    except OSError:
+        pass
