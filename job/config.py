@@ -198,6 +198,11 @@ class CacheTable(Table):
     write_batch_size: int = setting(
         128, "Encoded entries that may wait for the background writer before encoding pauses "
         "(bounds memory while disk writes overlap encoding).", "write_batch_size", gt=0)
+    compile_kernels: bool = setting(
+        True, "With compile_blocks: keep torch.compile's compiled kernels under <dir>/compile "
+        "(TORCHINDUCTOR_CACHE_DIR), so a resumed or repeated job on the same torch and GPU "
+        "reuses them instead of compiling again; a TORCHINDUCTOR_CACHE_DIR set in the "
+        "environment wins. Safe to delete at any time.")
 
 
 class ValidationTable(Table):

@@ -336,9 +336,10 @@ def preflight(cfg: JobConfig, out: Path) -> tuple[torch.device, torch.dtype]:
         from job.speedups.float8 import check_device
 
         check_device(device)
-    from job.speedups.compile import resolve_auto
+    from job.speedups.compile import resolve_auto, use_compile_cache
 
     resolve_auto(cfg, device)
+    use_compile_cache(cfg)
     get_logger().info("preflight", device=str(device), weight_dtype=str(dtype),
                       processes=state.num_processes, rank=state.process_index,
                       free_disk_gib=round(free / 2**30, 2),

@@ -550,3 +550,69 @@ def test_no_compiled_block_breaks_its_graph(kind: str, checkpointing: bool,
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
     assert not torch._dynamo.utils.counters["graph_break"], \
         dict(torch._dynamo.utils.counters["graph_break"])
+
+
+@pytest.fixture
+def inductor_cache_env(monkeypatch: pytest.MonkeyPatch):
+    """No TORCHINDUCTOR_CACHE_DIR and no earlier job's setting; both put back afterwards."""
+    import job.speedups.compile as compile_module
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setattr(compile_module, "_cache_set", None)
+    return compile_module
+
+
+def test_compiled_kernels_are_kept_on_the_cache_volume(tmp_path: Path, inductor_cache_env,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """With compile_blocks, inductor's cache moves to <cache.dir>/compile, where a retry in a
+    new container finds it; a compile then writes its entries there."""
+    import os
+
+    from helpers import tiny_job_config
+
+    use = inductor_cache_env.use_compile_cache
+    cfg = tiny_job_config(tmp_path, speedups={"compile_blocks": True},
+                          cache={"dir": str(tmp_path / "a")})
+    folder = str((tmp_path / "a" / "compile").resolve())
+    assert use(cfg) == folder and os.environ["TORCHINDUCTOR_CACHE_DIR"] == folder
+    # The next job of the same process (tests, a notebook) moves it to its own cache.
+    other = tiny_job_config(tmp_path, speedups={"compile_blocks": True},
+                            cache={"dir": str(tmp_path / "b")})
+    assert use(other) == str((tmp_path / "b" / "compile").resolve())
+    # torch's own default (set once it compiled something) is not the user's choice.
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    assert use(cfg) == folder
+
+    missing, _ = inductor_cache_env._compiler_missing(torch.device("cpu"))
+    if missing:
+        pytest.skip(f"the compile check needs {missing}")
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: (x * 3).sin().sum(), backend="inductor")
+    compiled(torch.randn(16))
+    assert list(Path(folder).rglob("*.py")), "no compiled code under the job's cache folder"
+
+
+def test_compile_cache_leaves_the_users_folder_and_can_be_turned_off(
+        tmp_path: Path, inductor_cache_env, monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from helpers import tiny_job_config
+
+    use = inductor_cache_env.use_compile_cache
+    on = {"compile_blocks": True}
+    # Not compiling: nothing to keep, the environment untouched.
+    assert use(tiny_job_config(tmp_path, speedups={"compile_blocks": False})) is None
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    assert use(tiny_job_config(tmp_path, speedups=on, cache={"compile_kernels": False})) is None
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    # A folder that cannot be made (a file in the way): a warning, torch's default kept.
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "compile").write_text("")
+    assert use(tiny_job_config(tmp_path, speedups=on, cache={"dir": str(tmp_path / "c")})) is None
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    # The user's own folder wins.
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert use(tiny_job_config(tmp_path, speedups=on)) == str(tmp_path / "mine")
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "mine")

@@ -35,6 +35,8 @@ graph's output memory at the next "generation": the trainer starts one per optim
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from types import MethodType
 from typing import Any
 
@@ -71,6 +73,8 @@ RECOMPILE_LIMIT = 256
 AUTO_SETTINGS = ("compile_blocks", "channels_last", "cuda_graphs", "fp32_attention")
 # Set once any denoiser's blocks replay as CUDA graphs (begin_step marks then).
 _graphs = False
+# The TORCHINDUCTOR_CACHE_DIR use_compile_cache last set (a later job of the process resets it).
+_cache_set: str | None = None
 
 
 def _compiler_missing(device: torch.device) -> tuple[str | None, str]:
@@ -96,6 +100,46 @@ def _compiler_missing(device: torch.device) -> tuple[str | None, str]:
     if not header.is_file():
         return f"the Python headers, and {header} is missing", fix
     return None, fix
+
+
+def use_compile_cache(cfg) -> str | None:
+    """Point inductor's cache (its FX graphs, and Triton's kernels under it) at the job's
+    cache volume, <cache.dir>/compile, when compile_blocks is on; returns the folder in use
+    (None: torch's default, under /tmp, which a new container starts without).
+
+    A preempted job's retry, or the next job of the same model, then finds the kernels an
+    earlier run compiled: the tiny smoke job's training phase took 143-153 s with an empty
+    cache and 9.2 s with the first run's, on a 2-core CPU. Inductor writes its entries under
+    temp names and renames them, so a kill leaves no half entry, and its keys hold the torch
+    version, the device and the graph, so nothing stale is taken. A TORCHINDUCTOR_CACHE_DIR
+    the user set wins; torch reads the variable at each compile, and every compile comes
+    after this call."""
+    global _cache_set
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    log = get_logger()
+    if not cfg.speedups.compile_blocks:
+        return None
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    # Set by the user, not by torch (its default) or by an earlier job of this process.
+    if given and given not in (_cache_set, os.path.abspath(default_cache_dir())):
+        log.info("compile_cache", path=given, source="TORCHINDUCTOR_CACHE_DIR")
+        return given
+    if not cfg.cache.compile_kernels:
+        return None
+    folder = Path(cfg.cache.dir) / "compile"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise PermissionError(f"{folder} is not writable")
+    except OSError as err:
+        log.warning("compile_cache_off", path=str(folder), reason=str(err),
+                    note="kernels are compiled into /tmp and lost with the container")
+        return None
+    _cache_set = os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.resolve())
+    log.info("compile_cache", path=_cache_set, source="cache.compile_kernels",
+             note="kernels compiled by earlier runs of this torch on this GPU are reused")
+    return _cache_set
 
 
 def check_compiler(device: torch.device, backend: str = "inductor") -> None:
