@@ -612,6 +612,17 @@ def test_compile_cache_leaves_the_users_folder_and_can_be_turned_off(
     (tmp_path / "c" / "compile").write_text("")
     assert use(tiny_job_config(tmp_path, speedups=on, cache={"dir": str(tmp_path / "c")})) is None
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    # A volume that refuses flock (inductor's cache locks its entries): the same.
+    import fcntl
+
+    def refuse(fd, op):
+        raise OSError(38, "Function not implemented")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(fcntl, "flock", refuse)
+        assert use(tiny_job_config(tmp_path, speedups=on,
+                                   cache={"dir": str(tmp_path / "d")})) is None
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
     # The user's own folder wins.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert use(tiny_job_config(tmp_path, speedups=on)) == str(tmp_path / "mine")

@@ -130,8 +130,7 @@ def use_compile_cache(cfg) -> str | None:
     folder = Path(cfg.cache.dir) / "compile"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise PermissionError(f"{folder} is not writable")
+        _check_locks(folder)
     except OSError as err:
         log.warning("compile_cache_off", path=str(folder), reason=str(err),
                     note="kernels are compiled into /tmp and lost with the container")
@@ -140,6 +139,17 @@ def use_compile_cache(cfg) -> str | None:
     log.info("compile_cache", path=_cache_set, source="cache.compile_kernels",
              note="kernels compiled by earlier runs of this torch on this GPU are reused")
     return _cache_set
+
+
+def _check_locks(folder: Path) -> None:
+    """Raise OSError unless `folder` takes a file and an flock on it, as inductor's cache
+    does (some FUSE mounts of object stores refuse flock, which would fail the compile)."""
+    import fcntl
+
+    probe = folder / ".lock-probe"
+    with open(probe, "a") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def check_compiler(device: torch.device, backend: str = "inductor") -> None:
