@@ -104,6 +104,7 @@ def build_folder(target: Path, build: Callable[[Path], T],
         # Before the partial folder is removed.
         full = isinstance(err, Exception) and disk_was_full(err, target.parent)
         shutil.rmtree(staging, ignore_errors=True)
+        restore_replaced(target)  # cut between publish_folder's two renames
         if full:
             raise full_error(err) from None
         raise

@@ -8,6 +8,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from job.signals import ForcedStop
+
 EXIT_SUCCEEDED = 0
 EXIT_OTHER = 1
 EXIT_BAD_JOB = 2
@@ -114,7 +116,7 @@ def disk_was_full(err: BaseException, *folders: Path) -> bool:
         if isinstance(failures, dict):
             todo += [f[0] if isinstance(f, tuple) else f for f in failures.values()]
         todo += [e.__cause__, e.__context__]
-    if isinstance(err, (JobError, KeyboardInterrupt, SystemExit)):
+    if isinstance(err, (JobError, KeyboardInterrupt, SystemExit, ForcedStop)):
         return False
     said = " ".join(texts).lower()
     if "out of memory" in said or not (isinstance(err, OSError)

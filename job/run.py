@@ -89,8 +89,10 @@ def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
             if not stop.forced:  # else a library turned the ForcedStop into its own error
                 failure = record_crash(summary, err, [out, Path(cfg.cache.dir)])
             else:
+                stop.can_force = False
                 record_forced_stop(summary, live.trainer)
     except ForcedStop:
+        stop.can_force = False
         record_forced_stop(summary, live.trainer)
     finally:
         # Before the summary (job_finished stays the log's last line, its time covers every
@@ -99,8 +101,13 @@ def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
             close_process_group(finished, cfg.distributed.timeout_s, stop.should_stop)
         except ForcedStop:
             pass  # the outcome stands; this rank stops waiting for the others
+        stop.can_force = False
+    try:
+        # Our handlers stay on while the summary is written: a Ctrl-C now only notes itself
+        # (Python's own would raise KeyboardInterrupt and leave no summary.json).
+        finish_summary(summary, live.trainer, phases.totals(), out, metrics, main)
+    finally:
         stop.uninstall()
-    finish_summary(summary, live.trainer, phases.totals(), out, metrics, main)
     if failure is not None:
         # The run ends with the same paragraph as a refused job file (cli.py): what, where,
         # and the fix, readable after the JSON log lines.

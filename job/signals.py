@@ -6,9 +6,11 @@ waits for the work in flight: a first step that compiles the blocks can take min
 person at the terminal can press Ctrl-C again to stop then and there: the job raises
 ForcedStop where it is, writes no checkpoint (a step cut short is no state to save; the
 last complete checkpoint stays, as after a kill), writes summary.json (preempted, exit 143)
-and exits. Only SIGINT forces, and only a second or more after the first signal: a
+and exits. Only SIGINT forces, and only a second or more after the signal before it: a
 launcher that passes a Ctrl-C on to its workers, or a scheduler's repeated SIGTERM, does
-not cut a step short.
+not cut a step short. This is for a job of one process: `accelerate launch` and torchrun
+start their workers in sessions of their own, where a terminal's Ctrl-C does not reach
+them; the launcher passes its first signal on and kills them after its shutdown timeout.
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ class StopSignal:
         self.received_at: float | None = None
         self.signal_name: str | None = None
         self.forced = False
+        # Cleared once the run is unwinding or writing its summary: no ForcedStop after that.
+        self.can_force = True
+        self._last_at: float | None = None
         self._previous: dict[int, object] = {}
 
     def install(self) -> "StopSignal":
@@ -49,7 +54,8 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        now = time.monotonic()
+        now, last = time.monotonic(), self._last_at
+        self._last_at = now
         if self.received_at is None:
             self.received_at = now
             self.signal_name = signal.Signals(signum).name
@@ -59,8 +65,10 @@ class StopSignal:
                  f"(after the step, image or cache batch in flight), then a checkpoint if it "
                  f"fits the grace, summary.json and exit 143.{again}")
             return
-        if signum == signal.SIGINT and not self.forced and now - self.received_at >= FORCE_AFTER_S:
-            self.forced = True  # once: the unwinding that follows is not interrupted again
+        # Until the run has caught one (it clears can_force): a ForcedStop raised where
+        # Python cannot pass it on (a __del__, a weakref callback) is not the last chance.
+        if signum == signal.SIGINT and self.can_force and now - last >= FORCE_AFTER_S:
+            self.forced = True
             _say("tunejob: SIGINT again: stopping now, without a checkpoint.")
             raise ForcedStop("stopped at once by a second SIGINT")
 

@@ -198,3 +198,13 @@ def test_only_a_writes_error_counts_as_a_full_disk_by_free_space(
     assert disk_was_full(RuntimeError("PytorchStreamWriter failed writing file data/0"), tmp_path)
     assert not disk_was_full(RuntimeError("CUDA out of memory while writing"), tmp_path)
     assert not disk_was_full(ValueError("a bug in the loss"), tmp_path)
+    # A second Ctrl-C cutting a write short is not a full disk, however little is free.
+    from job.signals import ForcedStop
+
+    try:
+        try:
+            raise RuntimeError("PytorchStreamWriter failed writing file data/0")
+        except RuntimeError:
+            raise ForcedStop("stopped at once by a second SIGINT")
+    except ForcedStop as err:
+        assert not disk_was_full(err, tmp_path)

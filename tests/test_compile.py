@@ -623,6 +623,19 @@ def test_compile_cache_leaves_the_users_folder_and_can_be_turned_off(
         assert use(tiny_job_config(tmp_path, speedups=on,
                                    cache={"dir": str(tmp_path / "d")})) is None
     assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    # A noexec mount (compiled libraries are loaded from the folder): the same.
+    real = os.statvfs
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "statvfs", lambda path: type("V", (), {
+            "f_flag": real(path).f_flag | os.ST_NOEXEC})())
+        assert use(tiny_job_config(tmp_path, speedups=on,
+                                   cache={"dir": str(tmp_path / "e")})) is None
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    # A later job of the process without the cache does not inherit an earlier one's.
+    assert use(tiny_job_config(tmp_path, speedups=on, cache={"dir": str(tmp_path / "f")}))
+    assert use(tiny_job_config(tmp_path, speedups=on, cache={"compile_kernels": False})) is None
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    assert [p.name for p in (tmp_path / "f" / "compile").iterdir()] == []  # probes removed
     # The user's own folder wins.
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
     assert use(tiny_job_config(tmp_path, speedups=on)) == str(tmp_path / "mine")

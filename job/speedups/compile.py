@@ -109,9 +109,10 @@ def use_compile_cache(cfg) -> str | None:
 
     A preempted job's retry, or the next job of the same model, then finds the kernels an
     earlier run compiled: the tiny smoke job's training phase took 143-153 s with an empty
-    cache and 9.2 s with the first run's, on a 2-core CPU. Inductor writes its entries under
-    temp names and renames them, so a kill leaves no half entry, and its keys hold the torch
-    version, the device and the graph, so nothing stale is taken. A TORCHINDUCTOR_CACHE_DIR
+    cache and 9.2 s with the first run's, on a 2-core CPU. Inductor writes its graphs and
+    Triton's kernels under temp names and renames them (its CPU C++ builds write their
+    library in place), and its keys hold the torch version, the device and the graph, so
+    nothing stale is taken. A TORCHINDUCTOR_CACHE_DIR
     the user set wins; torch reads the variable at each compile, and every compile comes
     after this call."""
     global _cache_set
@@ -125,12 +126,14 @@ def use_compile_cache(cfg) -> str | None:
     if given and given not in (_cache_set, os.path.abspath(default_cache_dir())):
         log.info("compile_cache", path=given, source="TORCHINDUCTOR_CACHE_DIR")
         return given
+    if given and given == _cache_set:
+        del os.environ["TORCHINDUCTOR_CACHE_DIR"]  # an earlier job's folder is not this one's
     if not cfg.cache.compile_kernels:
         return None
     folder = Path(cfg.cache.dir) / "compile"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        _check_locks(folder)
+        _check_folder(folder)
     except OSError as err:
         log.warning("compile_cache_off", path=str(folder), reason=str(err),
                     note="kernels are compiled into /tmp and lost with the container")
@@ -141,15 +144,24 @@ def use_compile_cache(cfg) -> str | None:
     return _cache_set
 
 
-def _check_locks(folder: Path) -> None:
-    """Raise OSError unless `folder` takes a file and an flock on it, as inductor's cache
-    does (some FUSE mounts of object stores refuse flock, which would fail the compile)."""
+def _check_folder(folder: Path) -> None:
+    """Raise OSError unless inductor's cache can work in `folder`: it loads compiled
+    libraries from it (Triton's launchers, the CPU kernels), which a noexec mount refuses,
+    and it locks its entries with flock, which some FUSE mounts of object stores refuse.
+    Each process probes a file of its own, so ranks starting together do not collide."""
     import fcntl
 
-    probe = folder / ".lock-probe"
-    with open(probe, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    from job.atomic import temp_name
+
+    if os.statvfs(folder).f_flag & os.ST_NOEXEC:
+        raise OSError(f"{folder} is on a noexec mount, and compiled kernels are loaded from it")
+    probe = temp_name(folder / "lock-probe")
+    try:
+        with open(probe, "w") as handle:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def check_compiler(device: torch.device, backend: str = "inductor") -> None:
