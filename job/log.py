@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -121,9 +122,16 @@ def get_logger() -> Any:
     return structlog.get_logger("tunejob")
 
 
+# The rate behind the ETA covers about the last minute of work, not the whole phase: its
+# first units can be far slower than the rest (a first training step that compiles the
+# blocks takes minutes at full size), and an average since the start would keep the ETA
+# inflated long after.
+RATE_WINDOW_S = 60.0
+
+
 class Progress:
     """A bar with ETA on a TTY with a readable log; a `progress` event every `every_s`
-    seconds otherwise."""
+    seconds otherwise. Its rate is over the last RATE_WINDOW_S seconds or more."""
 
     def __init__(self, label: str, total: int, stream: TextIO | None = None,
                  every_s: float = 10.0) -> None:
@@ -134,11 +142,18 @@ class Progress:
         self.tty = self.stream.isatty() and _readable_log()
         self.every_s = every_s
         self.start = self.last = time.monotonic()
+        # (time, done) a second or more apart; the first is the newest one that is at least
+        # RATE_WINDOW_S old (or the start), where the rate is measured from.
+        self._marks: deque[tuple[float, int]] = deque([(self.start, 0)])
 
     def update(self, n: int = 1, **fields: Any) -> None:
         """Count `n` more units of work done."""
         self.done += n
         now = time.monotonic()
+        if now - self._marks[-1][0] >= 1.0:
+            self._marks.append((now, self.done))
+        while len(self._marks) > 1 and now - self._marks[1][0] >= RATE_WINDOW_S:
+            self._marks.popleft()
         if self.tty:
             self._draw(now, fields)
         elif now - self.last >= self.every_s or self.done >= self.total:
@@ -154,7 +169,8 @@ class Progress:
             self.stream.flush()
 
     def _rate(self, now: float) -> float:
-        return self.done / max(now - self.start, 1e-9)
+        since, done_then = self._marks[0]
+        return (self.done - done_then) / max(now - since, 1e-9)
 
     def _eta(self, now: float) -> float:
         rate = self._rate(now)

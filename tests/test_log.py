@@ -101,3 +101,25 @@ def test_a_readable_log_rounds_floats_and_json_keeps_every_digit(restore_logging
     setup_logging(stream=pipe, json_lines=True)
     get_logger().info("step", loss=0.9842857122421265)
     assert json.loads(pipe.getvalue())["loss"] == 0.9842857122421265
+
+
+def test_the_eta_forgets_a_slow_start(restore_logging, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A first step that compiles for 5 minutes, then a step a second: a minute later the
+    rate is the steps' own (1/s), not an average since the start (0.2/s at step 60)."""
+    import job.log as log_module
+
+    clock = [1000.0]
+    monkeypatch.setattr(log_module.time, "monotonic", lambda: clock[0])
+    pipe = io.StringIO()
+    setup_logging(stream=pipe, json_lines=True)
+    bar = Progress("train", 1000, stream=pipe, every_s=0.0)
+    clock[0] += 300.0
+    bar.update(1)
+    for _ in range(70):
+        clock[0] += 1.0
+        bar.update(1)
+    last = json.loads(pipe.getvalue().splitlines()[-1])
+    assert last["done"] == 71 and last["rate_per_s"] == pytest.approx(1.0)
+    assert last["eta_s"] == pytest.approx(929.0)
+    first = json.loads(pipe.getvalue().splitlines()[0])
+    assert first["rate_per_s"] == pytest.approx(1 / 300, abs=1e-3)  # nothing better known yet
