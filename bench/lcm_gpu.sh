@@ -5,6 +5,10 @@
 #   run: bash bench/lcm_gpu.sh [job | batch4 | "ARGS" ...]     carry: [".whl"]
 # job: jobs/sdxl_lcm.toml's settings (LoRA r64 on the LCM-LoRA targets, batch 1 x 4
 # accumulated, gradient checkpointing, 1024 px); batch4: batch 4 without checkpointing.
+# A compiled row compiles three kinds of UNet call (teacher, target, student) and took over
+# 410 s before its first timed step in session 15: give each compiled row a call of its own,
+# e.g. DEADLINE=580 bash bench/lcm_gpu.sh "--mode ours --compile --channels-last
+# --cuda-graphs --batch 1 --accumulation 4 --checkpointing --steps 6 --warmup 3".
 set -uo pipefail
 job="--batch 1 --accumulation 4 --checkpointing --steps 6 --warmup 3"
 case "${1:-job}" in
