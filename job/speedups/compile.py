@@ -140,7 +140,7 @@ def use_compile_cache(cfg) -> str | None:
         return None
     _cache_set = os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder.resolve())
     log.info("compile_cache", path=_cache_set, source="cache.compile_kernels",
-             note="kernels compiled by earlier runs of this torch on this GPU are reused")
+             note="kernels compiled by earlier runs of this torch on this device are reused")
     return _cache_set
 
 
