@@ -433,16 +433,18 @@ class Sd3Table(Table):
         "flow_schedule_auto_shift")
     flow_use_uniform_schedule: bool = setting(
         False, "Draw sigmas uniformly instead of logit-normal.", "flow_use_uniform_schedule")
-    logit_mean: float = setting(0.0, "Mean of the logit-normal sigma distribution.",
-                                "logit_mean")
+    logit_mean: float = setting(0.0, "Mean of the logit-normal sigma distribution: above 0 "
+                                "draws more noise, as in the SD3 paper (diffusers' SD3 scripts "
+                                "read it with the opposite sign).", "logit_mean")
     logit_std: float = setting(1.0, "Standard deviation of the logit-normal sigma "
                                "distribution.", "logit_std", gt=0)
     loss_weighting: Literal["none", "sigma_sqrt", "cosmap"] = setting(
         "none", "Per-sample loss weight from the SD3 paper: none (plain MSE), sigma_sqrt "
         "(sigma^-2) or cosmap (diffusers' weighting_scheme values of the same names).")
     tokenizer_max_length: int = setting(
-        154, "T5 tokens per caption (77 saves cache space; above 154 needs "
-        "job.i_know_what_i_am_doing).", "tokenizer_max_length", gt=0)
+        154, "T5 tokens per caption: 154 (SimpleTuner's), 77 to save cache space, up to 256 "
+        "(SD3.5 was trained with 77 and 256; the pipeline's default); above 256 needs "
+        "job.i_know_what_i_am_doing.", "tokenizer_max_length", gt=0)
     t5_padding: Literal["unmodified", "zero"] = setting(
         "unmodified", "unmodified: T5's outputs at padding as the stock pipeline feeds them; "
         "zero: zeroed at padding positions.", "t5_padding")

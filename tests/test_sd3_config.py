@@ -89,18 +89,20 @@ def test_established_names_are_documented() -> None:
                                                                "behaviour = \"zero\"\n"))
 
 
-@pytest.mark.parametrize("value", [77, 154])
-def test_t5_lengths_77_and_154_are_allowed(value: int) -> None:
+@pytest.mark.parametrize("value", [77, 154, 256])
+def test_t5_lengths_up_to_256_are_allowed(value: int) -> None:
+    """77 and 256 are the lengths SD3.5 was trained with (its model card), 256 also the
+    stock pipeline's max_sequence_length; 154 is the default (SimpleTuner's)."""
     cfg, warnings = load(MINIMAL, f"sd3.tokenizer_max_length={value}")
     assert cfg.sd3.tokenizer_max_length == value and warnings == []
 
 
-def test_t5_length_above_154_needs_i_know_what_i_am_doing() -> None:
-    err = error("sd3.tokenizer_max_length=256")
-    assert "256" in err.message and "i_know_what_i_am_doing" in err.hint
-    cfg, warnings = load(MINIMAL, "sd3.tokenizer_max_length=256",
+def test_t5_length_above_256_needs_i_know_what_i_am_doing() -> None:
+    err = error("sd3.tokenizer_max_length=512")
+    assert "512" in err.message and "256" in err.message and "i_know_what_i_am_doing" in err.hint
+    cfg, warnings = load(MINIMAL, "sd3.tokenizer_max_length=512",
                          "job.i_know_what_i_am_doing=true")
-    assert cfg.sd3.tokenizer_max_length == 256 and any("256" in w for w in warnings)
+    assert cfg.sd3.tokenizer_max_length == 512 and any("512" in w for w in warnings)
 
 
 def test_both_shift_options_warn_and_nothing_changes() -> None:

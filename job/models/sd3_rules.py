@@ -12,7 +12,9 @@ from job.models.tread_rules import resolve_routes
 
 # Transformer blocks of the flavours' default weights (their transformer/config.json).
 FLAVOUR_DEPTHS = {"large": 38, "medium": 24, "3.0-medium": 24, "tiny": 4}
-T5_TESTED_LENGTHS = (77, 154)
+# SD3.5 was trained with 77 and 256 T5 tokens at different stages (its model card); 256 is
+# also the stock pipeline's max_sequence_length.
+T5_TRAINED_MAX = 256
 
 
 def check_sd3(cfg: JobConfig) -> list[str]:
@@ -45,15 +47,17 @@ def known_depth(cfg: JobConfig) -> int | None:
 
 def _check_text(cfg: JobConfig) -> list[str]:
     length = cfg.sd3.tokenizer_max_length
-    if length <= max(T5_TESTED_LENGTHS):
+    if length <= T5_TRAINED_MAX:
         return []
     if not cfg.job.i_know_what_i_am_doing:
         raise ConfigError(
-            f"sd3.tokenizer_max_length = {length} is above 154, the T5 length SD3.5 was "
-            "trained with", "use 154 (default) or 77, or set job.i_know_what_i_am_doing = "
-            "true to train on longer T5 sequences anyway")
-    return [f"sd3.tokenizer_max_length = {length} is above the trained 154 tokens "
-            "(allowed by job.i_know_what_i_am_doing)"]
+            f"sd3.tokenizer_max_length = {length} is above {T5_TRAINED_MAX}, the longest T5 "
+            "length SD3.5 was trained with (77 and 256 at different stages) and the stock "
+            "pipeline's default", f"use at most {T5_TRAINED_MAX} (154 is the default, 77 saves "
+            "cache space), or set job.i_know_what_i_am_doing = true to train on longer T5 "
+            "sequences anyway")
+    return [f"sd3.tokenizer_max_length = {length} is above the {T5_TRAINED_MAX} T5 tokens "
+            "SD3.5 was trained with (allowed by job.i_know_what_i_am_doing)"]
 
 
 def check_skip_layer_guidance(cfg: JobConfig, depth: int | None) -> list[str]:
