@@ -86,11 +86,9 @@ def run_job(cfg: JobConfig, warnings: list[str] = ()) -> int:
         except JobError as err:
             failure = record_failure(summary, err)
         except Exception as err:  # noqa: BLE001 - anything else is exit 1, retried
-            if not stop.forced:  # else a library turned the ForcedStop into its own error
-                failure = record_crash(summary, err, [out, Path(cfg.cache.dir)])
-            else:
-                stop.can_force = False
-                record_forced_stop(summary, live.trainer)
+            if stop.forced:  # a library turned the ForcedStop into its own error
+                raise ForcedStop(str(err)) from err
+            failure = record_crash(summary, err, [out, Path(cfg.cache.dir)])
     except ForcedStop:
         stop.can_force = False
         record_forced_stop(summary, live.trainer)

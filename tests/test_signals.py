@@ -109,3 +109,27 @@ def test_a_second_ctrl_c_cuts_a_long_step_short(tmp_path: Path, models_dir: Path
     assert rows(out, "resumed")[-1]["step"] == 3
     assert [r["step"] for r in rows(out, "train")][-3:] == [4, 5, 6]
     assert json.loads((out / "summary.json").read_text())["steps_done"] == 6
+
+
+def test_a_forced_stop_a_library_wrapped_is_still_a_forced_stop(
+        tmp_path: Path, models_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """Code that turns the ForcedStop into its own error (as a compiler backend may) still
+    ends preempted with exit 143, not as a crash (exit 1)."""
+    from job.train.loop import Trainer
+
+    def wrapping_step(self):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1.2)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(60)
+        except BaseException as err:
+            raise RuntimeError("backend compiler failed") from err
+
+    cfg = job(tmp_path, models_dir)
+    monkeypatch.setattr(Trainer, "train_step", wrapping_step)
+    assert run_job(cfg) == 143
+    summary = json.loads((Path(cfg.output_path()) / "summary.json").read_text())
+    validate_summary(summary)
+    assert summary["status"] == "preempted" and summary["error"] is None
+    assert any("second SIGINT after step 0" in note for note in summary["notes"])

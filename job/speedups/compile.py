@@ -112,9 +112,8 @@ def use_compile_cache(cfg) -> str | None:
     cache and 9.2 s with the first run's, on a 2-core CPU. Inductor writes its graphs and
     Triton's kernels under temp names and renames them (its CPU C++ builds write their
     library in place), and its keys hold the torch version, the device and the graph, so
-    nothing stale is taken. A TORCHINDUCTOR_CACHE_DIR
-    the user set wins; torch reads the variable at each compile, and every compile comes
-    after this call."""
+    nothing stale is taken. A TORCHINDUCTOR_CACHE_DIR the user set wins; torch reads the
+    variable at each compile, and every compile comes after this call."""
     global _cache_set
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
